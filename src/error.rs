@@ -1,0 +1,145 @@
+//! [`RopeError`]: every way user input to ropex can be wrong.
+//!
+//! Each variant names the offending field or tensor, the value that was passed and
+//! what would have been accepted, so the message alone tells a user how to fix it.
+
+use thiserror::Error;
+
+/// Result alias used throughout ropex.
+pub type Result<T> = std::result::Result<T, RopeError>;
+
+/// An error from a ropex constructor, config reader or kernel.
+///
+/// The public API never panics on user input; it returns one of these instead.
+#[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
+pub enum RopeError {
+    /// A numeric or structural parameter is outside its allowed range.
+    #[error("invalid {field} = {value}: {allowed}")]
+    InvalidParameter {
+        /// The parameter name, as the user wrote it (e.g. `rope_scaling.factor`).
+        field: String,
+        /// The value that was passed, formatted.
+        value: String,
+        /// What would have been accepted.
+        allowed: String,
+    },
+
+    /// A tensor or list does not have the shape or length the operation needs.
+    #[error("shape mismatch for {what}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// Which tensor or list.
+        what: String,
+        /// The shape or length that was needed.
+        expected: String,
+        /// The shape or length that was passed.
+        got: String,
+    },
+
+    /// A position (or table row) was asked for that the rotary table does not hold.
+    #[error(
+        "position index {index} is outside the rotary table, which holds {len} positions; build the table for at least {needed} positions"
+    )]
+    PositionOutOfTable {
+        /// The row that was asked for.
+        index: usize,
+        /// How many rows the table has.
+        len: usize,
+        /// The smallest table length that would serve the request.
+        needed: usize,
+    },
+
+    /// A `rope_type` (or legacy `type`) that neither transformers nor ropex knows.
+    #[error("unknown rope type '{name}'; known types: {known}")]
+    UnknownRopeType {
+        /// The name found in the config.
+        name: String,
+        /// The names ropex accepts.
+        known: String,
+    },
+
+    /// A required key is missing from a model config.
+    #[error("missing key '{key}' in {context}")]
+    MissingKey {
+        /// The key.
+        key: String,
+        /// Where it was expected (e.g. `rope_scaling for rope_type 'yarn'`).
+        context: String,
+    },
+
+    /// A model config could not be read or parsed.
+    #[error("config error: {0}")]
+    Config(String),
+
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl RopeError {
+    /// Shorthand for [`RopeError::InvalidParameter`].
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        allowed: impl Into<String>,
+    ) -> Self {
+        RopeError::InvalidParameter {
+            field: field.into(),
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+
+    /// Shorthand for [`RopeError::ShapeMismatch`].
+    pub fn shape(
+        what: impl Into<String>,
+        expected: impl std::fmt::Display,
+        got: impl std::fmt::Display,
+    ) -> Self {
+        RopeError::ShapeMismatch {
+            what: what.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+}
+
+/// Checks that `value` is finite.
+pub(crate) fn check_finite(field: &str, value: f64) -> Result<f64> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(RopeError::invalid(field, value, "must be a finite number"))
+    }
+}
+
+/// Checks that `value` is finite and strictly positive.
+pub(crate) fn check_positive(field: &str, value: f64) -> Result<f64> {
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(RopeError::invalid(
+            field,
+            value,
+            "must be a finite number > 0",
+        ))
+    }
+}
+
+/// Checks that a scaling factor is finite and at least 1.
+pub(crate) fn check_factor(field: &str, value: f64) -> Result<f64> {
+    if value.is_finite() && value >= 1.0 {
+        Ok(value)
+    } else {
+        Err(RopeError::invalid(
+            field,
+            value,
+            "must be a finite number >= 1 (a context-extension factor)",
+        ))
+    }
+}
