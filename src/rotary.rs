@@ -381,12 +381,12 @@ mod tests {
             let x = data(3 * 2 * 16);
             let mut y = x.clone();
             table.rotate_slice(&mut y, [3, 2, 16], &rows).unwrap();
-            for t in 0..3 {
+            for (t, &row) in rows.iter().enumerate() {
                 for h in 0..2 {
                     let off = (t * 2 + h) * 16;
                     let r = reference(
                         &x[off..off + 16],
-                        rows[t] as f64,
+                        row as f64,
                         freqs.inv_freq(),
                         1.0,
                         layout,
