@@ -41,10 +41,12 @@
 
 pub mod error;
 pub mod frequencies;
+pub mod position;
 pub mod rotary;
 pub mod scaling;
 
 pub use error::{Result, RopeError};
 pub use frequencies::{Frequencies, PairReport, Regime, beta, digits};
+pub use position::{Affine, Piece, Pieces, PositionMap};
 pub use rotary::{Layout, RotaryTable, apply_log_n, log_n_scale};
 pub use scaling::{Llama3, LongRope, RopeConfig, Scaling, Yarn};

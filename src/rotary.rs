@@ -384,13 +384,7 @@ mod tests {
             for (t, &row) in rows.iter().enumerate() {
                 for h in 0..2 {
                     let off = (t * 2 + h) * 16;
-                    let r = reference(
-                        &x[off..off + 16],
-                        row as f64,
-                        freqs.inv_freq(),
-                        1.0,
-                        layout,
-                    );
+                    let r = reference(&x[off..off + 16], row as f64, freqs.inv_freq(), 1.0, layout);
                     for i in 0..16 {
                         assert!((y[off + i] - r[i]).abs() < 1e-12);
                     }
