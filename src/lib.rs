@@ -39,6 +39,7 @@
 //! - `half`: f16/bf16 rotation.
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod error;
 pub mod frequencies;
 pub mod position;

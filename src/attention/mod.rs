@@ -1,0 +1,227 @@
+//! Attention kernels that consume a [`PositionMap`]: the score between query `i` and key
+//! `j` is that of plain RoPE at relative position `P(i, j)`.
+//!
+//! All kernels share one description, [`Attention`] (frequencies, layout, map, causal
+//! flag, scale, optional log-n), and the same inputs:
+//! - unrotated `q` shaped `[n_q, H_q, d]`, `k` shaped `[n_k, H_kv, d]` and `v` shaped
+//!   `[n_k, H_kv, d_v]`, with `H_q` a multiple of `H_kv` (grouped-query attention: query
+//!   head `h` reads kv head `h / (H_q / H_kv)`);
+//! - the position of every query and every key (`q_pos`, `k_pos`). With `causal`, key
+//!   `j` is visible to query `i` iff `k_pos[j] <= q_pos[i]`.
+//!
+//! The output is `[n_q, H_q, d_v]`:
+//! `o_i = sum_j softmax_j(scale * s_i * (R(P(i,j)) q_i) . k_j) v_j` with `s_i` the log-n
+//! factor (1 without log-n) and `scale` defaulting to `m^2 / sqrt(d)`, `m` the
+//! frequencies' attention factor.
+//!
+//! A query with no visible key (only possible with `causal` and a key after every
+//! query) gets a zero output row. NaN or infinity in an input row propagates only to the
+//! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
+//!
+//! [`reference`] is the slow, obviously-correct oracle every other kernel is tested
+//! against.
+
+pub mod reference;
+
+use ndarray::ArrayView3;
+
+use crate::error::{Result, RopeError};
+use crate::frequencies::Frequencies;
+use crate::position::PositionMap;
+use crate::rotary::Layout;
+
+/// What an attention call computes: frequencies, layout, position map and options.
+///
+/// ```
+/// use ndarray::Array3;
+/// use ropex::{attention::Attention, Layout, PositionMap, RopeConfig};
+/// let freqs = RopeConfig::new(8, 10_000.0)?.frequencies();
+/// let att = Attention::new(freqs, Layout::Half, PositionMap::rerope(2)?);
+/// let q = Array3::<f32>::ones((4, 2, 8));
+/// let kv = Array3::<f32>::ones((4, 1, 8));
+/// let pos = [0, 1, 2, 3];
+/// let out = att.reference(q.view(), kv.view(), kv.view(), &pos, &pos)?;
+/// assert_eq!(out.dim(), (4, 2, 8));
+/// # Ok::<(), ropex::RopeError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    freqs: Frequencies,
+    layout: Layout,
+    map: PositionMap,
+    causal: bool,
+    scale: Option<f64>,
+    log_n_train_len: Option<usize>,
+}
+
+/// The sizes of one validated attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Number of queries.
+    pub n_q: usize,
+    /// Number of keys (and values).
+    pub n_k: usize,
+    /// Query heads.
+    pub heads_q: usize,
+    /// Key/value heads.
+    pub heads_kv: usize,
+    /// Query/key head dim.
+    pub head_dim: usize,
+    /// Value head dim.
+    pub value_dim: usize,
+}
+
+impl Dims {
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+}
+
+impl Attention {
+    /// Causal attention with the default scale and no log-n.
+    pub fn new(freqs: Frequencies, layout: Layout, map: PositionMap) -> Self {
+        Attention {
+            freqs,
+            layout,
+            map,
+            causal: true,
+            scale: None,
+            log_n_train_len: None,
+        }
+    }
+
+    /// Causal (default) or bidirectional attention.
+    pub fn with_causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Overrides the logit scale (applied to `q . k` of the unscaled rotation); must be
+    /// finite and `> 0`.
+    pub fn with_scale(mut self, scale: f64) -> Result<Self> {
+        crate::error::check_positive("attention scale", scale)?;
+        self.scale = Some(scale);
+        Ok(self)
+    }
+
+    /// Log-n query scaling with training length `train_len >= 2`
+    /// (see [`crate::log_n_scale`]).
+    pub fn with_log_n(mut self, train_len: usize) -> Result<Self> {
+        if train_len < 2 {
+            return Err(RopeError::invalid(
+                "log-n train_len",
+                train_len,
+                "must be >= 2",
+            ));
+        }
+        self.log_n_train_len = Some(train_len);
+        Ok(self)
+    }
+
+    /// The frequencies.
+    pub fn frequencies(&self) -> &Frequencies {
+        &self.freqs
+    }
+
+    /// The pairing layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The position map.
+    pub fn map(&self) -> &PositionMap {
+        &self.map
+    }
+
+    /// Whether attention is causal.
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// The log-n training length, if log-n scaling is on.
+    pub fn log_n_train_len(&self) -> Option<usize> {
+        self.log_n_train_len
+    }
+
+    /// The logit scale for head dim `head_dim`: the explicit one, or
+    /// `m^2 / sqrt(head_dim)`.
+    pub fn scale_for(&self, head_dim: usize) -> f64 {
+        self.scale.unwrap_or_else(|| {
+            let m = self.freqs.attention_factor();
+            m * m / (head_dim as f64).sqrt()
+        })
+    }
+
+    /// The per-query factor: log-n scale at `position` (1 without log-n).
+    pub fn query_factor(&self, position: usize) -> f64 {
+        self.log_n_train_len
+            .map_or(1.0, |l| crate::rotary::log_n_scale(position, l))
+    }
+
+    /// Whether key position `kp` is visible from query position `qp`.
+    pub fn visible(&self, qp: usize, kp: usize) -> bool {
+        !self.causal || kp <= qp
+    }
+
+    /// Checks shapes, head counts and positions; returns the sizes.
+    pub fn validate<T>(
+        &self,
+        q: &ArrayView3<T>,
+        k: &ArrayView3<T>,
+        v: &ArrayView3<T>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Result<Dims> {
+        self.map.validate()?;
+        let (n_q, heads_q, head_dim) = q.dim();
+        let (n_k, heads_kv, kd) = k.dim();
+        let (n_v, heads_v, value_dim) = v.dim();
+        if kd != head_dim {
+            return Err(RopeError::shape("k head_dim", head_dim, kd));
+        }
+        if (n_v, heads_v) != (n_k, heads_kv) {
+            return Err(RopeError::shape(
+                "v [n_k, H_kv, d_v]",
+                format!("[{n_k}, {heads_kv}, _]"),
+                format!("[{n_v}, {heads_v}, {value_dim}]"),
+            ));
+        }
+        if heads_kv == 0 || heads_q == 0 || heads_q % heads_kv != 0 {
+            return Err(RopeError::shape(
+                "query heads H_q",
+                format!("a non-zero multiple of the key/value heads H_kv = {heads_kv}"),
+                heads_q,
+            ));
+        }
+        if head_dim < self.freqs.rotary_dim() {
+            return Err(RopeError::shape(
+                "head_dim",
+                format!(">= rotary_dim ({})", self.freqs.rotary_dim()),
+                head_dim,
+            ));
+        }
+        if q_pos.len() != n_q {
+            return Err(RopeError::shape(
+                "q_pos",
+                format!("one per query ({n_q})"),
+                q_pos.len(),
+            ));
+        }
+        if k_pos.len() != n_k {
+            return Err(RopeError::shape(
+                "k_pos",
+                format!("one per key ({n_k})"),
+                k_pos.len(),
+            ));
+        }
+        Ok(Dims {
+            n_q,
+            n_k,
+            heads_q,
+            heads_kv,
+            head_dim,
+            value_dim,
+        })
+    }
+}
