@@ -51,3 +51,8 @@ pub use frequencies::{Frequencies, PairReport, Regime, beta, digits};
 pub use position::{Affine, Piece, Pieces, PositionMap};
 pub use rotary::{Layout, RotaryTable, apply_log_n, log_n_scale};
 pub use scaling::{Llama3, LongRope, RopeConfig, Scaling, Yarn};
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -131,11 +131,13 @@ impl PositionMap {
     /// Leaky ReRoPE with window `w >= 1` and leak `k > 0` (`k < 1`: inverse Leaky).
     pub fn leaky_rerope(window: usize, leak: f64) -> Result<Self> {
         check_window(window)?;
-        if !(leak.is_finite() && leak > 0.0) {
+        if !(leak.is_finite() && (MIN_LEAK..=MAX_LEAK).contains(&leak)) {
             return Err(RopeError::invalid(
                 "leak (k)",
                 leak,
-                "must be a finite number > 0 (k > 1 compresses far positions, k < 1 is inverse Leaky ReRoPE)",
+                format!(
+                    "must be in [{MIN_LEAK:e}, {MAX_LEAK:e}] (k > 1 compresses far positions, k < 1 is inverse Leaky ReRoPE, k -> inf is ReRoPE)"
+                ),
             ));
         }
         Ok(PositionMap::LeakyReRope { window, leak })
@@ -262,6 +264,11 @@ impl PositionMap {
         self.position(len - 1, 0)
     }
 }
+
+/// Smallest accepted leak: far positions grow at most a million times faster than `r`.
+pub const MIN_LEAK: f64 = 1e-6;
+/// Largest accepted leak (ReRoPE is the `k -> inf` limit; use [`PositionMap::ReRope`]).
+pub const MAX_LEAK: f64 = 1e12;
 
 fn check_window(window: usize) -> Result<()> {
     if window == 0 {
