@@ -21,7 +21,10 @@
 //! [`reference`] is the slow, obviously-correct oracle every other kernel is tested
 //! against.
 
+pub mod decode;
 pub mod reference;
+
+pub use decode::{DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 
 use ndarray::ArrayView3;
 
