@@ -21,8 +21,9 @@
 //! - **band ring** (two-piece maps only): `R(j) k_j` for the last `w` keys, in a ring
 //!   buffer indexed by `j mod w`. Only these keys can be inside the band of a query at
 //!   the newest position; a query at an older position (chunked prefill) gets its older
-//!   band keys rebuilt from the main keys, `R(j - g(j)) (R(g(j)) k_j)`, `O(d)` trigonometry
-//!   per rebuilt key and never more than the chunk length of them;
+//!   band keys rebuilt from the main keys, `R(j - g(j)) (R(g(j)) k_j)` (or the raw keys),
+//!   `O(d)` trigonometry per rebuilt key, and only keys inside some query's band: at most
+//!   `c - 1` for a chunk of `c`, none for a decode step;
 //! - **raw keys** `k_j`, only when the frequency scheme is length-dependent (see below)
 //!   and the main keys are not already raw (i.e. not ReRoPE);
 //! - the values `v_j`, once.
@@ -453,6 +454,26 @@ impl Core {
     }
 }
 
+/// Band keys rebuilt for one [`KvCache::attend`] call: disjoint position spans
+/// `(start, end, offset)`, the keys of span positions stored back to back from token
+/// `offset`, per kv head.
+struct Rebuilt {
+    spans: Vec<(usize, usize, usize)>,
+    keys: Vec<Vec<f32>>,
+}
+
+impl Rebuilt {
+    /// Token index of position `j` in `keys` (0 when `j` was not rebuilt; only called
+    /// for positions inside a span, where the ring does not reach).
+    fn offset_of(&self, j: usize) -> usize {
+        let k = self.spans.partition_point(|s| s.1 <= j);
+        match self.spans.get(k) {
+            Some(&(start, _, offset)) if start <= j => offset + (j - start),
+            _ => 0,
+        }
+    }
+}
+
 /// A KV cache that stores each piece of a [`PositionMap`]'s keys once: decoding under
 /// ReRoPE or Leaky ReRoPE costs what a plain RoPE step costs, plus `w` cached keys per kv
 /// head (see the [module docs](self) for what is stored and its memory).
@@ -745,40 +766,66 @@ impl KvCache {
         Ok(())
     }
 
-    /// Near-piece keys for positions `lo .. ring_start()` (band keys of older queries that
-    /// left the ring), per kv head `[ring_start - lo, head_dim]`, rebuilt from the raw or
-    /// main keys.
-    fn rebuild_band(&self, lo: usize) -> Vec<Vec<f32>> {
-        let Some((_, near)) = self.band else {
-            return Vec::new();
+    /// Near-piece keys of the band keys that queries at `q_pos` need and that have left
+    /// the ring, rebuilt from the raw keys (`R(g_near(j)) k_j`) or from the main keys
+    /// (`R(g_near(j) - g_main(j)) (R(g_main(j)) k_j)`): only positions inside some
+    /// query's band, so at most `min(n_q (w - 1), n)` keys and none for a query at the
+    /// newest position.
+    fn rebuild_band(&self, q_pos: &[usize]) -> Rebuilt {
+        let mut rebuilt = Rebuilt {
+            spans: Vec::new(),
+            keys: Vec::new(),
         };
-        let hi = self.ring_start();
-        if lo >= hi {
-            return Vec::new();
+        let Some((w, near)) = self.band else {
+            return rebuilt;
+        };
+        let ring_start = self.ring_start();
+        let mut ranges: Vec<(usize, usize)> = q_pos
+            .iter()
+            .map(|&i| ((i + 1).saturating_sub(w), (i + 1).min(ring_start)))
+            .filter(|(lo, hi)| lo < hi)
+            .collect();
+        if ranges.is_empty() {
+            return rebuilt;
+        }
+        ranges.sort_unstable();
+        let mut total = 0;
+        for (lo, hi) in ranges {
+            match rebuilt.spans.last_mut() {
+                Some(last) if lo <= last.1 => {
+                    total += hi.saturating_sub(last.1);
+                    last.1 = last.1.max(hi);
+                }
+                _ => {
+                    rebuilt.spans.push((lo, hi, total));
+                    total += hi - lo;
+                }
+            }
         }
         let d = self.core.head_dim;
         let inv = self.core.freqs.inv_freq();
         let mut trig = Trig::new(inv.len());
-        let mut out = vec![Vec::with_capacity((hi - lo) * d); self.core.heads_kv];
-        // From raw keys: rotate by g_near(j). From main keys: by g_near(j) - g_main(j).
+        rebuilt.keys = vec![Vec::with_capacity(total * d); self.core.heads_kv];
         let (source, from_main) = match (&self.raw, self.main_is_raw) {
             (Some(raw), _) => (raw, false),
             (None, true) => (&self.main, false),
             (None, false) => (&self.main, true),
         };
-        for j in lo..hi {
-            let mut angle = near.key.at(j as f64);
-            if from_main {
-                angle -= self.main_piece.key.at(j as f64);
-            }
-            trig.set(inv, angle);
-            for (buf, src) in out.iter_mut().zip(source) {
-                let at = buf.len();
-                buf.extend_from_slice(&src[j * d..(j + 1) * d]);
-                trig.rotate(&mut buf[at..], self.core.layout);
+        for &(lo, hi, _) in &rebuilt.spans {
+            for j in lo..hi {
+                let mut angle = near.key.at(j as f64);
+                if from_main {
+                    angle -= self.main_piece.key.at(j as f64);
+                }
+                trig.set(inv, angle);
+                for (buf, src) in rebuilt.keys.iter_mut().zip(source) {
+                    let at = buf.len();
+                    buf.extend_from_slice(&src[j * d..(j + 1) * d]);
+                    trig.rotate(&mut buf[at..], self.core.layout);
+                }
             }
         }
-        out
+        rebuilt
     }
 
     /// Attends queries `[n_q, H_q, head_dim]` at positions `q_pos` (each `< len()`) to
@@ -793,16 +840,11 @@ impl KvCache {
         let (n_q, heads_q, d) = q.dim();
         let dv = self.core.value_dim;
         let mut out = Array3::<f32>::zeros((n_q, heads_q, dv));
-        let Some(&min_q) = q_pos.iter().min() else {
-            return Ok(out);
-        };
         let layout = self.core.layout;
         let inv = self.core.freqs.inv_freq();
         let mut trig = Trig::new(inv.len());
         let ring_start = self.ring_start();
-        let window = self.band.map_or(1, |(w, _)| w);
-        let rebuilt_lo = (min_q + 1).saturating_sub(window);
-        let rebuilt = self.rebuild_band(rebuilt_lo);
+        let rebuilt = self.rebuild_band(q_pos);
         let mut q_main = vec![0f32; heads_q * d];
         let mut q_near = vec![0f32; if self.band.is_some() { heads_q * d } else { 0 }];
         let mut scores = Vec::new();
@@ -829,12 +871,14 @@ impl KvCache {
                 }
                 None => n,
             };
+            // Token offset of key `band_lo` among the rebuilt keys, if it left the ring.
+            let rebuilt_at = rebuilt.offset_of(band_lo);
             scores.clear();
             scores.resize(group * n, 0f32);
             let per_head = self.main.iter().zip(&self.ring).zip(&self.core.values);
             for (g, ((main, ring), values)) in per_head.enumerate() {
                 let heads = g * group..(g + 1) * group;
-                let rebuilt: &[f32] = rebuilt.get(g).map_or(&[], Vec::as_slice);
+                let rebuilt: &[f32] = rebuilt.keys.get(g).map_or(&[], Vec::as_slice);
                 for (j, kj) in main.chunks_exact(d).take(band_lo).enumerate() {
                     for (r, qh) in q_main[heads.start * d..heads.end * d]
                         .chunks_exact(d)
@@ -848,7 +892,7 @@ impl KvCache {
                         let kj = if j >= ring_start {
                             &ring[(j % w) * d..(j % w + 1) * d]
                         } else {
-                            let at = j - rebuilt_lo;
+                            let at = rebuilt_at + (j - band_lo);
                             &rebuilt[at * d..(at + 1) * d]
                         };
                         for (r, qh) in q_near[heads.start * d..heads.end * d]

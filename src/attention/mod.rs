@@ -19,7 +19,8 @@
 //! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
 //!
 //! [`reference`] is the slow, obviously-correct oracle every other kernel is tested
-//! against.
+//! against. [`decode`] decodes against a KV cache that stores each piece's keys once
+//! ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
 
 pub mod decode;
 pub mod reference;
