@@ -424,6 +424,25 @@ impl Core {
         Ok(hq / self.heads_kv)
     }
 
+    /// Checks a prefill chunk: keys, values and one query per token; returns its length.
+    fn check_chunk(
+        &self,
+        q: &ArrayView3<f32>,
+        k: &ArrayView3<f32>,
+        v: &ArrayView3<f32>,
+    ) -> Result<usize> {
+        let c = self.check_kv(k, v)?;
+        if q.dim().0 != c {
+            return Err(RopeError::shape(
+                "q [c, H_q, head_dim] of a prefill chunk",
+                format!("one query per appended token ({c})"),
+                q.dim().0,
+            ));
+        }
+        self.check_q_shape(q, c)?;
+        Ok(c)
+    }
+
     /// Checks queries and their positions (each `< len`); returns the GQA group size.
     fn check_queries(&self, q: &ArrayView3<f32>, q_pos: &[usize]) -> Result<usize> {
         let group = self.check_q_shape(q, q_pos.len())?;
@@ -921,8 +940,7 @@ impl KvCache {
         k: ArrayView3<f32>,
         v: ArrayView3<f32>,
     ) -> Result<Array3<f32>> {
-        let c = self.core.check_kv(&k, &v)?;
-        self.core.check_q_shape(&q, c)?;
+        let c = self.core.check_chunk(&q, &k, &v)?;
         let start = self.core.len;
         self.append(k, v)?;
         let pos: Vec<usize> = (start..start + c).collect();
@@ -1124,8 +1142,7 @@ impl KvCacheRerotating {
         k: ArrayView3<f32>,
         v: ArrayView3<f32>,
     ) -> Result<Array3<f32>> {
-        let c = self.core.check_kv(&k, &v)?;
-        self.core.check_q_shape(&q, c)?;
+        let c = self.core.check_chunk(&q, &k, &v)?;
         let start = self.core.len;
         self.append(k, v)?;
         let pos: Vec<usize> = (start..start + c).collect();
