@@ -18,10 +18,14 @@
 //! query) gets a zero output row. NaN or infinity in an input row propagates only to the
 //! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
 //!
-//! [`reference`] is the slow, obviously-correct oracle every other kernel is tested
-//! against.
+//! [`reference`](mod@reference) is the slow, obviously-correct oracle every other kernel is tested
+//! against. [`decode`] decodes against a KV cache that stores each piece's keys once
+//! ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
 
+pub mod decode;
 pub mod reference;
+
+pub use decode::{DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 
 use ndarray::ArrayView3;
 
