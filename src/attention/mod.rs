@@ -22,6 +22,8 @@
 //! against.
 
 pub mod reference;
+mod rotated;
+pub mod two_pass;
 
 use ndarray::ArrayView3;
 
