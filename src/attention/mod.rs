@@ -23,7 +23,13 @@
 
 pub mod reference;
 mod rotated;
+pub mod tiled;
 pub mod two_pass;
+
+pub use tiled::{
+    TileBounds, TileClass, TileConfig, TileStats, expected_straddling_tiles,
+    straddling_tiles_square,
+};
 
 use ndarray::ArrayView3;
 
