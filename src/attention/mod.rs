@@ -18,8 +18,13 @@
 //! query) gets a zero output row. NaN or infinity in an input row propagates only to the
 //! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
 //!
-//! [`reference`] is the slow, obviously-correct oracle every other kernel is tested
-//! against.
+//! The kernels:
+//! - [`Attention::reference`] ([`mod@reference`]): slow, obviously correct, f64; the oracle
+//!   every other kernel is tested against;
+//! - [`Attention::two_pass`] ([`two_pass`]): Su's method, one full score matrix per
+//!   piece and a band select; the naive baseline;
+//! - [`Attention::tiled`] / [`Attention::tiled_with`] ([`tiled`]): band-classified tiles
+//!   with online softmax, parallel and memory-light; the default.
 
 pub mod reference;
 mod rotated;

@@ -329,21 +329,17 @@ struct Plan<'a> {
 
 impl Plan<'_> {
     /// Output rows of query block `qb` for query head `h` (`[rows, d_v]`) and its tile
-    /// counts.
+    /// counts. Key blocks are visited in order, so the result does not depend on how
+    /// tasks are scheduled.
     fn run(&self, h: usize, qb: Block) -> (Vec<f32>, TileStats) {
         let dims = self.prep.dims;
-        let (d, dv) = (dims.head_dim, dims.value_dim);
         let g = h / dims.group();
         let causal = self.att.causal();
-        let rows = qb.start..qb.end;
-        let bq = rows.len();
+        let bq = qb.end - qb.start;
         let mut stats = TileStats::default();
-        let mut m = vec![f32::NEG_INFINITY; bq];
-        let mut l = vec![0f32; bq];
-        let mut seen = vec![false; bq];
-        let mut acc = vec![0f32; bq * dv];
-        let mut s = vec![0f32; bq * self.block_k];
-        let mut s2 = vec![
+        let mut state = RowState::new(bq, dims.value_dim);
+        let mut scores = vec![0f32; bq * self.block_k];
+        let mut far_scores = vec![
             0f32;
             if self.prep.pieces.len() > 1 {
                 bq * self.block_k
@@ -351,8 +347,7 @@ impl Plan<'_> {
                 0
             }
         ];
-        let near = &self.prep.pieces[0];
-        for kb in &self.k_blocks {
+        for &kb in &self.k_blocks {
             let bounds = TileBounds {
                 q_min: qb.min,
                 q_max: qb.max,
@@ -361,101 +356,151 @@ impl Plan<'_> {
             };
             let class = bounds.classify(self.prep.window, causal);
             stats.record(class);
-            let cols = kb.start..kb.end;
-            let bk = cols.len();
-            let s = &mut s[..bq * bk];
-            match class {
-                TileClass::Skipped => continue,
-                TileClass::Near => scores_into(
-                    near.q.rows(h, rows.clone()),
-                    near.k.rows(g, cols.clone()),
-                    d,
-                    s,
-                ),
-                TileClass::Far => {
-                    let far = &self.prep.pieces[1];
-                    scores_into(
-                        far.q.rows(h, rows.clone()),
-                        far.k.rows(g, cols.clone()),
-                        d,
-                        s,
-                    )
-                }
-                TileClass::Straddling => {
-                    let far = &self.prep.pieces[1];
-                    let s2 = &mut s2[..bq * bk];
-                    scores_into(
-                        near.q.rows(h, rows.clone()),
-                        near.k.rows(g, cols.clone()),
-                        d,
-                        s,
-                    );
-                    scores_into(
-                        far.q.rows(h, rows.clone()),
-                        far.k.rows(g, cols.clone()),
-                        d,
-                        s2,
-                    );
-                    for (a, (srow, s2row)) in s.chunks_mut(bk).zip(s2.chunks(bk)).enumerate() {
-                        let qp = self.q_pos[rows.start + a];
-                        for ((x, &y), &kp) in
-                            srow.iter_mut().zip(s2row).zip(&self.k_pos[cols.clone()])
-                        {
-                            if self.prep.piece_index(qp, kp) == 1 {
-                                *x = y;
-                            }
+            if class == TileClass::Skipped {
+                continue;
+            }
+            let bk = kb.end - kb.start;
+            let s = &mut scores[..bq * bk];
+            self.tile_scores(class, h, qb, kb, s, &mut far_scores);
+            let masked = bounds.needs_causal_mask(causal);
+            stats.masked += usize::from(masked);
+            let q_pos = &self.q_pos[qb.start..qb.end];
+            let k_pos = &self.k_pos[kb.start..kb.end];
+            state.update(
+                s,
+                bk,
+                |a, c| !masked || k_pos[c] <= q_pos[a],
+                |c| self.prep.v.row(g, kb.start + c),
+            );
+        }
+        (state.finish(), stats)
+    }
+
+    /// The scores of tile `(qb, kb)` for query head `h` into `s`
+    /// (`[rows, cols]`): one tile product for near or far tiles; for straddling tiles
+    /// both, then entry `(i, j)` keeps the far score iff `|q_pos[i] - k_pos[j]| >= w`.
+    fn tile_scores(
+        &self,
+        class: TileClass,
+        h: usize,
+        qb: Block,
+        kb: Block,
+        s: &mut [f32],
+        far_scratch: &mut [f32],
+    ) {
+        let d = self.prep.dims.head_dim;
+        let g = h / self.prep.dims.group();
+        let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
+        let product = |piece: usize, out: &mut [f32]| {
+            let p = &self.prep.pieces[piece];
+            scores_into(p.q.rows(h, rows.clone()), p.k.rows(g, cols.clone()), d, out);
+        };
+        match class {
+            TileClass::Skipped => {}
+            TileClass::Near => product(0, s),
+            TileClass::Far => product(1, s),
+            TileClass::Straddling => {
+                let bk = cols.len();
+                let s2 = &mut far_scratch[..s.len()];
+                product(0, s);
+                product(1, s2);
+                let k_pos = &self.k_pos[cols];
+                for ((srow, s2row), &qp) in
+                    s.chunks_mut(bk).zip(s2.chunks(bk)).zip(&self.q_pos[rows])
+                {
+                    for ((x, &y), &kp) in srow.iter_mut().zip(s2row).zip(k_pos) {
+                        if self.prep.piece_index(qp, kp) == 1 {
+                            *x = y;
                         }
                     }
                 }
             }
-            let masked = bounds.needs_causal_mask(causal);
-            stats.masked += usize::from(masked);
-            let k_pos = &self.k_pos[cols.clone()];
-            for (a, srow) in s.chunks(bk).enumerate() {
-                let qp = self.q_pos[rows.start + a];
-                let visible = |c: usize| !masked || k_pos[c] <= qp;
-                let mut any = false;
-                let mut tile_max = f32::NEG_INFINITY;
-                for (c, &x) in srow.iter().enumerate() {
-                    if visible(c) {
-                        any = true;
-                        tile_max = tile_max.max(x); // NaN-ignoring; NaN still poisons l and acc
-                    }
+        }
+    }
+}
+
+/// Online-softmax state of a block of query rows: running max `m`, running sum `l`,
+/// unnormalised output `acc`, and whether the row has seen any visible key.
+struct RowState {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    seen: Vec<bool>,
+    acc: Vec<f32>,
+    dv: usize,
+}
+
+impl RowState {
+    fn new(rows: usize, dv: usize) -> Self {
+        RowState {
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            seen: vec![false; rows],
+            acc: vec![0.0; rows * dv],
+            dv,
+        }
+    }
+
+    /// Folds one tile of scores `s` (`[rows, bk]`) into the state: for row `a`, over the
+    /// entries with `visible(a, c)`, `m' = max(m, max_c s)`, `l' = l e^(m - m') +
+    /// sum_c e^(s_c - m')`, `acc' = acc e^(m - m') + sum_c e^(s_c - m') v(c)`. Rows with
+    /// no visible entry are left untouched; masked entries are never multiplied.
+    fn update<'v>(
+        &mut self,
+        s: &[f32],
+        bk: usize,
+        visible: impl Fn(usize, usize) -> bool,
+        v: impl Fn(usize) -> &'v [f32],
+    ) {
+        let dv = self.dv;
+        for (a, srow) in s.chunks(bk).enumerate() {
+            let mut any = false;
+            let mut tile_max = f32::NEG_INFINITY;
+            for (c, &x) in srow.iter().enumerate() {
+                if visible(a, c) {
+                    any = true;
+                    tile_max = tile_max.max(x); // NaN-ignoring; a NaN still poisons l and acc
                 }
-                if !any {
-                    continue;
-                }
-                seen[a] = true;
-                let m_new = m[a].max(tile_max);
-                // All visible scores -inf (only from infinite inputs): use 0 as the base so
-                // no -inf - -inf appears.
-                let base = if m_new == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    m_new
-                };
-                let corr = (m[a] - base).exp();
-                m[a] = m_new;
-                let acc_row = &mut acc[a * dv..(a + 1) * dv];
-                if corr != 1.0 {
-                    acc_row.iter_mut().for_each(|x| *x *= corr);
-                    l[a] *= corr;
-                }
-                for (c, &x) in srow.iter().enumerate() {
-                    if visible(c) {
-                        let p = (x - base).exp();
-                        l[a] += p;
-                        axpy(acc_row, p, self.prep.v.row(g, cols.start + c));
-                    }
+            }
+            if !any {
+                continue;
+            }
+            self.seen[a] = true;
+            let m_new = self.m[a].max(tile_max);
+            // All visible scores -inf (only from infinite inputs): use 0 as the base so no
+            // -inf - -inf appears.
+            let base = if m_new == f32::NEG_INFINITY {
+                0.0
+            } else {
+                m_new
+            };
+            let corr = (self.m[a] - base).exp();
+            self.m[a] = m_new;
+            let acc = &mut self.acc[a * dv..(a + 1) * dv];
+            if corr != 1.0 {
+                acc.iter_mut().for_each(|x| *x *= corr);
+                self.l[a] *= corr;
+            }
+            for (c, &x) in srow.iter().enumerate() {
+                if visible(a, c) {
+                    let p = (x - base).exp();
+                    self.l[a] += p;
+                    axpy(acc, p, v(c));
                 }
             }
         }
-        for (a, row) in acc.chunks_mut(dv.max(1)).enumerate().take(bq) {
-            if seen[a] {
-                row.iter_mut().for_each(|x| *x /= l[a]);
+    }
+
+    /// `acc / l` per row; rows that never saw a key stay zero.
+    fn finish(mut self) -> Vec<f32> {
+        let dv = self.dv;
+        for (a, (&seen, &l)) in self.seen.iter().zip(&self.l).enumerate() {
+            if seen {
+                self.acc[a * dv..(a + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x /= l);
             }
         }
-        (acc, stats)
+        self.acc
     }
 }
 
