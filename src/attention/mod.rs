@@ -18,12 +18,26 @@
 //! query) gets a zero output row. NaN or infinity in an input row propagates only to the
 //! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
 //!
-//! [`reference`](mod@reference) is the slow, obviously-correct oracle every other kernel is tested
-//! against. [`decode`] decodes against a KV cache that stores each piece's keys once
-//! ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
+//! The kernels:
+//! - [`Attention::reference`] ([`mod@reference`]): slow, obviously correct, f64; the oracle
+//!   every other kernel is tested against;
+//! - [`Attention::two_pass`] ([`two_pass`]): Su's method, one full score matrix per
+//!   piece and a band select; the naive baseline;
+//! - [`Attention::tiled`] / [`Attention::tiled_with`] ([`tiled`]): band-classified tiles
+//!   with online softmax, parallel and memory-light; the default;
+//! - [`decode`]: decoding against a KV cache that stores each piece's keys once
+//!   ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
 
 pub mod decode;
 pub mod reference;
+mod rotated;
+pub mod tiled;
+pub mod two_pass;
+
+pub use tiled::{
+    TileBounds, TileClass, TileConfig, TileStats, expected_straddling_tiles,
+    straddling_tiles_square,
+};
 
 pub use decode::{DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 

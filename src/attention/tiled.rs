@@ -1,0 +1,603 @@
+//! The tiled kernel: flash-style online softmax over `(query block x key block)` tiles,
+//! each tile classified against the band `|i - j| < w` of the position map
+//! (ROPE_MATH.md section 4; lmdeploy's ReRoPE kernel and Su's post 16 describe the idea).
+//!
+//! Each piece's rotated queries and keys are computed once per call, in a head-major
+//! layout (every head a contiguous `[tokens, d]` matrix); then, per query head and query
+//! block, the key blocks are visited in order and every tile is classified from the
+//! positions of its rows and columns (`i0..=i1` = min/max query position in the tile,
+//! `j0..=j1` = min/max key position, so arbitrary positions and offsets work):
+//!
+//! | class | condition (causal; `r = i - j` ranges over `[i0 - j1, i1 - j0]`) | work |
+//! |---|---|---|
+//! | skipped | `i1 - j0 < 0` (wholly above the diagonal) | none |
+//! | near | `i1 - j0 < w` | one `Q_near K_near^T` |
+//! | far | `max(i0 - j1, 0) >= w` | one `Q_far K_far^T` |
+//! | straddling | `max(i0 - j1, 0) < w <= i1 - j0` | both, then a per-entry select |
+//!
+//! Without `causal` the band is two-sided: near iff `-w < i0 - j1` and `i1 - j0 < w`,
+//! far iff `i0 - j1 >= w` or `i1 - j0 <= -w`. Single-piece maps (RoPE, interpolation)
+//! have only near tiles. Tiles that touch the diagonal (`j1 > i0`) also apply the causal
+//! mask per entry.
+//!
+//! Online softmax, per query row, over the visible scores `s_j` of each tile:
+//!
+//! ```text
+//! m' = max(m, max_j s_j),   l' = l e^(m - m') + sum_j e^(s_j - m'),
+//! acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j,   o = acc / l  after the last tile
+//! ```
+//!
+//! starting from `m = -inf`, `l = 0`, `acc = 0`. A row with no visible key in a tile is
+//! left untouched (no `-inf - -inf`); a row with no visible key at all outputs zeros.
+//! Masked entries are skipped, never multiplied by 0, so a NaN in `v_j` stays out of rows
+//! that cannot see `j`.
+//!
+//! Work is split into one task per `(query head, query block)`, run in parallel with
+//! rayon (feature `rayon`, on by default) or serially; every task visits its tiles in the
+//! same fixed order, so the output is bit-identical for any thread count. Memory beyond
+//! the inputs: the rotated copies (`O((n_q H_q + n_k H_kv) d)` per piece) and one or two
+//! `block_q x block_k` score tiles per task; never an `n_q x n_k` buffer.
+
+use ndarray::{Array3, ArrayView3};
+
+use super::Attention;
+use super::rotated::{Prepared, axpy, scores_into};
+use crate::error::{Result, RopeError};
+
+/// Tile sizes for [`Attention::tiled_with`]: `block_q` query rows by `block_k` key
+/// columns, both `>= 1`. The default is 64 x 64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TileConfig {
+    /// Query rows per tile.
+    pub block_q: usize,
+    /// Key columns per tile.
+    pub block_k: usize,
+}
+
+impl Default for TileConfig {
+    fn default() -> Self {
+        TileConfig::DEFAULT
+    }
+}
+
+impl TileConfig {
+    /// 64 x 64 tiles.
+    pub const DEFAULT: TileConfig = TileConfig {
+        block_q: 64,
+        block_k: 64,
+    };
+
+    /// `block_q x block_k` tiles; both must be `>= 1`.
+    pub fn new(block_q: usize, block_k: usize) -> Result<Self> {
+        let t = TileConfig { block_q, block_k };
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// Square `b x b` tiles, `b >= 1`.
+    pub fn square(b: usize) -> Result<Self> {
+        Self::new(b, b)
+    }
+
+    /// Checks that both sizes are `>= 1` (for configs built from the public fields).
+    pub fn validate(&self) -> Result<()> {
+        for (field, value) in [("block_q", self.block_q), ("block_k", self.block_k)] {
+            if value == 0 {
+                return Err(RopeError::invalid(
+                    format!("tile {field}"),
+                    value,
+                    "must be >= 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a tile relates to the band `|i - j| < w` and the causal diagonal (see the
+/// [module docs](self) for the conditions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TileClass {
+    /// Every (visible) entry is inside the band: near piece only.
+    Near,
+    /// Every (visible) entry is outside the band: far piece only.
+    Far,
+    /// The band edge may cross the tile: both pieces and a per-entry select.
+    Straddling,
+    /// Wholly above the causal diagonal: nothing to compute.
+    Skipped,
+}
+
+/// The position bounds of a tile: query positions in `q_min..=q_max`, key positions in
+/// `k_min..=k_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TileBounds {
+    /// Smallest query position among the tile's rows (`i0`).
+    pub q_min: usize,
+    /// Largest query position among the tile's rows (`i1`).
+    pub q_max: usize,
+    /// Smallest key position among the tile's columns (`j0`).
+    pub k_min: usize,
+    /// Largest key position among the tile's columns (`j1`).
+    pub k_max: usize,
+}
+
+impl TileBounds {
+    /// Classifies the tile. `r = i - j` lies in `[i0 - j1, i1 - j0]`; with `causal`
+    /// only `r >= 0` counts: skipped iff `i1 - j0 < 0`, near iff `i1 - j0 < w`, far iff
+    /// `max(i0 - j1, 0) >= w`, otherwise straddling. Without a window (single-piece
+    /// maps) every computed tile is near.
+    pub fn classify(&self, window: Option<usize>, causal: bool) -> TileClass {
+        let r_min = self.q_min as i128 - self.k_max as i128;
+        let r_max = self.q_max as i128 - self.k_min as i128;
+        if causal && r_max < 0 {
+            return TileClass::Skipped;
+        }
+        let Some(w) = window else {
+            return TileClass::Near;
+        };
+        let w = w as i128;
+        let (lo, hi) = if causal {
+            (r_min.max(0), r_max)
+        } else {
+            (r_min, r_max)
+        };
+        if lo > -w && hi < w {
+            TileClass::Near
+        } else if lo >= w || hi <= -w {
+            TileClass::Far
+        } else {
+            TileClass::Straddling
+        }
+    }
+
+    /// Whether some entry may lie above the causal diagonal (`k_max > q_min`), so the
+    /// causal mask must be applied per entry.
+    pub fn needs_causal_mask(&self, causal: bool) -> bool {
+        causal && self.k_max > self.q_min
+    }
+}
+
+/// Tile counts of one [`Attention::tiled_with`] call, summed over query heads (each
+/// `(head, query block, key block)` tile counted once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct TileStats {
+    /// Tiles computed with the near piece only.
+    pub near: usize,
+    /// Tiles computed with the far piece only.
+    pub far: usize,
+    /// Tiles that needed both pieces and a per-entry select.
+    pub straddling: usize,
+    /// Tiles wholly above the causal diagonal, not computed.
+    pub skipped: usize,
+    /// Computed tiles that also needed the per-entry causal mask (diagonal tiles).
+    pub masked: usize,
+}
+
+impl TileStats {
+    /// Tiles that were computed: `near + far + straddling`.
+    pub fn computed(&self) -> usize {
+        self.near + self.far + self.straddling
+    }
+
+    /// All tiles, computed or skipped.
+    pub fn total(&self) -> usize {
+        self.computed() + self.skipped
+    }
+
+    /// Tile score products `Q K^T` evaluated: `near + far + 2 straddling`.
+    pub fn dot_products(&self) -> usize {
+        self.near + self.far + 2 * self.straddling
+    }
+
+    /// Fraction of computed tiles that needed both pieces (0 when nothing was computed).
+    pub fn straddling_fraction(&self) -> f64 {
+        match self.computed() {
+            0 => 0.0,
+            c => self.straddling as f64 / c as f64,
+        }
+    }
+
+    fn record(&mut self, class: TileClass) {
+        match class {
+            TileClass::Near => self.near += 1,
+            TileClass::Far => self.far += 1,
+            TileClass::Straddling => self.straddling += 1,
+            TileClass::Skipped => self.skipped += 1,
+        }
+    }
+
+    fn add(mut self, other: TileStats) -> TileStats {
+        self.near += other.near;
+        self.far += other.far;
+        self.straddling += other.straddling;
+        self.skipped += other.skipped;
+        self.masked += other.masked;
+        self
+    }
+}
+
+/// Number of straddling tiles per head for causal attention over contiguous positions:
+/// queries at `q_offset .. q_offset + n_q`, keys at `0 .. n_k` (chunked prefill has
+/// `q_offset = n_k - n_q`), window `w`, tiles `block_q x block_k` laid from index 0.
+///
+/// Derivation: query block `I` spans positions `i0 = q_offset + I Bq` to
+/// `i1 = q_offset + min((I+1) Bq, n_q) - 1`, key block `J` spans `j0 = J Bk` to
+/// `j1 = min((J+1) Bk, n_k) - 1`. It straddles iff `max(i0 - j1, 0) < w <= i1 - j0`;
+/// as `w >= 1` this is `j0 <= i1 - w` and `j1 >= i0 - w + 1`. Both bounds are monotone
+/// in `J`, so the straddling blocks of row `I` are the interval
+/// `J_lo <= J <= J_hi` with `J_hi = min(T_k - 1, floor((i1 - w) / Bk))` (none if
+/// `i1 < w`) and `J_lo = max(0, ceil((i0 - w + 2) / Bk) - 1)`, except that the last,
+/// possibly short, key block qualifies iff `n_k - 1 >= i0 - w + 1`. The count is the sum
+/// of the interval lengths over block rows.
+///
+/// For square tiles `B` dividing `n = n_q = n_k` with `q_offset = 0`, this reduces to
+/// [`straddling_tiles_square`]. Returns 0 for `w = 0` (not a valid window).
+pub fn expected_straddling_tiles(
+    n_q: usize,
+    n_k: usize,
+    q_offset: usize,
+    window: usize,
+    tiles: &TileConfig,
+) -> usize {
+    if window == 0 || n_q == 0 || n_k == 0 || tiles.validate().is_err() {
+        return 0;
+    }
+    let (bq, bk) = (tiles.block_q as i128, tiles.block_k as i128);
+    let (n_q, n_k, off, w) = (n_q as i128, n_k as i128, q_offset as i128, window as i128);
+    let t_q = (n_q + bq - 1) / bq;
+    let t_k = (n_k + bk - 1) / bk;
+    let mut count = 0i128;
+    for block in 0..t_q {
+        let i0 = off + block * bq;
+        let i1 = off + ((block + 1) * bq).min(n_q) - 1;
+        if i1 < w {
+            continue;
+        }
+        let hi = ((i1 - w) / bk).min(t_k - 1);
+        let t = i0 - w + 1; // need j1 >= t
+        let mut lo = if t <= 0 {
+            0
+        } else {
+            (t + 1 + bk - 1) / bk - 1 // smallest J with (J + 1) Bk - 1 >= t
+        };
+        if lo >= t_k - 1 {
+            if n_k > t {
+                lo = t_k - 1;
+            } else {
+                continue;
+            }
+        }
+        if hi >= lo {
+            count += hi - lo + 1;
+        }
+    }
+    count as usize
+}
+
+/// Closed form for square `b x b` tiles with `b` dividing `n` (causal, `n_q = n_k = n`,
+/// positions `0..n`): with `T = n / b` and `w = a b + c`, `0 <= c < b`,
+///
+/// - `w >= n` or `b = 1`: 0 (all tiles near, or single entries never straddle);
+/// - `c` in `{0, 1}`: `T - a` (one straddling tile per block row `I >= a`; ROPE_MATH.md
+///   section 4's `T - w/B` when `B` divides `w`);
+/// - `c >= 2`: `2 (T - a) - 1` (block row `a` has one, every later row two).
+///
+/// Returns `None` when `b = 0`, `w = 0` or `b` does not divide `n`.
+pub fn straddling_tiles_square(n: usize, window: usize, b: usize) -> Option<usize> {
+    if b == 0 || window == 0 || n % b != 0 {
+        return None;
+    }
+    if window >= n || b == 1 {
+        return Some(0);
+    }
+    let (t, a, c) = (n / b, window / b, window % b);
+    Some(if c <= 1 { t - a } else { 2 * (t - a) - 1 })
+}
+
+/// Rows `start..end` of a block and the min/max position among them.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    start: usize,
+    end: usize,
+    min: usize,
+    max: usize,
+}
+
+fn blocks(pos: &[usize], size: usize) -> Vec<Block> {
+    pos.chunks(size)
+        .enumerate()
+        .map(|(b, chunk)| Block {
+            start: b * size,
+            end: b * size + chunk.len(),
+            min: chunk.iter().copied().min().unwrap_or(0),
+            max: chunk.iter().copied().max().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// One tiled call: the prepared pieces and the block partition.
+struct Plan<'a> {
+    att: &'a Attention,
+    prep: Prepared,
+    q_pos: &'a [usize],
+    k_pos: &'a [usize],
+    q_blocks: Vec<Block>,
+    k_blocks: Vec<Block>,
+    block_k: usize,
+}
+
+impl Plan<'_> {
+    /// Output rows of query block `qb` for query head `h` (`[rows, d_v]`) and its tile
+    /// counts. Key blocks are visited in order, so the result does not depend on how
+    /// tasks are scheduled.
+    fn run(&self, h: usize, qb: Block) -> (Vec<f32>, TileStats) {
+        let dims = self.prep.dims;
+        let g = h / dims.group();
+        let causal = self.att.causal();
+        let bq = qb.end - qb.start;
+        let mut stats = TileStats::default();
+        let mut state = RowState::new(bq, dims.value_dim);
+        let mut scores = vec![0f32; bq * self.block_k];
+        let mut far_scores = vec![
+            0f32;
+            if self.prep.pieces.len() > 1 {
+                bq * self.block_k
+            } else {
+                0
+            }
+        ];
+        for &kb in &self.k_blocks {
+            let bounds = TileBounds {
+                q_min: qb.min,
+                q_max: qb.max,
+                k_min: kb.min,
+                k_max: kb.max,
+            };
+            let class = bounds.classify(self.prep.window, causal);
+            stats.record(class);
+            if class == TileClass::Skipped {
+                continue;
+            }
+            let bk = kb.end - kb.start;
+            let s = &mut scores[..bq * bk];
+            self.tile_scores(class, h, qb, kb, s, &mut far_scores);
+            let masked = bounds.needs_causal_mask(causal);
+            stats.masked += usize::from(masked);
+            let q_pos = &self.q_pos[qb.start..qb.end];
+            let k_pos = &self.k_pos[kb.start..kb.end];
+            state.update(
+                s,
+                bk,
+                |a, c| !masked || k_pos[c] <= q_pos[a],
+                |c| self.prep.v.row(g, kb.start + c),
+            );
+        }
+        (state.finish(), stats)
+    }
+
+    /// The scores of tile `(qb, kb)` for query head `h` into `s`
+    /// (`[rows, cols]`): one tile product for near or far tiles; for straddling tiles
+    /// both, then entry `(i, j)` keeps the far score iff `|q_pos[i] - k_pos[j]| >= w`.
+    fn tile_scores(
+        &self,
+        class: TileClass,
+        h: usize,
+        qb: Block,
+        kb: Block,
+        s: &mut [f32],
+        far_scratch: &mut [f32],
+    ) {
+        let d = self.prep.dims.head_dim;
+        let g = h / self.prep.dims.group();
+        let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
+        let product = |piece: usize, out: &mut [f32]| {
+            let p = &self.prep.pieces[piece];
+            scores_into(p.q.rows(h, rows.clone()), p.k.rows(g, cols.clone()), d, out);
+        };
+        match class {
+            TileClass::Skipped => {}
+            TileClass::Near => product(0, s),
+            TileClass::Far => product(1, s),
+            TileClass::Straddling => {
+                let bk = cols.len();
+                let s2 = &mut far_scratch[..s.len()];
+                product(0, s);
+                product(1, s2);
+                let k_pos = &self.k_pos[cols];
+                for ((srow, s2row), &qp) in
+                    s.chunks_mut(bk).zip(s2.chunks(bk)).zip(&self.q_pos[rows])
+                {
+                    for ((x, &y), &kp) in srow.iter_mut().zip(s2row).zip(k_pos) {
+                        if self.prep.piece_index(qp, kp) == 1 {
+                            *x = y;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Online-softmax state of a block of query rows: running max `m`, running sum `l`,
+/// unnormalised output `acc`, and whether the row has seen any visible key.
+struct RowState {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    seen: Vec<bool>,
+    acc: Vec<f32>,
+    dv: usize,
+}
+
+impl RowState {
+    fn new(rows: usize, dv: usize) -> Self {
+        RowState {
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            seen: vec![false; rows],
+            acc: vec![0.0; rows * dv],
+            dv,
+        }
+    }
+
+    /// Folds one tile of scores `s` (`[rows, bk]`) into the state: for row `a`, over the
+    /// entries with `visible(a, c)`, `m' = max(m, max_c s)`, `l' = l e^(m - m') +
+    /// sum_c e^(s_c - m')`, `acc' = acc e^(m - m') + sum_c e^(s_c - m') v(c)`. Rows with
+    /// no visible entry are left untouched; masked entries are never multiplied.
+    fn update<'v>(
+        &mut self,
+        s: &[f32],
+        bk: usize,
+        visible: impl Fn(usize, usize) -> bool,
+        v: impl Fn(usize) -> &'v [f32],
+    ) {
+        let dv = self.dv;
+        for (a, srow) in s.chunks(bk).enumerate() {
+            let mut any = false;
+            let mut tile_max = f32::NEG_INFINITY;
+            for (c, &x) in srow.iter().enumerate() {
+                if visible(a, c) {
+                    any = true;
+                    tile_max = tile_max.max(x); // NaN-ignoring; a NaN still poisons l and acc
+                }
+            }
+            if !any {
+                continue;
+            }
+            self.seen[a] = true;
+            let m_new = self.m[a].max(tile_max);
+            // All visible scores -inf (only from infinite inputs): use 0 as the base so no
+            // -inf - -inf appears.
+            let base = if m_new == f32::NEG_INFINITY {
+                0.0
+            } else {
+                m_new
+            };
+            let corr = (self.m[a] - base).exp();
+            self.m[a] = m_new;
+            let acc = &mut self.acc[a * dv..(a + 1) * dv];
+            if corr != 1.0 {
+                acc.iter_mut().for_each(|x| *x *= corr);
+                self.l[a] *= corr;
+            }
+            for (c, &x) in srow.iter().enumerate() {
+                if visible(a, c) {
+                    let p = (x - base).exp();
+                    self.l[a] += p;
+                    axpy(acc, p, v(c));
+                }
+            }
+        }
+    }
+
+    /// `acc / l` per row; rows that never saw a key stay zero.
+    fn finish(mut self) -> Vec<f32> {
+        let dv = self.dv;
+        for (a, (&seen, &l)) in self.seen.iter().zip(&self.l).enumerate() {
+            if seen {
+                self.acc[a * dv..(a + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x /= l);
+            }
+        }
+        self.acc
+    }
+}
+
+impl Attention {
+    /// Tiled attention with the default 64 x 64 tiles (see [`Attention::tiled_with`]).
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// use ropex::{attention::Attention, Layout, PositionMap, RopeConfig};
+    /// let freqs = RopeConfig::new(8, 10_000.0)?.frequencies();
+    /// let att = Attention::new(freqs, Layout::Half, PositionMap::leaky_rerope(3, 16.0)?);
+    /// let q = Array3::<f32>::from_elem((9, 2, 8), 0.1);
+    /// let kv = Array3::<f32>::from_elem((9, 1, 8), 0.2);
+    /// let pos: Vec<usize> = (0..9).collect();
+    /// let fast = att.tiled(q.view(), kv.view(), kv.view(), &pos, &pos)?;
+    /// let slow = att.reference(q.view(), kv.view(), kv.view(), &pos, &pos)?;
+    /// assert!((&fast - &slow).iter().all(|e| e.abs() < 1e-5));
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    pub fn tiled(
+        &self,
+        q: ArrayView3<f32>,
+        k: ArrayView3<f32>,
+        v: ArrayView3<f32>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Result<Array3<f32>> {
+        self.tiled_with(q, k, v, q_pos, k_pos, &TileConfig::DEFAULT)
+            .map(|(out, _)| out)
+    }
+
+    /// Tiled attention with explicit tile sizes; also returns the tile counts. Inputs and
+    /// semantics as in [`crate::attention`]; the algorithm is in the [module
+    /// docs](self). The output is bit-identical for any number of rayon threads.
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// use ropex::attention::{Attention, TileConfig, expected_straddling_tiles};
+    /// use ropex::{Layout, PositionMap, RopeConfig};
+    /// let freqs = RopeConfig::new(4, 10_000.0)?.frequencies();
+    /// let att = Attention::new(freqs, Layout::Half, PositionMap::rerope(20)?);
+    /// let (n, tiles) = (64, TileConfig::square(8)?);
+    /// let q = Array3::<f32>::zeros((n, 1, 4));
+    /// let pos: Vec<usize> = (0..n).collect();
+    /// let (_, stats) = att.tiled_with(q.view(), q.view(), q.view(), &pos, &pos, &tiles)?;
+    /// assert_eq!(stats.straddling, expected_straddling_tiles(n, n, 0, 20, &tiles));
+    /// assert_eq!(stats.skipped, 8 * 7 / 2);
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    pub fn tiled_with(
+        &self,
+        q: ArrayView3<f32>,
+        k: ArrayView3<f32>,
+        v: ArrayView3<f32>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        tiles: &TileConfig,
+    ) -> Result<(Array3<f32>, TileStats)> {
+        tiles.validate()?;
+        let prep = self.prepare(q, k, v, q_pos, k_pos)?;
+        let dims = prep.dims;
+        let plan = Plan {
+            att: self,
+            prep,
+            q_pos,
+            k_pos,
+            q_blocks: blocks(q_pos, tiles.block_q),
+            k_blocks: blocks(k_pos, tiles.block_k),
+            block_k: tiles.block_k,
+        };
+        let n_blocks = plan.q_blocks.len();
+        let task = |t: usize| plan.run(t / n_blocks, plan.q_blocks[t % n_blocks]);
+        let tasks = dims.heads_q * n_blocks;
+        #[cfg(feature = "rayon")]
+        let results: Vec<(Vec<f32>, TileStats)> = {
+            use rayon::prelude::*;
+            (0..tasks).into_par_iter().map(task).collect()
+        };
+        #[cfg(not(feature = "rayon"))]
+        let results: Vec<(Vec<f32>, TileStats)> = (0..tasks).map(task).collect();
+
+        let dv = dims.value_dim;
+        let mut out = Array3::<f32>::zeros((dims.n_q, dims.heads_q, dv));
+        let mut stats = TileStats::default();
+        for (t, (block_out, block_stats)) in results.into_iter().enumerate() {
+            stats = stats.add(block_stats);
+            let (h, qb) = (t / n_blocks, plan.q_blocks[t % n_blocks]);
+            for (a, i) in (qb.start..qb.end).enumerate() {
+                for (o, &x) in out
+                    .slice_mut(ndarray::s![i, h, ..])
+                    .iter_mut()
+                    .zip(&block_out[a * dv..(a + 1) * dv])
+                {
+                    *o = x;
+                }
+            }
+        }
+        Ok((out, stats))
+    }
+}

@@ -1,0 +1,141 @@
+//! Su's two-pass kernel (`rerope_patch.py`, posts 12-13), the naive baseline: full score
+//! matrices per piece, a band select, a causal mask, softmax, times V.
+//!
+//! Per query head `h` (kv head `g = h / (H_q / H_kv)`):
+//!
+//! ```text
+//! S1[i, j] = c_i (R(i) q_i) . (R(j) k_j)            near piece, f(i) = i, g(j) = j
+//! S2[i, j] = c_i (R(f(i)) q_i) . (R(g(j)) k_j)      far piece (two-piece maps only)
+//! S[i, j]  = S1[i, j] if |q_pos[i] - k_pos[j]| < w else S2[i, j]
+//! O_i      = sum_{j visible} softmax_j(S[i, .]) v_j
+//! ```
+//!
+//! with `c_i = scale * s_i` (logit scale and log-n factor). Angles are computed in f64
+//! and cast to f32; scores, softmax (row max subtracted) and the weighted sum run in f32.
+//! Cost: one `n_q x n_k` score matrix per piece per head, about twice plain attention
+//! for two-piece maps.
+//!
+//! Su's defects are fixed here: the band mask is computed from the positions of the
+//! `(i, j)` entry itself and applied to every head (his `[batch, q, k]` mask broadcast
+//! against `[batch, heads, q, k]` scores lines batch up with heads, so it is right only
+//! for batch 1); and no cos/sin table is indexed, so ReRoPE's far query position `w`
+//! needs no table of length `max(n, w + 1)`.
+
+use ndarray::{Array3, ArrayView3};
+
+use super::Attention;
+use super::rotated::{Prepared, axpy, scores_into};
+use crate::error::Result;
+
+impl Attention {
+    /// Two-pass attention (Su's method; see the [module docs](self) for the formula and
+    /// [`crate::attention`] for inputs and semantics). Allocates `n_q x n_k` scores per
+    /// piece per head: use [`Attention::tiled`] for long sequences.
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// use ropex::{attention::Attention, Layout, PositionMap, RopeConfig};
+    /// let freqs = RopeConfig::new(8, 10_000.0)?.frequencies();
+    /// let att = Attention::new(freqs, Layout::Half, PositionMap::rerope(2)?);
+    /// let q = Array3::<f32>::from_elem((5, 2, 8), 0.1);
+    /// let kv = Array3::<f32>::from_elem((5, 1, 8), 0.2);
+    /// let pos = [0, 1, 2, 3, 4];
+    /// let fast = att.two_pass(q.view(), kv.view(), kv.view(), &pos, &pos)?;
+    /// let slow = att.reference(q.view(), kv.view(), kv.view(), &pos, &pos)?;
+    /// assert!((&fast - &slow).iter().all(|e| e.abs() < 1e-5));
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    pub fn two_pass(
+        &self,
+        q: ArrayView3<f32>,
+        k: ArrayView3<f32>,
+        v: ArrayView3<f32>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Result<Array3<f32>> {
+        let prep = self.prepare(q, k, v, q_pos, k_pos)?;
+        let dims = prep.dims;
+        let heads: Vec<Vec<f32>> = {
+            let run = |h: usize| self.two_pass_head(&prep, h, q_pos, k_pos);
+            #[cfg(feature = "rayon")]
+            {
+                use rayon::prelude::*;
+                (0..dims.heads_q).into_par_iter().map(run).collect()
+            }
+            #[cfg(not(feature = "rayon"))]
+            {
+                (0..dims.heads_q).map(run).collect()
+            }
+        };
+        let dv = dims.value_dim;
+        let mut out = Array3::<f32>::zeros((dims.n_q, dims.heads_q, dv));
+        for (h, head) in heads.iter().enumerate() {
+            for i in 0..dims.n_q {
+                for (o, &x) in out
+                    .slice_mut(ndarray::s![i, h, ..])
+                    .iter_mut()
+                    .zip(&head[i * dv..(i + 1) * dv])
+                {
+                    *o = x;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One query head: returns its `[n_q, d_v]` output.
+    fn two_pass_head(
+        &self,
+        prep: &Prepared,
+        h: usize,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Vec<f32> {
+        let dims = prep.dims;
+        let (n_q, n_k, d, dv) = (dims.n_q, dims.n_k, dims.head_dim, dims.value_dim);
+        let g = h / dims.group();
+        // One full score matrix per piece.
+        let scores: Vec<Vec<f32>> = prep
+            .pieces
+            .iter()
+            .map(|piece| {
+                let mut s = vec![0f32; n_q * n_k];
+                scores_into(piece.q.rows(h, 0..n_q), piece.k.rows(g, 0..n_k), d, &mut s);
+                s
+            })
+            .collect();
+        let mut out = vec![0f32; n_q * dv];
+        let mut row = vec![0f32; n_k];
+        for (i, &qp) in q_pos.iter().enumerate() {
+            // Band select, entry by entry from the entry's own positions.
+            for (j, (r, &kp)) in row.iter_mut().zip(k_pos).enumerate() {
+                *r = scores[prep.piece_index(qp, kp)][i * n_k + j];
+            }
+            let visible = |j: usize| self.visible(qp, k_pos[j]);
+            // Softmax over the visible keys, row max subtracted (NaN-ignoring max: a NaN
+            // score still poisons the row through exp and the sum, as it should).
+            let max = (0..n_k)
+                .filter(|&j| visible(j))
+                .fold(None, |m: Option<f32>, j| {
+                    Some(m.map_or(row[j], |m| m.max(row[j])))
+                });
+            let Some(max) = max else {
+                continue; // no visible key: zero row
+            };
+            let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
+            let mut denom = 0f32;
+            let o = &mut out[i * dv..(i + 1) * dv];
+            for j in (0..n_k).filter(|&j| visible(j)) {
+                let p = (row[j] - max).exp();
+                denom += p;
+                // Masked keys are never multiplied: a NaN in v_j stays out of rows that
+                // cannot see j.
+                axpy(o, p, prep.v.row(g, j));
+            }
+            for x in o.iter_mut() {
+                *x /= denom;
+            }
+        }
+        out
+    }
+}
