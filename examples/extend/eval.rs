@@ -1,0 +1,396 @@
+//! Schemes and Su's evaluation protocol: at every context length, score the same final
+//! bytes (the last `train_len` bytes of each window) over fixed window end points shared
+//! by every length and scheme, so the columns are comparable.
+
+use std::time::Instant;
+
+use ropex::attention::{Attention, RefreshPolicy};
+use ropex::position::leak_for_target;
+use ropex::{PositionMap, RopeConfig, Scaling, Yarn};
+
+use crate::model::{ModelError, Plan, Result, Segment, TinyLm, nll_rows};
+use crate::progress::Progress;
+
+/// NTK-mixed exponent (Su, post 11).
+pub const NTK_MIXED_B: f64 = 0.625;
+
+/// Which frequencies a scheme uses at extension `s = L / L_train`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Freq {
+    /// Plain RoPE.
+    Plain,
+    /// Position interpolation by `s`.
+    Pi,
+    /// NTK-aware base change by `s`.
+    NtkAware,
+    /// NTK-mixed by `s` with `b = 0.625`.
+    NtkMixed,
+    /// Dynamic NTK (transformers `dynamic`, factor 1, `L0 = L_train`): NTK-aware at the
+    /// current sequence length, refreshed (keys re-rotated) when the length passes a
+    /// power of two, as ropex's decode cache does with [`RefreshPolicy::PowerOfTwo`].
+    Dynamic,
+    /// YaRN by `s` with `L0 = L_train` (attention factor `0.1 ln s + 1`).
+    Yarn,
+}
+
+/// Which relative-position map a scheme uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Map {
+    /// `P = i - j`.
+    Rope,
+    /// ReRoPE with this window.
+    ReRope(usize),
+    /// Leaky ReRoPE with this window and `k` from the target length
+    /// ([`leak_for_target`]).
+    Leaky(usize),
+}
+
+/// Which checkpoint a scheme reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// The plain-RoPE-trained model (`--model`).
+    Main,
+    /// The inverse-Leaky-trained model (`--inv-leaky-model`), read with plain RoPE.
+    InvLeaky,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheme {
+    /// Name on the command line (`--schemes`) and in JSON.
+    pub key: String,
+    /// Name in the table and the plot.
+    pub label: String,
+    /// Frequencies.
+    pub freq: Freq,
+    /// Position map.
+    pub map: Map,
+    /// Log-n query scaling with the training length.
+    pub log_n: bool,
+    /// Which checkpoint.
+    pub checkpoint: Checkpoint,
+}
+
+/// Every scheme, in table order: each of RoPE, PI, NTK-aware, NTK-mixed, dynamic NTK,
+/// YaRN, ReRoPE (w = L/4 and L/2) and Leaky ReRoPE (w = L/2) without and with log-n,
+/// then the inverse-Leaky-trained checkpoint under plain RoPE.
+pub fn catalogue(train_len: usize) -> Vec<Scheme> {
+    let (w4, w2) = ((train_len / 4).max(1), (train_len / 2).max(1));
+    let base = [
+        ("rope", "RoPE".to_string(), Freq::Plain, Map::Rope),
+        ("pi", "PI".to_string(), Freq::Pi, Map::Rope),
+        ("ntk", "NTK-aware".to_string(), Freq::NtkAware, Map::Rope),
+        (
+            "ntk-mixed",
+            format!("NTK-mixed b={NTK_MIXED_B}"),
+            Freq::NtkMixed,
+            Map::Rope,
+        ),
+        (
+            "dynamic",
+            "dynamic NTK".to_string(),
+            Freq::Dynamic,
+            Map::Rope,
+        ),
+        ("yarn", "YaRN".to_string(), Freq::Yarn, Map::Rope),
+        (
+            "rerope-w4",
+            format!("ReRoPE w={w4}"),
+            Freq::Plain,
+            Map::ReRope(w4),
+        ),
+        (
+            "rerope-w2",
+            format!("ReRoPE w={w2}"),
+            Freq::Plain,
+            Map::ReRope(w2),
+        ),
+        (
+            "leaky",
+            format!("Leaky ReRoPE w={w2}, k(L)"),
+            Freq::Plain,
+            Map::Leaky(w2),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (key, label, freq, map) in base {
+        for log_n in [false, true] {
+            out.push(Scheme {
+                key: if log_n {
+                    format!("{key}-logn")
+                } else {
+                    key.to_string()
+                },
+                label: if log_n {
+                    format!("{label} + log-n")
+                } else {
+                    label.clone()
+                },
+                freq,
+                map,
+                log_n,
+                checkpoint: Checkpoint::Main,
+            });
+        }
+    }
+    out.push(Scheme {
+        key: "inv-leaky".into(),
+        label: "inverse-Leaky-trained, RoPE".into(),
+        freq: Freq::Plain,
+        map: Map::Rope,
+        log_n: false,
+        checkpoint: Checkpoint::InvLeaky,
+    });
+    out
+}
+
+/// The schemes `--quick` runs.
+pub const QUICK: [&str; 6] = ["rope", "ntk", "yarn", "rerope-w2", "leaky", "inv-leaky"];
+
+/// Schemes whose per-position loss is recorded at the per-position length.
+pub const PER_POSITION: [&str; 3] = ["rope", "rerope-w4", "rerope-w2"];
+
+impl Scheme {
+    /// The attention plan for a window of `len` tokens read by `model`.
+    ///
+    /// Canonical where schemes coincide, so that equal plans are computed once: at
+    /// `s = 1` every frequency scheme is plain RoPE, a leak of 1 is plain RoPE, and log-n
+    /// is the identity up to the training length.
+    pub fn plan(&self, model: &TinyLm, len: usize) -> Result<Plan> {
+        let cfg = model.config();
+        let train_len = cfg.train_len;
+        let rope = cfg.rope()?;
+        let s = (len as f64 / train_len as f64).max(1.0);
+        let map = match self.map {
+            Map::Rope => PositionMap::Rope,
+            Map::ReRope(w) => PositionMap::rerope(w)?,
+            Map::Leaky(w) => {
+                let k = leak_for_target(w, train_len, len)?;
+                if k == 1.0 {
+                    PositionMap::Rope
+                } else {
+                    PositionMap::leaky_rerope(w, k)?
+                }
+            }
+        };
+        let log_n = self.log_n && len > train_len;
+        let attention = |rope: &RopeConfig, seq_len: usize| -> Result<Attention> {
+            let att = Attention::new(rope.frequencies_for_len(seq_len), model.layout(), map);
+            Ok(if log_n {
+                att.with_log_n(train_len)?
+            } else {
+                att
+            })
+        };
+        let scaling = if s == 1.0 {
+            Scaling::None
+        } else {
+            match self.freq {
+                Freq::Plain => Scaling::None,
+                Freq::Pi => Scaling::linear(s),
+                Freq::NtkAware => Scaling::ntk_aware(s),
+                Freq::NtkMixed => Scaling::ntk_mixed(s, NTK_MIXED_B),
+                Freq::Yarn => Scaling::Yarn(Yarn::new(s, train_len)),
+                Freq::Dynamic => {
+                    let dynamic = Scaling::dynamic(1.0, train_len);
+                    let rope = rope.with_scaling(dynamic.clone())?;
+                    // (frequency length, queries) runs over the positions.
+                    let mut runs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+                    for p in 0..len {
+                        let flen = RefreshPolicy::PowerOfTwo
+                            .frequency_len(&dynamic, p + 1)
+                            .max(train_len);
+                        match runs.last_mut() {
+                            Some((f, queries)) if *f == flen => queries.end = p + 1,
+                            _ => runs.push((flen, p..p + 1)),
+                        }
+                    }
+                    let mut segments = runs
+                        .into_iter()
+                        .map(|(flen, queries)| {
+                            Ok(Segment {
+                                queries,
+                                attention: attention(&rope, flen)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    return Ok(if segments.len() == 1 {
+                        Plan::Single(segments.remove(0).attention)
+                    } else {
+                        Plan::Segments(segments)
+                    });
+                }
+            }
+        };
+        let rope = rope.with_scaling(scaling)?;
+        Ok(Plan::Single(attention(&rope, len)?))
+    }
+}
+
+/// Window end offsets (exclusive), evenly spaced over a text of `n_bytes`, shared by every
+/// length: the window of length `L` ending at `e` is `text[e - L .. e]`, its targets
+/// `text[e - L + 1 ..= e]`. The same formula as `tools/train_tiny_lm.py`'s
+/// `eval_endpoints`, so the two agree for the same count and longest length.
+pub fn endpoints(n_bytes: usize, max_len: usize, windows: usize) -> Result<Vec<usize>> {
+    if n_bytes < max_len + 1 {
+        return Err(ModelError::Input(format!(
+            "the text has {n_bytes} bytes, shorter than one window: the longest context \
+             ({max_len} bytes) needs at least {} bytes",
+            max_len + 1
+        )));
+    }
+    let (lo, hi) = (max_len, n_bytes - 1);
+    Ok((0..windows)
+        .map(|n| lo + n * (hi - lo) / windows.saturating_sub(1).max(1))
+        .collect())
+}
+
+/// What to evaluate.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Context lengths, ascending.
+    pub lengths: Vec<usize>,
+    /// Window end offsets (see [`endpoints`]).
+    pub ends: Vec<usize>,
+    /// Bytes scored at the end of every window (the training length).
+    pub scored: usize,
+    /// The length at which per-position losses are recorded, if any.
+    pub per_position_len: Option<usize>,
+}
+
+/// Per-position loss of one scheme at [`Setup::per_position_len`].
+#[derive(Debug, Clone)]
+pub struct Curve {
+    /// Index into the evaluated schemes.
+    pub scheme: usize,
+    /// Mean NLL (nats) of the target after each position `0..L`, over the windows.
+    pub loss: Vec<f64>,
+}
+
+/// Evaluation results.
+#[derive(Debug, Clone)]
+pub struct Results {
+    /// `loss[scheme][length]`: mean NLL in nats per byte over the scored bytes.
+    pub loss: Vec<Vec<f64>>,
+    /// Per-position curves.
+    pub curves: Vec<Curve>,
+    /// Seconds spent per length.
+    pub seconds: Vec<f64>,
+    /// Distinct forward configurations per length (schemes that coincide run once).
+    pub runs: Vec<usize>,
+}
+
+/// The cost of one forward pass of `len` tokens, in arbitrary units: the linear layers
+/// grow with `len`, causal attention with `len^2` (they cross near 3000 tokens for this
+/// model).
+fn cost(len: usize) -> f64 {
+    len as f64 * (1.0 + len as f64 / 3000.0)
+}
+
+/// Runs every scheme at every length over every window.
+pub fn evaluate(
+    main: &TinyLm,
+    inv_leaky: Option<&TinyLm>,
+    schemes: &[Scheme],
+    text: &[u8],
+    setup: &Setup,
+    progress: &mut Progress,
+) -> Result<Results> {
+    let model_for = |c: Checkpoint| -> Result<&TinyLm> {
+        match c {
+            Checkpoint::Main => Ok(main),
+            Checkpoint::InvLeaky => inv_leaky.ok_or_else(|| {
+                ModelError::Input("the inverse-Leaky checkpoint is not loaded".into())
+            }),
+        }
+    };
+    // Distinct (checkpoint, plan) runs per length, and which run serves each scheme.
+    let mut plans = Vec::new();
+    for &len in &setup.lengths {
+        let mut runs: Vec<(Checkpoint, Plan, bool)> = Vec::new();
+        let mut of_scheme = Vec::with_capacity(schemes.len());
+        for sc in schemes {
+            let plan = sc.plan(model_for(sc.checkpoint)?, len)?;
+            let per_pos =
+                setup.per_position_len == Some(len) && PER_POSITION.contains(&sc.key.as_str());
+            let found = runs
+                .iter()
+                .position(|(c, p, _)| *c == sc.checkpoint && *p == plan);
+            let idx = match found {
+                Some(i) => {
+                    runs[i].2 |= per_pos;
+                    i
+                }
+                None => {
+                    runs.push((sc.checkpoint, plan, per_pos));
+                    runs.len() - 1
+                }
+            };
+            of_scheme.push(idx);
+        }
+        plans.push((runs, of_scheme));
+    }
+    let total: f64 = setup
+        .lengths
+        .iter()
+        .zip(&plans)
+        .map(|(&len, (runs, _))| cost(len) * (runs.len() * setup.ends.len()) as f64)
+        .sum();
+    progress.start(total);
+
+    let mut loss = vec![vec![0.0; setup.lengths.len()]; schemes.len()];
+    let mut curves = Vec::new();
+    let mut seconds = Vec::new();
+    for (li, (&len, (runs, of_scheme))) in setup.lengths.iter().zip(&plans).enumerate() {
+        let t0 = Instant::now();
+        let scored = setup.scored.min(len);
+        let mut run_loss = Vec::with_capacity(runs.len());
+        let mut run_curve: Vec<Option<Vec<f64>>> = Vec::with_capacity(runs.len());
+        for (ri, (checkpoint, plan, per_pos)) in runs.iter().enumerate() {
+            let model = model_for(*checkpoint)?;
+            let label = schemes
+                .iter()
+                .zip(of_scheme)
+                .filter(|(_, r)| **r == ri)
+                .map(|(s, _)| s.key.as_str())
+                .collect::<Vec<_>>()
+                .join("=");
+            let from = if *per_pos { 0 } else { len - scored };
+            let mut total_nll = 0.0;
+            let mut per_position = vec![0.0; if *per_pos { len } else { 0 }];
+            for &e in &setup.ends {
+                let logits = model.forward(&text[e - len..e], plan, from)?;
+                let nll = nll_rows(logits.view(), &text[e - len + 1 + from..=e]);
+                total_nll += nll[nll.len() - scored..].iter().sum::<f64>();
+                for (acc, v) in per_position.iter_mut().zip(&nll) {
+                    *acc += v;
+                }
+                progress.advance(cost(len), &format!("L={len} {label}"));
+            }
+            let n = setup.ends.len() as f64;
+            run_loss.push(total_nll / (n * scored as f64));
+            run_curve.push(per_pos.then(|| per_position.iter().map(|v| v / n).collect()));
+        }
+        for (si, &ri) in of_scheme.iter().enumerate() {
+            loss[si][li] = run_loss[ri];
+            if setup.per_position_len == Some(len)
+                && PER_POSITION.contains(&schemes[si].key.as_str())
+            {
+                if let Some(c) = &run_curve[ri] {
+                    curves.push(Curve {
+                        scheme: si,
+                        loss: c.clone(),
+                    });
+                }
+            }
+        }
+        seconds.push(t0.elapsed().as_secs_f64());
+    }
+    progress.finish();
+    Ok(Results {
+        loss,
+        curves,
+        seconds,
+        runs: plans.iter().map(|(r, _)| r.len()).collect(),
+    })
+}

@@ -1,0 +1,404 @@
+//! `cargo run --release --example extend`: a tiny byte-level RoPE language model trained
+//! at 128 bytes (`tools/train_tiny_lm.py`, checkpoints under `assets/`), read at up to 16x
+//! its training length through ropex's frequency schemes, position maps and tiled
+//! attention.
+//!
+//! Su's protocol: at every context length the same final bytes are scored (the last
+//! `train_len` bytes of each window), over fixed, evenly spaced window end points shared
+//! by every length and scheme. Prints a markdown table (loss in nats/byte, best per column
+//! in bold) and writes two SVG plots; `--help` lists the flags.
+
+mod eval;
+mod model;
+mod plot;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use eval::{Checkpoint, Results, Scheme, Setup};
+use model::TinyLm;
+use plot::Line;
+use progress::Progress;
+
+const DEFAULT_WINDOWS: usize = 16;
+const QUICK_WINDOWS: usize = 4;
+
+const HELP: &str = "\
+Held-out loss of a tiny byte-level RoPE model read at 1x..16x its training length
+under every context-extension scheme ropex implements (Su's protocol: the same final
+bytes scored at every length).
+
+USAGE: cargo run --release --example extend -- [FLAGS]
+
+FLAGS:
+  --text FILE             UTF-8 text to evaluate (default assets/heldout_shakespeare.txt)
+  --model DIR             checkpoint with config.json + model.safetensors
+                          (default assets/tiny_lm_rope)
+  --inv-leaky-model DIR   checkpoint trained with inverse Leaky ReRoPE, read with plain
+                          RoPE (default assets/tiny_lm_inv_leaky)
+  --schemes a,b,c         schemes to run (default: all; --quick: a subset)
+  --windows N             windows per length (default 16; --quick: 4)
+  --quick                 fewer windows and schemes (what CI runs)
+  --long                  also 32x and 64x (slow)
+  --json                  print the results as JSON instead of the table
+  --out-dir DIR           where the SVG plots go (default target/extend)
+  --help                  this text
+
+SCHEMES (each base scheme also with \"-logn\": log-n query scaling, L_train = 128):
+  rope, pi, ntk, ntk-mixed, dynamic, yarn, rerope-w4, rerope-w2, leaky, inv-leaky
+";
+
+/// Command-line options.
+#[derive(Debug)]
+struct Args {
+    text: PathBuf,
+    model: PathBuf,
+    inv_leaky_model: PathBuf,
+    schemes: Option<Vec<String>>,
+    windows: Option<usize>,
+    quick: bool,
+    long: bool,
+    json: bool,
+    out_dir: PathBuf,
+}
+
+fn manifest(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+enum Cli {
+    Run(Args),
+    Help,
+}
+
+fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Cli, String> {
+    let mut args = Args {
+        text: manifest("assets/heldout_shakespeare.txt"),
+        model: manifest("assets/tiny_lm_rope"),
+        inv_leaky_model: manifest("assets/tiny_lm_inv_leaky"),
+        schemes: None,
+        windows: None,
+        quick: false,
+        long: false,
+        json: false,
+        out_dir: manifest("target/extend"),
+    };
+    let mut it = argv.into_iter();
+    while let Some(flag) = it.next() {
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (flag.clone(), None),
+        };
+        let mut value = |what: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs {what}"))
+        };
+        match name.as_str() {
+            "--text" => args.text = value("a file")?.into(),
+            "--model" => args.model = value("a directory")?.into(),
+            "--inv-leaky-model" => args.inv_leaky_model = value("a directory")?.into(),
+            "--out-dir" => args.out_dir = value("a directory")?.into(),
+            "--schemes" => {
+                let list: Vec<String> = value("a comma-separated list")?
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if list.is_empty() {
+                    return Err("--schemes needs at least one scheme".into());
+                }
+                args.schemes = Some(list);
+            }
+            "--windows" => {
+                let v = value("a number")?;
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| format!("--windows needs a positive number, got {v:?}"))?;
+                if n == 0 {
+                    return Err("--windows must be at least 1".into());
+                }
+                args.windows = Some(n);
+            }
+            "--quick" | "--long" | "--json" | "--help" | "-h" if inline.is_some() => {
+                return Err(format!("{name} takes no value"));
+            }
+            "--quick" => args.quick = true,
+            "--long" => args.long = true,
+            "--json" => args.json = true,
+            "--help" | "-h" => return Ok(Cli::Help),
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(Cli::Run(args))
+}
+
+/// Reads a UTF-8 text, with CRLF line ends turned into LF (the training corpus has LF).
+fn read_text(path: &Path) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read text {}: {e}", path.display()))?;
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        return Err(format!(
+            "{} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.valid_up_to()
+        ));
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    for (i, &b) in bytes.iter().enumerate() {
+        if !(b == b'\r' && bytes.get(i + 1) == Some(&b'\n')) {
+            out.push(b);
+        }
+    }
+    Ok(out)
+}
+
+fn select_schemes(args: &Args, train_len: usize) -> Result<Vec<Scheme>, String> {
+    let all = eval::catalogue(train_len);
+    let wanted: Vec<String> = match (&args.schemes, args.quick) {
+        (Some(list), _) => list.clone(),
+        (None, true) => eval::QUICK.iter().map(|s| s.to_string()).collect(),
+        (None, false) => return Ok(all),
+    };
+    let mut out: Vec<Scheme> = Vec::new();
+    for name in &wanted {
+        let scheme = all.iter().find(|s| &s.key == name).ok_or_else(|| {
+            let keys: Vec<&str> = all.iter().map(|s| s.key.as_str()).collect();
+            format!("unknown scheme {name:?}; known: {}", keys.join(", "))
+        })?;
+        if !out.contains(scheme) {
+            out.push(scheme.clone());
+        }
+    }
+    // Table order, whatever the order on the command line.
+    out.sort_by_key(|s| all.iter().position(|a| a == s));
+    Ok(out)
+}
+
+fn family(all: &[Scheme], s: &Scheme) -> usize {
+    all.iter().position(|a| a == s).map_or(0, |i| i / 2) % plot::PALETTE.len()
+}
+
+fn markdown(schemes: &[Scheme], lengths: &[usize], train_len: usize, res: &Results) -> String {
+    let mut out = String::from("| scheme |");
+    for &l in lengths {
+        out += &format!(" {l} ({}x) |", l / train_len);
+    }
+    out += "\n|---|";
+    out += &"---:|".repeat(lengths.len());
+    out += "\n";
+    let best: Vec<f64> = (0..lengths.len())
+        .map(|c| res.loss.iter().map(|r| r[c]).fold(f64::INFINITY, f64::min))
+        .collect();
+    for (s, row) in schemes.iter().zip(&res.loss) {
+        out += &format!("| {} |", s.label);
+        for (c, &v) in row.iter().enumerate() {
+            // Bold every value that rounds to the column's best.
+            if format!("{v:.3}") == format!("{:.3}", best[c]) {
+                out += &format!(" **{v:.3}** |");
+            } else {
+                out += &format!(" {v:.3} |");
+            }
+        }
+        out += "\n";
+    }
+    out
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let t_start = Instant::now();
+    let text = read_text(&args.text)?;
+    let main_model = TinyLm::load(&args.model).map_err(|e| e.to_string())?;
+    let train_len = main_model.config().train_len;
+    let schemes = select_schemes(&args, train_len)?;
+    let inv_leaky = if schemes.iter().any(|s| s.checkpoint == Checkpoint::InvLeaky) {
+        Some(TinyLm::load(&args.inv_leaky_model).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let multiples: &[usize] = if args.long {
+        &[1, 2, 4, 8, 16, 32, 64]
+    } else {
+        &[1, 2, 4, 8, 16]
+    };
+    let lengths: Vec<usize> = multiples.iter().map(|m| m * train_len).collect();
+    let windows = args.windows.unwrap_or(if args.quick {
+        QUICK_WINDOWS
+    } else {
+        DEFAULT_WINDOWS
+    });
+    let max_len = *lengths.last().ok_or("no lengths")?;
+    let ends = eval::endpoints(text.len(), max_len, windows)
+        .map_err(|e| format!("{}: {e}", args.text.display()))?;
+    let per_position_len = Some(16 * train_len).filter(|l| lengths.contains(l));
+    let setup = Setup {
+        lengths: lengths.clone(),
+        ends,
+        scored: train_len,
+        per_position_len,
+    };
+    let mut progress = Progress::new(true);
+    let res = eval::evaluate(
+        &main_model,
+        inv_leaky.as_ref(),
+        &schemes,
+        &text,
+        &setup,
+        &mut progress,
+    )
+    .map_err(|e| e.to_string())?;
+    let eval_secs: f64 = res.seconds.iter().sum();
+
+    // Plots.
+    std::fs::create_dir_all(&args.out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
+    let all = eval::catalogue(train_len);
+    let text_name = args.text.file_name().map_or_else(
+        || args.text.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let lines: Vec<Line> = schemes
+        .iter()
+        .zip(&res.loss)
+        .map(|(s, row)| Line {
+            label: s.label.clone(),
+            points: lengths
+                .iter()
+                .map(|&l| l as f64)
+                .zip(row.iter().copied())
+                .collect(),
+            color: plot::PALETTE[family(&all, s)],
+            dashed: s.log_n,
+        })
+        .collect();
+    let length_svg = args.out_dir.join("loss_vs_length.svg");
+    plot::loss_vs_length(
+        &length_svg,
+        &format!("Loss on the last {train_len} bytes vs context ({text_name}, {windows} windows)"),
+        &lengths,
+        train_len,
+        &lines,
+    )?;
+    let mut written = vec![length_svg];
+    if let Some(len) = per_position_len.filter(|_| !res.curves.is_empty()) {
+        let bucket = (len / 64).max(1);
+        let curve_lines: Vec<Line> = res
+            .curves
+            .iter()
+            .map(|c| {
+                let s = &schemes[c.scheme];
+                let points = c
+                    .loss
+                    .chunks(bucket)
+                    .enumerate()
+                    .map(|(b, chunk)| {
+                        (
+                            (b * bucket) as f64 + chunk.len() as f64 / 2.0,
+                            chunk.iter().sum::<f64>() / chunk.len() as f64,
+                        )
+                    })
+                    .collect();
+                Line {
+                    label: s.label.clone(),
+                    points,
+                    color: plot::PALETTE[family(&all, s)],
+                    dashed: s.log_n,
+                }
+            })
+            .collect();
+        let path = args
+            .out_dir
+            .join(format!("per_position_{}x.svg", len / train_len));
+        plot::per_position(
+            &path,
+            &format!(
+                "Loss by position at {}x (L = {len}), {windows} windows, {bucket}-byte buckets",
+                len / train_len
+            ),
+            len,
+            train_len,
+            &curve_lines,
+        )?;
+        written.push(path);
+    }
+
+    if args.json {
+        let json = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "model_train_position_map": main_model.config().train_position_map,
+            "inv_leaky_model": inv_leaky.as_ref().map(|_| args.inv_leaky_model.display().to_string()),
+            "inv_leaky_train_position_map": inv_leaky.as_ref().map(|m| m.config().train_position_map.clone()),
+            "text": args.text.display().to_string(),
+            "text_bytes": text.len(),
+            "train_len": train_len,
+            "lengths": lengths,
+            "windows": windows,
+            "window_ends": setup.ends,
+            "scored_bytes_per_window": train_len,
+            "unit": "nats/byte",
+            "kernel": "ropex tiled attention",
+            "schemes": schemes.iter().zip(&res.loss).map(|(s, row)| serde_json::json!({
+                "key": s.key, "label": s.label, "loss": row,
+            })).collect::<Vec<_>>(),
+            "per_position": per_position_len.map(|len| serde_json::json!({
+                "length": len,
+                "curves": res.curves.iter().map(|c| serde_json::json!({
+                    "key": schemes[c.scheme].key, "loss": c.loss,
+                })).collect::<Vec<_>>(),
+            })),
+            "seconds_per_length": res.seconds,
+            "forward_configs_per_length": res.runs,
+            "seconds_total": t_start.elapsed().as_secs_f64(),
+            "plots": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "Held-out loss in nats/byte on the last {train_len} bytes of {windows} windows of \
+             {text_name} ({} bytes); model {}, trained at {train_len}; ropex tiled attention. \
+             Best per column in bold.\n",
+            text.len(),
+            args.model.display()
+        );
+        print!("{}", markdown(&schemes, &lengths, train_len, &res));
+    }
+    for p in &written {
+        eprintln!("wrote {}", p.display());
+    }
+    eprintln!(
+        "evaluated {} schemes x {} lengths x {windows} windows ({} forward configurations) in \
+         {:.1}s; total {:.1}s",
+        schemes.len(),
+        lengths.len(),
+        res.runs.iter().sum::<usize>(),
+        eval_secs,
+        t_start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match parse_args(std::env::args().skip(1)) {
+        Ok(Cli::Help) => {
+            print!("{HELP}");
+            ExitCode::SUCCESS
+        }
+        Ok(Cli::Run(args)) => match run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
