@@ -69,6 +69,10 @@ pub struct Scheme {
     pub log_n: bool,
     /// Which checkpoint.
     pub checkpoint: Checkpoint,
+    /// Part of `--quick`.
+    pub quick: bool,
+    /// Its loss per position is recorded at 16x (the per-position plot).
+    pub per_position: bool,
 }
 
 /// Every scheme, in table order: each of RoPE, PI, NTK-aware, NTK-mixed, dynamic NTK,
@@ -77,36 +81,51 @@ pub struct Scheme {
 pub fn catalogue(train_len: usize) -> Vec<Scheme> {
     let (w4, w2) = ((train_len / 4).max(1), (train_len / 2).max(1));
     let base = [
-        ("rope", "RoPE".to_string(), Freq::Plain, Map::Rope),
-        ("pi", "PI".to_string(), Freq::Pi, Map::Rope),
-        ("ntk", "NTK-aware".to_string(), Freq::NtkAware, Map::Rope),
         (
-            "ntk-mixed",
+            "rope".to_string(),
+            "RoPE".to_string(),
+            Freq::Plain,
+            Map::Rope,
+        ),
+        ("pi".to_string(), "PI".to_string(), Freq::Pi, Map::Rope),
+        (
+            "ntk".to_string(),
+            "NTK-aware".to_string(),
+            Freq::NtkAware,
+            Map::Rope,
+        ),
+        (
+            "ntk-mixed".to_string(),
             format!("NTK-mixed b={NTK_MIXED_B}"),
             Freq::NtkMixed,
             Map::Rope,
         ),
         (
-            "dynamic",
+            "dynamic".to_string(),
             "dynamic NTK".to_string(),
             Freq::Dynamic,
             Map::Rope,
         ),
-        ("yarn", "YaRN".to_string(), Freq::Yarn, Map::Rope),
         (
-            "rerope-w4",
+            "yarn".to_string(),
+            "YaRN".to_string(),
+            Freq::Yarn,
+            Map::Rope,
+        ),
+        (
+            format!("rerope-w{w4}"),
             format!("ReRoPE w={w4}"),
             Freq::Plain,
             Map::ReRope(w4),
         ),
         (
-            "rerope-w2",
+            format!("rerope-w{w2}"),
             format!("ReRoPE w={w2}"),
             Freq::Plain,
             Map::ReRope(w2),
         ),
         (
-            "leaky",
+            format!("leaky-w{w2}"),
             format!("Leaky ReRoPE w={w2}, k(L)"),
             Freq::Plain,
             Map::Leaky(w2),
@@ -119,7 +138,7 @@ pub fn catalogue(train_len: usize) -> Vec<Scheme> {
                 key: if log_n {
                     format!("{key}-logn")
                 } else {
-                    key.to_string()
+                    key.clone()
                 },
                 label: if log_n {
                     format!("{label} + log-n")
@@ -130,6 +149,12 @@ pub fn catalogue(train_len: usize) -> Vec<Scheme> {
                 map,
                 log_n,
                 checkpoint: Checkpoint::Main,
+                // --quick: RoPE, NTK-aware, YaRN, ReRoPE w = L/2, Leaky.
+                quick: !log_n
+                    && (matches!(freq, Freq::Plain | Freq::NtkAware | Freq::Yarn)
+                        && !matches!(map, Map::ReRope(w) if w == w4)),
+                // Per position at 16x: RoPE and both ReRoPE windows.
+                per_position: !log_n && freq == Freq::Plain && !matches!(map, Map::Leaky(_)),
             });
         }
     }
@@ -140,15 +165,11 @@ pub fn catalogue(train_len: usize) -> Vec<Scheme> {
         map: Map::Rope,
         log_n: false,
         checkpoint: Checkpoint::InvLeaky,
+        quick: true,
+        per_position: false,
     });
     out
 }
-
-/// The schemes `--quick` runs.
-pub const QUICK: [&str; 6] = ["rope", "ntk", "yarn", "rerope-w2", "leaky", "inv-leaky"];
-
-/// Schemes whose per-position loss is recorded at the per-position length.
-pub const PER_POSITION: [&str; 3] = ["rope", "rerope-w4", "rerope-w2"];
 
 impl Scheme {
     /// The attention plan for a window of `len` tokens read by `model`.
@@ -274,6 +295,9 @@ pub struct Results {
     pub loss: Vec<Vec<f64>>,
     /// Per-position curves.
     pub curves: Vec<Curve>,
+    /// `ms[scheme][length]`: wall-clock milliseconds per window of the scheme's forward
+    /// pass (shared by the schemes that coincide at that length).
+    pub ms: Vec<Vec<f64>>,
     /// Seconds spent per length.
     pub seconds: Vec<f64>,
     /// Distinct forward configurations per length (schemes that coincide run once).
@@ -311,8 +335,7 @@ pub fn evaluate(
         let mut of_scheme = Vec::with_capacity(schemes.len());
         for sc in schemes {
             let plan = sc.plan(model_for(sc.checkpoint)?, len)?;
-            let per_pos =
-                setup.per_position_len == Some(len) && PER_POSITION.contains(&sc.key.as_str());
+            let per_pos = setup.per_position_len == Some(len) && sc.per_position;
             let found = runs
                 .iter()
                 .position(|(c, p, _)| *c == sc.checkpoint && *p == plan);
@@ -339,12 +362,14 @@ pub fn evaluate(
     progress.start(total);
 
     let mut loss = vec![vec![0.0; setup.lengths.len()]; schemes.len()];
+    let mut ms = loss.clone();
     let mut curves = Vec::new();
     let mut seconds = Vec::new();
     for (li, (&len, (runs, of_scheme))) in setup.lengths.iter().zip(&plans).enumerate() {
         let t0 = Instant::now();
         let scored = setup.scored.min(len);
         let mut run_loss = Vec::with_capacity(runs.len());
+        let mut run_ms = Vec::with_capacity(runs.len());
         let mut run_curve: Vec<Option<Vec<f64>>> = Vec::with_capacity(runs.len());
         for (ri, (checkpoint, plan, per_pos)) in runs.iter().enumerate() {
             let model = model_for(*checkpoint)?;
@@ -358,6 +383,7 @@ pub fn evaluate(
             let from = if *per_pos { 0 } else { len - scored };
             let mut total_nll = 0.0;
             let mut per_position = vec![0.0; if *per_pos { len } else { 0 }];
+            let t_run = Instant::now();
             for &e in &setup.ends {
                 let logits = model.forward(&text[e - len..e], plan, from)?;
                 let nll = nll_rows(logits.view(), &text[e - len + 1 + from..=e]);
@@ -368,14 +394,14 @@ pub fn evaluate(
                 progress.advance(cost(len), &format!("L={len} {label}"));
             }
             let n = setup.ends.len() as f64;
+            run_ms.push(t_run.elapsed().as_secs_f64() * 1e3 / n);
             run_loss.push(total_nll / (n * scored as f64));
             run_curve.push(per_pos.then(|| per_position.iter().map(|v| v / n).collect()));
         }
         for (si, &ri) in of_scheme.iter().enumerate() {
             loss[si][li] = run_loss[ri];
-            if setup.per_position_len == Some(len)
-                && PER_POSITION.contains(&schemes[si].key.as_str())
-            {
+            ms[si][li] = run_ms[ri];
+            if setup.per_position_len == Some(len) && schemes[si].per_position {
                 if let Some(c) = &run_curve[ri] {
                     curves.push(Curve {
                         scheme: si,
@@ -389,6 +415,7 @@ pub fn evaluate(
     progress.finish();
     Ok(Results {
         loss,
+        ms,
         curves,
         seconds,
         runs: plans.iter().map(|(r, _)| r.len()).collect(),

@@ -47,7 +47,9 @@ FLAGS:
   --help                  this text
 
 SCHEMES (each base scheme also with \"-logn\": log-n query scaling, L_train = 128):
-  rope, pi, ntk, ntk-mixed, dynamic, yarn, rerope-w4, rerope-w2, leaky, inv-leaky
+  rope, pi, ntk, ntk-mixed, dynamic, yarn, rerope-w32, rerope-w64, leaky-w64, inv-leaky
+  (ReRoPE windows L/4 and L/2 and the Leaky window L/2 of the model's training length L;
+  inv-leaky reads --inv-leaky-model with plain RoPE)
 ";
 
 /// Command-line options.
@@ -160,7 +162,11 @@ fn select_schemes(args: &Args, train_len: usize) -> Result<Vec<Scheme>, String> 
     let all = eval::catalogue(train_len);
     let wanted: Vec<String> = match (&args.schemes, args.quick) {
         (Some(list), _) => list.clone(),
-        (None, true) => eval::QUICK.iter().map(|s| s.to_string()).collect(),
+        (None, true) => all
+            .iter()
+            .filter(|s| s.quick)
+            .map(|s| s.key.clone())
+            .collect(),
         (None, false) => return Ok(all),
     };
     let mut out: Vec<Scheme> = Vec::new();
@@ -187,13 +193,15 @@ fn markdown(schemes: &[Scheme], lengths: &[usize], train_len: usize, res: &Resul
     for &l in lengths {
         out += &format!(" {l} ({}x) |", l / train_len);
     }
+    let last = lengths.len() - 1;
+    out += &format!(" ms/window at {}x |", lengths[last] / train_len);
     out += "\n|---|";
-    out += &"---:|".repeat(lengths.len());
+    out += &"---:|".repeat(lengths.len() + 1);
     out += "\n";
     let best: Vec<f64> = (0..lengths.len())
         .map(|c| res.loss.iter().map(|r| r[c]).fold(f64::INFINITY, f64::min))
         .collect();
-    for (s, row) in schemes.iter().zip(&res.loss) {
+    for ((s, row), ms) in schemes.iter().zip(&res.loss).zip(&res.ms) {
         out += &format!("| {} |", s.label);
         for (c, &v) in row.iter().enumerate() {
             // Bold every value that rounds to the column's best.
@@ -203,7 +211,47 @@ fn markdown(schemes: &[Scheme], lengths: &[usize], train_len: usize, res: &Resul
                 out += &format!(" {v:.3} |");
             }
         }
-        out += "\n";
+        out += &format!(" {:.0} |\n", ms[last]);
+    }
+    out
+}
+
+/// The issue's acceptance check at 16x: plain RoPE's loss at least 1.5x its 1x loss, and
+/// the best ReRoPE / Leaky variant within 5% of its own 1x loss (or below it).
+fn check_16x(
+    schemes: &[Scheme],
+    lengths: &[usize],
+    train_len: usize,
+    res: &Results,
+) -> Vec<String> {
+    let (Some(c16), Some(c1)) = (
+        lengths.iter().position(|&l| l == 16 * train_len),
+        lengths.iter().position(|&l| l == train_len),
+    ) else {
+        return vec![];
+    };
+    let ratio = |i: usize| res.loss[i][c16] / res.loss[i][c1];
+    let mut out = Vec::new();
+    if let Some(i) = schemes.iter().position(|s| s.key == "rope") {
+        let r = ratio(i);
+        out.push(format!(
+            "check 16x: RoPE loss is {r:.2}x its 1x loss (want >= 1.5): {}",
+            if r >= 1.5 { "ok" } else { "NOT MET" }
+        ));
+    }
+    let best = schemes
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.checkpoint == Checkpoint::Main && s.map != eval::Map::Rope)
+        .map(|(i, s)| (ratio(i), s))
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((r, s)) = best {
+        out.push(format!(
+            "check 16x: best ReRoPE/Leaky variant {} is {:+.1}% from its 1x loss (want <= +5%): {}",
+            s.label,
+            (r - 1.0) * 100.0,
+            if r <= 1.05 { "ok" } else { "NOT MET" }
+        ));
     }
     out
 }
@@ -340,8 +388,8 @@ fn run(args: Args) -> Result<(), String> {
             "scored_bytes_per_window": train_len,
             "unit": "nats/byte",
             "kernel": "ropex tiled attention",
-            "schemes": schemes.iter().zip(&res.loss).map(|(s, row)| serde_json::json!({
-                "key": s.key, "label": s.label, "loss": row,
+            "schemes": schemes.iter().zip(&res.loss).zip(&res.ms).map(|((s, row), ms)| serde_json::json!({
+                "key": s.key, "label": s.label, "loss": row, "ms_per_window": ms,
             })).collect::<Vec<_>>(),
             "per_position": per_position_len.map(|len| serde_json::json!({
                 "length": len,
@@ -349,6 +397,7 @@ fn run(args: Args) -> Result<(), String> {
                     "key": schemes[c.scheme].key, "loss": c.loss,
                 })).collect::<Vec<_>>(),
             })),
+            "checks": check_16x(&schemes, &lengths, train_len, &res),
             "seconds_per_length": res.seconds,
             "forward_configs_per_length": res.runs,
             "seconds_total": t_start.elapsed().as_secs_f64(),
@@ -370,6 +419,9 @@ fn run(args: Args) -> Result<(), String> {
     }
     for p in &written {
         eprintln!("wrote {}", p.display());
+    }
+    for line in check_16x(&schemes, &lengths, train_len, &res) {
+        eprintln!("{line}");
     }
     eprintln!(
         "evaluated {} schemes x {} lengths x {windows} windows ({} forward configurations) in \

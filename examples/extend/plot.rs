@@ -163,6 +163,9 @@ pub fn loss_vs_length(
         })
         .y_label_formatter(&|v| format!("{v:.2}"))
         .label_style(("sans-serif", 13))
+        .max_light_lines(1)
+        .light_line_style(RGBColor(245, 245, 245))
+        .bold_line_style(RGBColor(215, 215, 215))
         .draw()
         .map_err(err(path))?;
     for line in lines {
@@ -208,6 +211,9 @@ pub fn per_position(
         .y_label_formatter(&|v| format!("{v:.2}"))
         .x_label_formatter(&|v| format!("{v:.0}"))
         .label_style(("sans-serif", 13))
+        .max_light_lines(1)
+        .light_line_style(RGBColor(245, 245, 245))
+        .bold_line_style(RGBColor(215, 215, 215))
         .draw()
         .map_err(err(path))?;
     let mark = train_len as f64;
