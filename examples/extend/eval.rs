@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use ropex::attention::{Attention, RefreshPolicy};
+use ropex::attention::{Attention, RefreshPolicy, TileConfig};
 use ropex::position::leak_for_target;
 use ropex::{PositionMap, RopeConfig, Scaling, Yarn};
 
@@ -295,9 +295,17 @@ pub struct Results {
     pub loss: Vec<Vec<f64>>,
     /// Per-position curves.
     pub curves: Vec<Curve>,
-    /// `ms[scheme][length]`: wall-clock milliseconds per window of the scheme's forward
-    /// pass (shared by the schemes that coincide at that length).
+    /// `ms[scheme][length]`: wall-clock milliseconds of the scheme's forward pass over one
+    /// window, the fastest of the windows (every window has the same work; the minimum is
+    /// the least disturbed by other load). Shared by schemes that coincide at a length.
     pub ms: Vec<Vec<f64>>,
+    /// `tiles[scheme][length]`: score-tile products (`Q K^T` per 64 x 64 tile, both pieces
+    /// counted for tiles that straddle a band edge) of the tiled kernel over one causal
+    /// prefill of the window, per head and layer: the compute cost of the position map,
+    /// independent of the machine (see [`plan_tile_products`]).
+    pub tiles: Vec<Vec<usize>>,
+    /// Score-tile products of plain RoPE at each length (the baseline for `tiles`).
+    pub rope_tiles: Vec<usize>,
     /// Seconds spent per length.
     pub seconds: Vec<f64>,
     /// Distinct forward configurations per length (schemes that coincide run once).
@@ -309,6 +317,36 @@ pub struct Results {
 /// model).
 fn cost(len: usize) -> f64 {
     len as f64 * (1.0 + len as f64 / 3000.0)
+}
+
+/// Score-tile products `Q K^T` the tiled kernel evaluates for one head of one layer over a
+/// causal prefill of `len` tokens under `plan` (from the kernel's own tile statistics on a
+/// zero input; they depend only on positions, map and tile size).
+pub fn plan_tile_products(model: &TinyLm, plan: &Plan, len: usize) -> Result<usize> {
+    let d = model.config().head_dim;
+    let pos: Vec<usize> = (0..len).collect();
+    let zeros = ndarray::Array3::<f32>::zeros((len, 1, d));
+    let segments: Vec<(std::ops::Range<usize>, &Attention)> = match plan {
+        Plan::Single(a) => vec![(0..len, a)],
+        Plan::Segments(s) => s
+            .iter()
+            .map(|s| (s.queries.clone(), &s.attention))
+            .collect(),
+    };
+    let mut products = 0;
+    for (q, att) in segments {
+        let k = zeros.slice(ndarray::s![..q.end, .., ..]);
+        let (_, stats) = att.tiled_with(
+            zeros.slice(ndarray::s![q.clone(), .., ..]),
+            k,
+            k,
+            &pos[q.clone()],
+            &pos[..q.end],
+            &TileConfig::DEFAULT,
+        )?;
+        products += stats.dot_products();
+    }
+    Ok(products)
 }
 
 /// Runs every scheme at every length over every window.
@@ -363,13 +401,22 @@ pub fn evaluate(
 
     let mut loss = vec![vec![0.0; setup.lengths.len()]; schemes.len()];
     let mut ms = loss.clone();
+    let mut tiles = vec![vec![0; setup.lengths.len()]; schemes.len()];
+    let mut rope_tiles = Vec::with_capacity(setup.lengths.len());
     let mut curves = Vec::new();
     let mut seconds = Vec::new();
     for (li, (&len, (runs, of_scheme))) in setup.lengths.iter().zip(&plans).enumerate() {
         let t0 = Instant::now();
+        let plain = Attention::new(
+            main.config().rope()?.frequencies(),
+            main.layout(),
+            PositionMap::Rope,
+        );
+        rope_tiles.push(plan_tile_products(main, &Plan::Single(plain), len)?);
         let scored = setup.scored.min(len);
         let mut run_loss = Vec::with_capacity(runs.len());
         let mut run_ms = Vec::with_capacity(runs.len());
+        let mut run_tiles = Vec::with_capacity(runs.len());
         let mut run_curve: Vec<Option<Vec<f64>>> = Vec::with_capacity(runs.len());
         for (ri, (checkpoint, plan, per_pos)) in runs.iter().enumerate() {
             let model = model_for(*checkpoint)?;
@@ -383,10 +430,12 @@ pub fn evaluate(
             let from = if *per_pos { 0 } else { len - scored };
             let mut total_nll = 0.0;
             let mut per_position = vec![0.0; if *per_pos { len } else { 0 }];
-            let t_run = Instant::now();
+            let mut fastest = f64::INFINITY;
             for &e in &setup.ends {
+                let t_window = Instant::now();
                 let logits = model.forward(&text[e - len..e], plan, from)?;
                 let nll = nll_rows(logits.view(), &text[e - len + 1 + from..=e]);
+                fastest = fastest.min(t_window.elapsed().as_secs_f64());
                 total_nll += nll[nll.len() - scored..].iter().sum::<f64>();
                 for (acc, v) in per_position.iter_mut().zip(&nll) {
                     *acc += v;
@@ -394,13 +443,15 @@ pub fn evaluate(
                 progress.advance(cost(len), &format!("L={len} {label}"));
             }
             let n = setup.ends.len() as f64;
-            run_ms.push(t_run.elapsed().as_secs_f64() * 1e3 / n);
+            run_ms.push(fastest * 1e3);
+            run_tiles.push(plan_tile_products(model, plan, len)?);
             run_loss.push(total_nll / (n * scored as f64));
             run_curve.push(per_pos.then(|| per_position.iter().map(|v| v / n).collect()));
         }
         for (si, &ri) in of_scheme.iter().enumerate() {
             loss[si][li] = run_loss[ri];
             ms[si][li] = run_ms[ri];
+            tiles[si][li] = run_tiles[ri];
             if setup.per_position_len == Some(len) && schemes[si].per_position {
                 if let Some(c) = &run_curve[ri] {
                     curves.push(Curve {
@@ -416,6 +467,8 @@ pub fn evaluate(
     Ok(Results {
         loss,
         ms,
+        tiles,
+        rope_tiles,
         curves,
         seconds,
         runs: plans.iter().map(|(r, _)| r.len()).collect(),
