@@ -149,10 +149,12 @@ pub fn catalogue(train_len: usize) -> Vec<Scheme> {
                 map,
                 log_n,
                 checkpoint: Checkpoint::Main,
-                // --quick: RoPE, NTK-aware, YaRN, ReRoPE w = L/2, Leaky.
-                quick: !log_n
-                    && (matches!(freq, Freq::Plain | Freq::NtkAware | Freq::Yarn)
-                        && !matches!(map, Map::ReRope(w) if w == w4)),
+                // --quick: RoPE, NTK-aware, YaRN, ReRoPE w = L/2, Leaky with and
+                // without log-n.
+                quick: (!log_n
+                    && matches!(freq, Freq::Plain | Freq::NtkAware | Freq::Yarn)
+                    && !matches!(map, Map::ReRope(w) if w == w4))
+                    || matches!(map, Map::Leaky(_)),
                 // Per position at 16x: RoPE and both ReRoPE windows.
                 per_position: !log_n && freq == Freq::Plain && !matches!(map, Map::Leaky(_)),
             });

@@ -22,7 +22,7 @@ use model::TinyLm;
 use plot::Line;
 use progress::Progress;
 
-const DEFAULT_WINDOWS: usize = 12;
+const DEFAULT_WINDOWS: usize = 10;
 const QUICK_WINDOWS: usize = 4;
 
 const HELP: &str = "\
@@ -39,7 +39,7 @@ FLAGS:
   --inv-leaky-model DIR   checkpoint trained with inverse Leaky ReRoPE, read with plain
                           RoPE (default assets/tiny_lm_inv_leaky)
   --schemes a,b,c         schemes to run (default: all; --quick: a subset)
-  --windows N             windows per length (default 12; --quick: 4)
+  --windows N             windows per length (default 10; --quick: 4)
   --quick                 fewer windows and schemes (what CI runs)
   --long                  also 32x and 64x (slow)
   --json                  print the results as JSON instead of the table
