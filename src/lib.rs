@@ -50,4 +50,4 @@ pub use error::{Result, RopeError};
 pub use frequencies::{Frequencies, PairReport, Regime, beta, digits};
 pub use position::{Affine, Piece, Pieces, PositionMap};
 pub use rotary::{Layout, RotaryTable, apply_log_n, log_n_scale};
-pub use scaling::{Llama3, LongRope, RopeConfig, Scaling, Yarn};
+pub use scaling::{Checks, Llama3, LongRope, RopeConfig, Scaling, Yarn};
