@@ -40,6 +40,8 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+#[cfg(feature = "serde")]
+pub mod config;
 pub mod error;
 pub mod frequencies;
 pub mod position;
