@@ -44,6 +44,7 @@ pub mod attention;
 pub mod config;
 pub mod error;
 pub mod frequencies;
+pub mod npy;
 pub mod position;
 pub mod rotary;
 pub mod scaling;
