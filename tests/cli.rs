@@ -411,24 +411,69 @@ fn attend_round_trips_npy_and_matches_the_reference_kernel() {
             .fold(0f32, f32::max);
         assert!(diff == 0.0, "{extra:?}: max abs diff {diff}");
     }
-    // two-pass / tiled are not wired on this branch yet: a clear error, not a panic.
-    let out = ropex(&[
-        "attend",
-        "--q",
-        &path("q.npy"),
-        "--k",
-        &path("k.npy"),
-        "--v",
-        &path("v.npy"),
-        "--base",
-        "10000",
-        "--kernel",
-        "tiled",
-        "--out",
-        &path("o2.npy"),
-    ]);
-    if !out.status.success() {
-        assert!(stderr(&out).contains("not available"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// ReRoPE and Leaky ReRoPE computed in PyTorch the way Su's bojone/rerope patch does it
+/// (two full score matrices, band select, causal softmax; `tools/rerope_reference.py`)
+/// must match `ropex attend` with every kernel.
+#[test]
+fn attend_matches_the_pytorch_two_pass_reference() {
+    let dir = tmp_dir("bojone");
+    let cases = manifest().join("tests/data/rerope_ref");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&cases).unwrap() {
+        let case = entry.unwrap().path();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(case.join("meta.json")).unwrap())
+                .unwrap();
+        let w = meta["w"].as_u64().unwrap();
+        let map = match meta["kind"].as_str().unwrap() {
+            "rerope" => format!("rerope:{w}"),
+            "leaky_rerope" => format!("leaky:{w}:{}", meta["k"].as_f64().unwrap()),
+            other => panic!("unknown case kind {other}"),
+        };
+        let base = meta["base"].as_f64().unwrap().to_string();
+        let want = npy::read_array3(case.join("out.npy")).unwrap();
+        let file = |n: &str| case.join(n).to_string_lossy().into_owned();
+        for kernel in ["reference", "two-pass", "tiled"] {
+            let out_path = dir
+                .join(format!("{kernel}.npy"))
+                .to_string_lossy()
+                .into_owned();
+            let out = ropex(&[
+                "attend",
+                "--q",
+                &file("q.npy"),
+                "--k",
+                &file("k.npy"),
+                "--v",
+                &file("v.npy"),
+                "--map",
+                &map,
+                "--base",
+                &base,
+                "--kernel",
+                kernel,
+                "--out",
+                &out_path,
+            ]);
+            assert!(out.status.success(), "{}: {}", case.display(), stderr(&out));
+            let got = npy::read_array3(&out_path).unwrap();
+            assert_eq!(got.dim(), want.dim());
+            let diff = got
+                .iter()
+                .zip(want.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "{} with {kernel}: max abs diff {diff}",
+                case.display()
+            );
+        }
+        seen += 1;
     }
+    assert_eq!(seen, 3, "expected the three committed PyTorch cases");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -429,13 +429,8 @@ pub fn attend(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Resu
     let k_pos: Vec<usize> = (0..n_k).collect();
     let result = match kernel {
         "reference" => att.reference(q.view(), k.view(), v.view(), &q_pos, &k_pos)?,
-        // TODO(lead): wire two_pass/tiled once Attention::two_pass / Attention::tiled land
-        // (same signature as reference).
-        other => {
-            return Err(Failure::Run(format!(
-                "kernel '{other}' is not available yet in this build (use --kernel reference)"
-            )));
-        }
+        "two-pass" => att.two_pass(q.view(), k.view(), v.view(), &q_pos, &k_pos)?,
+        _ => att.tiled(q.view(), k.view(), v.view(), &q_pos, &k_pos)?,
     };
     npy::write_array3(op, result.view())?;
     let (a, b, c) = result.dim();
