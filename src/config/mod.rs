@@ -1703,9 +1703,13 @@ fn read_facts(top: &Obj, profile: &Profile) -> Result<Facts> {
             Some(Value::Null) => HeadDim::Null,
             Some(v) => HeadDim::Value(need_count("head_dim", v, true, "a positive integer")?),
         },
-        HeadDimRule::FromKey(key, default) => {
-            HeadDim::Value(read_int(top, profile, key, Some(default))?.unwrap_or(default))
-        }
+        // DeepSeek-V3 sets head_dim = qk_rope_head_dim in __post_init__, but a head_dim key
+        // of config.json is set afterwards and wins (null included).
+        HeadDimRule::FromKey(key, default) => match top.get("head_dim") {
+            None => HeadDim::Value(read_int(top, profile, key, Some(default))?.unwrap_or(default)),
+            Some(Value::Null) => HeadDim::Null,
+            Some(v) => HeadDim::Value(need_count("head_dim", v, true, "a positive integer")?),
+        },
     };
     let global_head_dim = read_int(top, profile, "global_head_dim", None)?;
     let top_original = match profile.original_field {
