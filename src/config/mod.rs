@@ -459,13 +459,12 @@ impl<'a> Parser<'a> {
             }
         };
         let profile = Profile::for_model_type(model_type.as_deref());
-        let diag = Diag {
+        let facts = read_facts(top, &profile)?;
+        let mut diag = Diag {
             strict: opts.strict,
             warnings: Vec::new(),
             notes: Vec::new(),
         };
-        let facts = read_facts(top, &profile)?;
-        let mut diag = diag;
         if profile.is_generic() {
             diag.note(match &model_type {
                 Some(t) => format!(
