@@ -265,7 +265,10 @@ pub(crate) fn compute(cfg: &RopeConfig, seq_len: Option<usize>) -> Frequencies {
         } => {
             let l0 = *l0 as f64;
             let len = seq_len.map_or(l0, |n| (n as f64).max(l0));
-            let scaled = base * (factor * len / l0 - (factor - 1.0)).powf(ntk_exponent(d));
+            // `s L / L0 - (s - 1)` written as `1 + s (L / L0 - 1)`: the same number, without
+            // the cancellation that turns a huge `s` into a zero base at `L = L0`.
+            let bracket = 1.0 + factor * (len / l0 - 1.0);
+            let scaled = base * bracket.powf(ntk_exponent(d));
             (plain_inv_freq(scaled, half, d), 1.0)
         }
         Scaling::Yarn(y) => {

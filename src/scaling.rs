@@ -44,8 +44,25 @@ impl Checks {
     fn factor(self, field: &str, value: f64) -> Result<f64> {
         match self {
             Checks::Strict => check_factor(field, value),
-            Checks::Transformers => check_positive(field, value),
+            Checks::Transformers => check_divisor(field, value),
         }
+    }
+}
+
+/// The smallest factor a frequency may be divided by: `theta_j / factor` stays below
+/// `1e6` rad/token, so every angle `p * inv_freq` of a representable position is finite.
+pub const MIN_DIVISOR: f64 = 1e-6;
+
+/// A finite divisor of frequencies, at least [`MIN_DIVISOR`].
+fn check_divisor(field: &str, value: f64) -> Result<f64> {
+    if value.is_finite() && value >= MIN_DIVISOR {
+        Ok(value)
+    } else {
+        Err(RopeError::invalid(
+            field,
+            value,
+            "must be a finite number >= 1e-6 (it divides the frequencies)",
+        ))
     }
 }
 
@@ -353,7 +370,7 @@ impl LongRope {
                 ));
             }
             for (i, &v) in list.iter().enumerate() {
-                check_positive(&format!("{name}[{i}]"), v)?;
+                check_divisor(&format!("{name}[{i}]"), v)?;
             }
         }
         check_len(
@@ -747,6 +764,22 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.checks(), Checks::Transformers);
         assert!(cfg.frequencies().inv_freq().iter().all(|f| f.is_finite()));
+        // A divisor so small that angles would overflow is refused even leniently.
+        assert!(
+            base()
+                .with_scaling_lenient(Scaling::linear(1e-300))
+                .is_err()
+        );
+        assert!(
+            base()
+                .with_scaling_lenient(Scaling::linear(MIN_DIVISOR))
+                .is_ok()
+        );
+        // Dynamic NTK with an absurd factor stays finite at L = L0 (no cancellation).
+        let dynamic = base()
+            .with_scaling_lenient(Scaling::dynamic(1.8e19, 4096))
+            .unwrap();
+        assert_eq!(dynamic.frequencies(), dynamic.plain_frequencies());
         // ropex's own schemes stay strict.
         assert!(
             base()

@@ -224,6 +224,18 @@ fn bad_input_gives_one_error_line_and_nonzero_exit() {
         ),
         (
             vec![
+                "positions",
+                "--map",
+                "rope",
+                "--n",
+                "2",
+                "--offset",
+                "18446744073709551615",
+            ],
+            "too large",
+        ),
+        (
+            vec![
                 "attend",
                 "--q",
                 q,

@@ -270,9 +270,10 @@ pub fn positions(args: &[String], out: &mut dyn Write) -> Result<(), Failure> {
     let map = parse_map(o.required("map")?)?;
     let n: usize = o.parsed("n", "a positive integer")?.unwrap_or(16);
     let offset: usize = o.parsed("offset", "a non-negative integer")?.unwrap_or(0);
-    let keys: usize = o
-        .parsed("keys", "a positive integer")?
-        .unwrap_or(offset.saturating_add(n));
+    let end = offset
+        .checked_add(n)
+        .ok_or_else(|| Usage("--offset + --n is too large".into()))?;
+    let keys: usize = o.parsed("keys", "a positive integer")?.unwrap_or(end);
     const LIMIT: usize = 1 << 20;
     if n == 0 || keys == 0 {
         return Err(Usage("--n and --keys must be >= 1".into()).into());

@@ -459,13 +459,12 @@ impl<'a> Parser<'a> {
             }
         };
         let profile = Profile::for_model_type(model_type.as_deref());
-        let diag = Diag {
+        let facts = read_facts(top, &profile)?;
+        let mut diag = Diag {
             strict: opts.strict,
             warnings: Vec::new(),
             notes: Vec::new(),
         };
-        let facts = read_facts(top, &profile)?;
-        let mut diag = diag;
         if profile.is_generic() {
             diag.note(match &model_type {
                 Some(t) => format!(
@@ -922,12 +921,10 @@ impl<'a> Parser<'a> {
 
     /// `head_dim` as the rope code of a type reads it.
     fn head_dim(&self, layer: &Layer, use_: HeadDimUse) -> Result<usize> {
-        if self.profile.convert == Convert::Gemma4
-            && layer.name.as_deref() == Some("full_attention")
-        {
-            return Ok(self.facts.global_head_dim.unwrap_or(512));
-        }
+        let gemma4_full = self.profile.convert == Convert::Gemma4
+            && layer.name.as_deref() == Some("full_attention");
         let h = match (self.facts.head_dim, use_) {
+            _ if gemma4_full => self.facts.global_head_dim.unwrap_or(512),
             (HeadDim::Value(v), HeadDimUse::OrFallback) if v > 0 => v,
             (HeadDim::Value(v), HeadDimUse::Getattr) => v,
             (HeadDim::Null, HeadDimUse::Getattr) => {
@@ -1705,9 +1702,13 @@ fn read_facts(top: &Obj, profile: &Profile) -> Result<Facts> {
             Some(Value::Null) => HeadDim::Null,
             Some(v) => HeadDim::Value(need_count("head_dim", v, true, "a positive integer")?),
         },
-        HeadDimRule::FromKey(key, default) => {
-            HeadDim::Value(read_int(top, profile, key, Some(default))?.unwrap_or(default))
-        }
+        // DeepSeek-V3 sets head_dim = qk_rope_head_dim in __post_init__, but a head_dim key
+        // of config.json is set afterwards and wins (null included).
+        HeadDimRule::FromKey(key, default) => match top.get("head_dim") {
+            None => HeadDim::Value(read_int(top, profile, key, Some(default))?.unwrap_or(default)),
+            Some(Value::Null) => HeadDim::Null,
+            Some(v) => HeadDim::Value(need_count("head_dim", v, true, "a positive integer")?),
+        },
     };
     let global_head_dim = read_int(top, profile, "global_head_dim", None)?;
     let top_original = match profile.original_field {
@@ -1758,39 +1759,38 @@ fn layer_labels(top: &Obj, profile: &Profile) -> Result<BTreeSet<String>> {
     let mut add = |s: &str| {
         labels.insert(s.to_string());
     };
+    // Which labels the class's default list contains (computed without building a list
+    // of `num_hidden_layers` entries, which may be absurdly large).
     match profile.layer_rule {
         LayerRule::None => {}
         LayerRule::Qwen2 => {
             let sliding = top.get("use_sliding_window").is_some_and(truthy)
                 && top.get("sliding_window").is_none_or(|v| !v.is_null());
             let max_window = read_int(top, profile, "max_window_layers", Some(28))?.unwrap_or(28);
-            for i in 0..n {
-                add(if sliding && i >= max_window {
-                    "sliding_attention"
-                } else {
-                    "full_attention"
-                });
+            // layer i is sliding iff `sliding && i >= max_window`
+            if n > 0 && (!sliding || max_window > 0) {
+                add("full_attention");
+            }
+            if sliding && n > max_window {
+                add("sliding_attention");
             }
         }
         LayerRule::EverySixth => {
-            for i in 0..n {
-                add(if (i + 1) % 6 != 0 {
-                    "sliding_attention"
-                } else {
-                    "full_attention"
-                });
+            // layer i is full iff (i + 1) % 6 == 0
+            if n >= 1 {
+                add("sliding_attention");
             }
-            if profile.convert == Convert::Gemma4 && n > 0 {
-                add("full_attention"); // the last layer is forced to full attention
+            if n >= 6 || (profile.convert == Convert::Gemma4 && n > 0) {
+                // Gemma 4 also forces its last layer to full attention.
+                add("full_attention");
             }
         }
         LayerRule::Alternating => {
-            for i in 0..n {
-                add(if (i + 1) % 2 != 0 {
-                    "sliding_attention"
-                } else {
-                    "full_attention"
-                });
+            if n >= 1 {
+                add("sliding_attention");
+            }
+            if n >= 2 {
+                add("full_attention");
             }
         }
     }

@@ -17,7 +17,8 @@ pub(crate) enum HeadDimRule {
     /// No field: `head_dim` is an attribute only when config.json has the key, and a
     /// JSON `null` stays `None` (Qwen2, Phi, Phi-3, StableLM).
     NoField,
-    /// `head_dim` is always overwritten from another key (DeepSeek-V3: `qk_rope_head_dim`).
+    /// `head_dim` comes from another key (DeepSeek-V3: `qk_rope_head_dim`, default 64) unless
+    /// config.json has a `head_dim` key, which is set after `__post_init__` and wins.
     FromKey(&'static str, usize),
 }
 

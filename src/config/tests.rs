@@ -302,12 +302,18 @@ fn head_dim_null_follows_each_rope_types_read() {
         "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})))
     .unwrap();
     assert_eq!(r.config.head_dim(), 128);
-    // DeepSeek-V3 always uses qk_rope_head_dim.
+    // DeepSeek-V3 uses qk_rope_head_dim, unless config.json has a head_dim key (set after
+    // DeepseekV3Config.__post_init__, so it wins).
+    let r = one(&json!({"model_type": "deepseek_v3", "qk_rope_head_dim": 32,
+        "rope_theta": 10000})
+    .to_string())
+    .unwrap();
+    assert_eq!(r.config.head_dim(), 32);
     let r = one(&json!({"model_type": "deepseek_v3", "head_dim": 192,
         "qk_rope_head_dim": 32, "rope_theta": 10000})
     .to_string())
     .unwrap();
-    assert_eq!(r.config.head_dim(), 32);
+    assert_eq!(r.config.head_dim(), 192);
 }
 
 #[test]
