@@ -225,9 +225,10 @@ pub fn digits(position: f64, base: f64, rotary_dim: usize) -> Vec<f64> {
         .collect()
 }
 
-/// `theta_j = base^(-2j/d)` in f64, for a base that may be rescaled.
-fn plain_inv_freq(base: f64, d: usize) -> Vec<f64> {
-    (0..d / 2)
+/// `theta_j = base^(-2j/d)` in f64 for `j = 0..pairs`, for a base that may be rescaled.
+/// `d` is the exponent dim (the rotary dim, or transformers' odd partial dim).
+fn plain_inv_freq(base: f64, pairs: usize, d: usize) -> Vec<f64> {
+    (0..pairs)
         .map(|j| base.powf(-(2.0 * j as f64) / d as f64))
         .collect()
 }
@@ -244,17 +245,18 @@ fn ntk_exponent(d: usize) -> f64 {
 
 /// Computes a configuration's frequencies (see the table in [`crate::scaling`]).
 pub(crate) fn compute(cfg: &RopeConfig, seq_len: Option<usize>) -> Frequencies {
-    let d = cfg.rotary_dim();
+    let d = cfg.exponent_dim();
+    let half = cfg.rotary_dim() / 2;
     let base = cfg.base();
-    let theta = plain_inv_freq(base, d);
-    let half = d / 2;
+    let theta = plain_inv_freq(base, half, d);
     let (inv_freq, attention_factor) = match cfg.scaling() {
         Scaling::None => (theta, 1.0),
         Scaling::Linear { factor } => (theta.iter().map(|t| t / factor).collect(), 1.0),
-        Scaling::NtkAware { factor } => {
-            (plain_inv_freq(base * factor.powf(ntk_exponent(d)), d), 1.0)
-        }
-        Scaling::NtkOld { factor } => (plain_inv_freq(base * factor, d), 1.0),
+        Scaling::NtkAware { factor } => (
+            plain_inv_freq(base * factor.powf(ntk_exponent(d)), half, d),
+            1.0,
+        ),
+        Scaling::NtkOld { factor } => (plain_inv_freq(base * factor, half, d), 1.0),
         Scaling::NtkFixed { factor } => (ntk_mixed(&theta, *factor, 1.0), 1.0),
         Scaling::NtkMixed { factor, b } => (ntk_mixed(&theta, *factor, *b), 1.0),
         Scaling::Dynamic {
@@ -263,8 +265,11 @@ pub(crate) fn compute(cfg: &RopeConfig, seq_len: Option<usize>) -> Frequencies {
         } => {
             let l0 = *l0 as f64;
             let len = seq_len.map_or(l0, |n| (n as f64).max(l0));
-            let scaled = base * (factor * len / l0 - (factor - 1.0)).powf(ntk_exponent(d));
-            (plain_inv_freq(scaled, d), 1.0)
+            // `s L / L0 - (s - 1)` written as `1 + s (L / L0 - 1)`: the same number, without
+            // the cancellation that turns a huge `s` into a zero base at `L = L0`.
+            let bracket = 1.0 + factor * (len / l0 - 1.0);
+            let scaled = base * bracket.powf(ntk_exponent(d));
+            (plain_inv_freq(scaled, half, d), 1.0)
         }
         Scaling::Yarn(y) => {
             let (low, mut high) = y.correction_range(d, base);
@@ -282,20 +287,26 @@ pub(crate) fn compute(cfg: &RopeConfig, seq_len: Option<usize>) -> Frequencies {
             (inv, y.resolved_attention_factor())
         }
         Scaling::Llama3(l) => {
+            // transformers' precedence: `lam > L0/low` first, then `lam < L0/high`, the
+            // blend in between (the two tests only overlap when high <= low).
             let l0 = l.original_max_position_embeddings as f64;
             let low_wavelen = l0 / l.low_freq_factor;
             let high_wavelen = l0 / l.high_freq_factor;
+            let span = l.high_freq_factor - l.low_freq_factor;
             let inv = theta
                 .iter()
                 .map(|&t| {
                     let lam = 2.0 * PI / t;
-                    if lam < high_wavelen {
-                        t
-                    } else if lam > low_wavelen {
+                    if lam > low_wavelen {
                         t / l.factor
+                    } else if lam < high_wavelen {
+                        t
+                    } else if span == 0.0 {
+                        // Only reachable with high == low and lam exactly on the edge,
+                        // where transformers divides by zero; keep the plain frequency.
+                        t
                     } else {
-                        let s = (l0 / lam - l.low_freq_factor)
-                            / (l.high_freq_factor - l.low_freq_factor);
+                        let s = (l0 / lam - l.low_freq_factor) / span;
                         (1.0 - s) * t / l.factor + s * t
                     }
                 })

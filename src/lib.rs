@@ -40,8 +40,11 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+#[cfg(feature = "serde")]
+pub mod config;
 pub mod error;
 pub mod frequencies;
+pub mod npy;
 pub mod position;
 pub mod rotary;
 pub mod scaling;
@@ -50,7 +53,7 @@ pub use error::{Result, RopeError};
 pub use frequencies::{Frequencies, PairReport, Regime, beta, digits};
 pub use position::{Affine, Piece, Pieces, PositionMap};
 pub use rotary::{Layout, RotaryTable, apply_log_n, log_n_scale};
-pub use scaling::{Llama3, LongRope, RopeConfig, Scaling, Yarn};
+pub use scaling::{Checks, Llama3, LongRope, RopeConfig, Scaling, Yarn};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

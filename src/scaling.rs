@@ -22,6 +22,50 @@
 
 use crate::error::{Result, RopeError, check_factor, check_finite, check_positive};
 
+/// How strictly a [`Scaling`] is validated.
+///
+/// [`Checks::Strict`] (what [`RopeConfig::with_scaling`] uses) rejects every value that makes
+/// no sense for context extension. [`Checks::Transformers`] (what
+/// [`RopeConfig::with_scaling_lenient`] and the config reader's non-strict mode use) also
+/// accepts what Hugging Face transformers computes with only a warning: factors in
+/// `(0, 1)`, YaRN's `beta_fast < beta_slow`, llama3's `high_freq_factor <= low_freq_factor`.
+/// Both levels reject anything that would make a frequency or the attention factor
+/// non-finite, negative or zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checks {
+    /// Only sensible context-extension parameters.
+    #[default]
+    Strict,
+    /// Whatever transformers accepts, as long as the outputs stay finite.
+    Transformers,
+}
+
+impl Checks {
+    fn factor(self, field: &str, value: f64) -> Result<f64> {
+        match self {
+            Checks::Strict => check_factor(field, value),
+            Checks::Transformers => check_divisor(field, value),
+        }
+    }
+}
+
+/// The smallest factor a frequency may be divided by: `theta_j / factor` stays below
+/// `1e6` rad/token, so every angle `p * inv_freq` of a representable position is finite.
+pub const MIN_DIVISOR: f64 = 1e-6;
+
+/// A finite divisor of frequencies, at least [`MIN_DIVISOR`].
+fn check_divisor(field: &str, value: f64) -> Result<f64> {
+    if value.is_finite() && value >= MIN_DIVISOR {
+        Ok(value)
+    } else {
+        Err(RopeError::invalid(
+            field,
+            value,
+            "must be a finite number >= 1e-6 (it divides the frequencies)",
+        ))
+    }
+}
+
 /// One RoPE frequency scheme with its parameters.
 ///
 /// Build one directly or through the helper constructors ([`Scaling::linear`],
@@ -201,15 +245,15 @@ impl Yarn {
         (low.max(0.0), high.min(d as f64 - 1.0))
     }
 
-    fn validate(&self) -> Result<()> {
-        check_factor("yarn.factor", self.factor)?;
+    fn validate(&self, checks: Checks) -> Result<()> {
+        checks.factor("yarn.factor", self.factor)?;
         check_len(
             "yarn.original_max_position_embeddings",
             self.original_max_position_embeddings,
         )?;
         check_positive("yarn.beta_fast", self.beta_fast)?;
         check_positive("yarn.beta_slow", self.beta_slow)?;
-        if self.beta_fast < self.beta_slow {
+        if checks == Checks::Strict && self.beta_fast < self.beta_slow {
             return Err(RopeError::invalid(
                 "yarn.beta_fast",
                 self.beta_fast,
@@ -265,11 +309,11 @@ impl Llama3 {
         }
     }
 
-    fn validate(&self) -> Result<()> {
-        check_factor("llama3.factor", self.factor)?;
+    fn validate(&self, checks: Checks) -> Result<()> {
+        checks.factor("llama3.factor", self.factor)?;
         check_positive("llama3.low_freq_factor", self.low_freq_factor)?;
         check_positive("llama3.high_freq_factor", self.high_freq_factor)?;
-        if self.high_freq_factor <= self.low_freq_factor {
+        if checks == Checks::Strict && self.high_freq_factor <= self.low_freq_factor {
             return Err(RopeError::invalid(
                 "llama3.high_freq_factor",
                 self.high_freq_factor,
@@ -326,7 +370,7 @@ impl LongRope {
                 ));
             }
             for (i, &v) in list.iter().enumerate() {
-                check_positive(&format!("{name}[{i}]"), v)?;
+                check_divisor(&format!("{name}[{i}]"), v)?;
             }
         }
         check_len(
@@ -397,12 +441,19 @@ impl Scaling {
         matches!(self, Scaling::Dynamic { .. } | Scaling::LongRope(_))
     }
 
-    /// Checks every parameter for a rotary dimension of `rotary_dim`.
+    /// Checks every parameter for a rotary dimension of `rotary_dim`
+    /// (with [`Checks::Strict`]).
     pub fn validate(&self, rotary_dim: usize) -> Result<()> {
+        self.validate_with(rotary_dim, Checks::Strict)
+    }
+
+    /// Checks every parameter for a rotary dimension of `rotary_dim` at the given level.
+    /// ropex's own schemes (NTK-aware, -old, -fixed, -mixed) are always checked strictly.
+    pub fn validate_with(&self, rotary_dim: usize, checks: Checks) -> Result<()> {
         match self {
             Scaling::None => Ok(()),
-            Scaling::Linear { factor }
-            | Scaling::NtkAware { factor }
+            Scaling::Linear { factor } => checks.factor("linear.factor", *factor).map(|_| ()),
+            Scaling::NtkAware { factor }
             | Scaling::NtkOld { factor }
             | Scaling::NtkFixed { factor } => {
                 check_factor(&format!("{}.factor", self.rope_type()), *factor).map(|_| ())
@@ -422,20 +473,20 @@ impl Scaling {
                 factor,
                 original_max_position_embeddings,
             } => {
-                check_factor("dynamic.factor", *factor)?;
+                checks.factor("dynamic.factor", *factor)?;
                 check_len(
                     "dynamic.original_max_position_embeddings",
                     *original_max_position_embeddings,
                 )
             }
-            Scaling::Yarn(y) => y.validate(),
-            Scaling::Llama3(l) => l.validate(),
+            Scaling::Yarn(y) => y.validate(checks),
+            Scaling::Llama3(l) => l.validate(checks),
             Scaling::LongRope(l) => l.validate(rotary_dim / 2),
             Scaling::Proportional {
                 factor,
                 partial_rotary_factor,
             } => {
-                check_factor("proportional.factor", *factor)?;
+                checks.factor("proportional.factor", *factor)?;
                 if !(partial_rotary_factor.is_finite()
                     && (0.0..=1.0).contains(partial_rotary_factor))
                 {
@@ -466,8 +517,10 @@ impl Scaling {
 pub struct RopeConfig {
     head_dim: usize,
     rotary_dim: usize,
+    exponent_dim: usize,
     base: f64,
     scaling: Scaling,
+    checks: Checks,
 }
 
 impl RopeConfig {
@@ -484,15 +537,31 @@ impl RopeConfig {
         Ok(RopeConfig {
             head_dim,
             rotary_dim: head_dim,
+            exponent_dim: head_dim,
             base,
             scaling: Scaling::None,
+            checks: Checks::Strict,
         })
     }
 
-    /// Sets the frequency scheme, validating it against the rotary dimension.
-    pub fn with_scaling(mut self, scaling: Scaling) -> Result<Self> {
-        scaling.validate(self.rotary_dim)?;
+    /// Sets the frequency scheme, validating it against the rotary dimension
+    /// ([`Checks::Strict`]).
+    pub fn with_scaling(self, scaling: Scaling) -> Result<Self> {
+        self.with_scaling_checked(scaling, Checks::Strict)
+    }
+
+    /// Sets the frequency scheme with [`Checks::Transformers`]: also accepts what
+    /// transformers computes with only a warning (factor in `(0, 1)`, YaRN
+    /// `beta_fast < beta_slow`, llama3 `high_freq_factor <= low_freq_factor`).
+    pub fn with_scaling_lenient(self, scaling: Scaling) -> Result<Self> {
+        self.with_scaling_checked(scaling, Checks::Transformers)
+    }
+
+    fn with_scaling_checked(mut self, scaling: Scaling, checks: Checks) -> Result<Self> {
+        scaling.validate_with(self.rotary_dim, checks)?;
+        check_odd_exponent(&scaling, self.exponent_dim)?;
         self.scaling = scaling;
+        self.checks = checks;
         Ok(self)
     }
 
@@ -507,12 +576,20 @@ impl RopeConfig {
                 format!("must be <= head_dim ({})", self.head_dim),
             ));
         }
-        self.scaling.validate(rotary_dim)?;
+        self.scaling.validate_with(rotary_dim, self.checks)?;
         self.rotary_dim = rotary_dim;
+        self.exponent_dim = rotary_dim;
         Ok(self)
     }
 
-    /// Partial rotary as transformers computes it: `rotary_dim = floor(head_dim * f)`.
+    /// Partial rotary as transformers computes it: `dim = floor(head_dim * f)` with `f` in
+    /// `(0, 1]`, and frequencies `base^(-2j/dim)` for `j = 0 .. ceil(dim/2)`.
+    ///
+    /// For an even `dim` this is [`RopeConfig::with_rotary_dim`]`(dim)`. For an odd `dim`
+    /// transformers still builds `ceil(dim/2)` pairs (`arange(0, dim, 2)`), whose exponents
+    /// keep the odd denominator: ropex then rotates `rotary_dim = dim + 1` dims with
+    /// [`RopeConfig::exponent_dim`] `= dim` (YaRN, whose ramp transformers builds for
+    /// `floor(dim/2)` pairs, fails there with a shape error and is rejected here).
     pub fn with_partial_rotary_factor(self, factor: f64) -> Result<Self> {
         if !(factor.is_finite() && factor > 0.0 && factor <= 1.0) {
             return Err(RopeError::invalid(
@@ -521,8 +598,25 @@ impl RopeConfig {
                 "must be in (0, 1]",
             ));
         }
-        let rotary_dim = (self.head_dim as f64 * factor) as usize;
-        self.with_rotary_dim(rotary_dim)
+        let dim = (self.head_dim as f64 * factor) as usize;
+        if dim == 0 || dim % 2 == 0 {
+            return self.with_rotary_dim(dim);
+        }
+        let rotary_dim = dim + 1;
+        if rotary_dim > self.head_dim {
+            return Err(RopeError::invalid(
+                "partial_rotary_factor",
+                factor,
+                format!(
+                    "gives an odd rotary dim {dim} that cannot be rounded up within head_dim {}",
+                    self.head_dim
+                ),
+            ));
+        }
+        let mut cfg = self.with_rotary_dim(rotary_dim)?;
+        check_odd_exponent(&cfg.scaling, dim)?;
+        cfg.exponent_dim = dim;
+        Ok(cfg)
     }
 
     /// The head dimension.
@@ -530,9 +624,21 @@ impl RopeConfig {
         self.head_dim
     }
 
-    /// The rotary dimension `d` (`<= head_dim`).
+    /// The rotary dimension (`<= head_dim`): `2 * ` the number of pairs.
     pub fn rotary_dim(&self) -> usize {
         self.rotary_dim
+    }
+
+    /// The `d` of the exponents `theta_j = base^(-2j/d)`: equal to
+    /// [`RopeConfig::rotary_dim`] except for transformers' odd partial-rotary dims (see
+    /// [`RopeConfig::with_partial_rotary_factor`]), where it is `rotary_dim - 1`.
+    pub fn exponent_dim(&self) -> usize {
+        self.exponent_dim
+    }
+
+    /// The validation level the scheme was checked with.
+    pub fn checks(&self) -> Checks {
+        self.checks
     }
 
     /// The base (`rope_theta`).
@@ -568,6 +674,18 @@ impl RopeConfig {
     }
 }
 
+/// YaRN's ramp has `floor(d/2)` entries in transformers, so an odd exponent dim fails there.
+fn check_odd_exponent(scaling: &Scaling, exponent_dim: usize) -> Result<()> {
+    if exponent_dim % 2 == 1 && matches!(scaling, Scaling::Yarn(_)) {
+        return Err(RopeError::invalid(
+            "partial_rotary_factor",
+            format!("a rotary dim of {exponent_dim}"),
+            "YaRN needs an even rotary dim (transformers fails with a shape mismatch on an odd one)",
+        ));
+    }
+    Ok(())
+}
+
 fn check_rotary_dim(field: &str, d: usize) -> Result<()> {
     if d == 0 || d % 2 == 1 {
         Err(RopeError::invalid(
@@ -577,5 +695,126 @@ fn check_rotary_dim(field: &str, d: usize) -> Result<()> {
         ))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odd_partial_rotary_keeps_its_exponent_denominator() {
+        // transformers: head_dim 100, partial 0.25 -> dim 25, arange(0, 25, 2) -> 13 pairs,
+        // exponents 2j/25.
+        let cfg = RopeConfig::new(100, 10_000.0)
+            .unwrap()
+            .with_partial_rotary_factor(0.25)
+            .unwrap();
+        assert_eq!((cfg.rotary_dim(), cfg.exponent_dim()), (26, 25));
+        let f = cfg.frequencies();
+        assert_eq!(f.num_pairs(), 13);
+        for (j, &w) in f.inv_freq().iter().enumerate() {
+            let want = 10_000f64.powf(-(2.0 * j as f64) / 25.0);
+            assert!(((w - want) / want).abs() < 1e-15);
+        }
+        // Even dims are plain partial rotary.
+        let even = RopeConfig::new(128, 10_000.0)
+            .unwrap()
+            .with_partial_rotary_factor(0.5)
+            .unwrap();
+        assert_eq!((even.rotary_dim(), even.exponent_dim()), (64, 64));
+        // YaRN cannot use an odd dim (transformers fails with a shape mismatch).
+        assert!(
+            RopeConfig::new(100, 10_000.0)
+                .unwrap()
+                .with_partial_rotary_factor(0.25)
+                .unwrap()
+                .with_scaling(Scaling::Yarn(Yarn::new(4.0, 4096)))
+                .is_err()
+        );
+        // head 2 x 0.5: one pair with exponent denominator 1.
+        let one = RopeConfig::new(2, 10_000.0)
+            .unwrap()
+            .with_partial_rotary_factor(0.5)
+            .unwrap();
+        assert_eq!((one.rotary_dim(), one.exponent_dim()), (2, 1));
+        assert!(
+            RopeConfig::new(128, 10_000.0)
+                .unwrap()
+                .with_partial_rotary_factor(0.0)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn lenient_checks_accept_what_transformers_only_warns_about() {
+        let base = || RopeConfig::new(128, 10_000.0).unwrap();
+        assert!(base().with_scaling(Scaling::linear(0.5)).is_err());
+        assert!(base().with_scaling_lenient(Scaling::linear(0.5)).is_ok());
+        assert!(base().with_scaling_lenient(Scaling::linear(0.0)).is_err());
+        assert!(base().with_scaling_lenient(Scaling::linear(-2.0)).is_err());
+        let inverted = Yarn::new(4.0, 4096).with_betas(1.0, 32.0);
+        assert!(
+            base()
+                .with_scaling(Scaling::Yarn(inverted.clone()))
+                .is_err()
+        );
+        let cfg = base()
+            .with_scaling_lenient(Scaling::Yarn(inverted))
+            .unwrap();
+        assert_eq!(cfg.checks(), Checks::Transformers);
+        assert!(cfg.frequencies().inv_freq().iter().all(|f| f.is_finite()));
+        // A divisor so small that angles would overflow is refused even leniently.
+        assert!(
+            base()
+                .with_scaling_lenient(Scaling::linear(1e-300))
+                .is_err()
+        );
+        assert!(
+            base()
+                .with_scaling_lenient(Scaling::linear(MIN_DIVISOR))
+                .is_ok()
+        );
+        // Dynamic NTK with an absurd factor stays finite at L = L0 (no cancellation).
+        let dynamic = base()
+            .with_scaling_lenient(Scaling::dynamic(1.8e19, 4096))
+            .unwrap();
+        assert_eq!(dynamic.frequencies(), dynamic.plain_frequencies());
+        // ropex's own schemes stay strict.
+        assert!(
+            base()
+                .with_scaling_lenient(Scaling::ntk_mixed(0.5, 0.5))
+                .is_err()
+        );
+        // A lenient scheme survives a later rotary-dim change.
+        let cfg = base()
+            .with_scaling_lenient(Scaling::linear(0.5))
+            .unwrap()
+            .with_rotary_dim(64)
+            .unwrap();
+        assert_eq!(cfg.rotary_dim(), 64);
+    }
+
+    #[test]
+    fn llama3_inverted_bands_follow_transformers_precedence() {
+        // low 4, high 1: transformers divides wavelengths > L0/4 by the factor first and the
+        // blend band is empty; everything else keeps theta.
+        let l = Llama3 {
+            factor: 8.0,
+            low_freq_factor: 4.0,
+            high_freq_factor: 1.0,
+            original_max_position_embeddings: 8192,
+        };
+        let cfg = RopeConfig::new(128, 500_000.0)
+            .unwrap()
+            .with_scaling_lenient(Scaling::Llama3(l))
+            .unwrap();
+        let f = cfg.frequencies();
+        let plain = cfg.plain_frequencies();
+        for (j, (&w, &t)) in f.inv_freq().iter().zip(plain.inv_freq()).enumerate() {
+            let lam = 2.0 * std::f64::consts::PI / t;
+            let want = if lam > 8192.0 / 4.0 { t / 8.0 } else { t };
+            assert_eq!(w, want, "pair {j}");
+        }
     }
 }

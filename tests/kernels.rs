@@ -677,7 +677,7 @@ fn empty_inputs_do_not_panic() {
         let out = kernel
             .run(&att, q.view(), none.view(), none.view(), &[0, 1, 2], &[])
             .unwrap();
-        assert_eq!(out, Array3::zeros((3, 2, 8)));
+        assert_eq!(out, Array3::<f32>::zeros((3, 2, 8)));
         // No queries: empty output.
         let out = kernel
             .run(&att, q0.view(), k.view(), k.view(), &[], &[0, 1, 2])
@@ -694,7 +694,7 @@ fn empty_inputs_do_not_panic() {
                 &[1, 2, 3],
             )
             .unwrap();
-        assert_eq!(out, Array3::zeros((1, 2, 8)));
+        assert_eq!(out, Array3::<f32>::zeros((1, 2, 8)));
     }
 }
 

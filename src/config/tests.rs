@@ -1,0 +1,425 @@
+use serde_json::{Value, json};
+
+use super::*;
+
+fn llama(extra: Value) -> String {
+    let mut base = json!({
+        "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
+        "max_position_embeddings": 16384
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base.to_string()
+}
+
+fn one(json: &str) -> Result<ModelRope> {
+    ModelRope::from_json_str(json, None)
+}
+
+fn err(json: &str) -> String {
+    one(json).expect_err("must fail").to_string()
+}
+
+#[test]
+fn ropex_ntk_types_and_mixed_b() {
+    let r = one(&llama(
+        json!({"rope_parameters": {"rope_type": "ntk_mixed", "factor": 8.0}}),
+    ))
+    .unwrap();
+    assert_eq!(r.config.scaling(), &Scaling::ntk_mixed(8.0, 0.625));
+    assert!(r.warnings.is_empty());
+    let r = one(&llama(json!({"rope_parameters":
+        {"rope_type": "ntk_mixed", "factor": 12.0, "mixed_b": 0.75}})))
+    .unwrap();
+    assert!((r.frequencies().inv_freq()[0] - 0.8959968).abs() < 1e-7);
+    for (t, s) in [
+        ("ntk_aware", Scaling::NtkAware { factor: 4.0 }),
+        ("ntk_old", Scaling::NtkOld { factor: 4.0 }),
+        ("ntk_fixed", Scaling::NtkFixed { factor: 4.0 }),
+    ] {
+        let r = one(&llama(
+            json!({"rope_parameters": {"rope_type": t, "factor": 4}}),
+        ))
+        .unwrap();
+        assert_eq!(r.config.scaling(), &s);
+        assert_eq!(r.rope_type, t);
+    }
+    // Strict values for ropex's own types, and no extension types when turned off.
+    assert!(
+        err(&llama(json!({"rope_parameters":
+        {"rope_type": "ntk_mixed", "factor": 4.0, "mixed_b": 1.5}})))
+        .contains("rope_parameters.b")
+    );
+    assert!(
+        err(&llama(
+            json!({"rope_parameters": {"rope_type": "ntk_old", "factor": 0.5}})
+        ))
+        .contains("factor")
+    );
+    let e = ModelRope::from_json_str_with(
+        &llama(json!({"rope_parameters": {"rope_type": "ntk_old", "factor": 2}})),
+        None,
+        &ParseOptions::transformers_only(false),
+    )
+    .unwrap_err();
+    assert!(matches!(e, RopeError::UnknownRopeType { .. }), "{e}");
+}
+
+#[test]
+fn position_maps_top_level_and_per_dict() {
+    let r = one(&llama(json!({
+        "rope_parameters": {"rope_type": "default"},
+        "ropex_position_map": {"type": "rerope", "window": 512}
+    })))
+    .unwrap();
+    assert_eq!(r.position_map, Some(PositionMap::ReRope { window: 512 }));
+    let r = one(&llama(json!({
+        "rope_parameters": {"rope_type": "default",
+            "ropex_position_map": {"type": "leaky_rerope", "window": 512, "leak": 16}},
+        "ropex_position_map": {"type": "rerope", "window": 64}
+    })))
+    .unwrap();
+    assert_eq!(
+        r.position_map,
+        Some(PositionMap::LeakyReRope {
+            window: 512,
+            leak: 16.0
+        })
+    );
+    assert!(r.warnings.is_empty());
+    for bad in [
+        json!({"type": "rerope"}),
+        json!({"type": "rerope", "window": 0}),
+        json!({"type": "rerope", "window": -3}),
+        json!({"type": "leaky_rerope", "window": 8, "leak": 0}),
+        json!({"type": "leaky_rerope", "window": 8, "leak": "16"}),
+        json!({"type": "spiral"}),
+        json!("rerope:512"),
+        json!({"window": 8}),
+    ] {
+        let e = err(&llama(json!({"ropex_position_map": bad.clone()})));
+        assert!(e.contains("ropex_position_map"), "{bad}: {e}");
+    }
+    // Unknown keys in the map are warnings; with extensions off the key is ignored at
+    // the top level and unrecognized inside a rope dict.
+    let r = one(&llama(
+        json!({"ropex_position_map": {"type": "rope", "window": 3}}),
+    ))
+    .unwrap();
+    assert_eq!(r.warnings.len(), 1);
+    let off = ParseOptions::transformers_only(false);
+    let r = ModelRope::from_json_str_with(
+        &llama(json!({"rope_parameters": {"rope_type": "default",
+            "ropex_position_map": {"type": "rope"}}})),
+        None,
+        &off,
+    )
+    .unwrap();
+    assert_eq!(r.position_map, None);
+    assert_eq!(r.warnings.len(), 1);
+}
+
+#[test]
+fn bad_values_are_typed_errors_naming_the_key() {
+    let cases = [
+        (
+            json!({"rope_parameters": {"rope_type": "linear", "factor": "4"}}),
+            "factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "linear", "factor": null}}),
+            "factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "linear", "factor": true}}),
+            "factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "linear", "factor": -2.0}}),
+            "factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "linear", "factor": 0}}),
+            "factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "linear", "factor": [2]}}),
+            "factor",
+        ),
+        (json!({"rope_theta": "10000"}), "rope_theta"),
+        (json!({"rope_theta": null}), "rope_theta"),
+        (json!({"rope_theta": 1.0}), "rope_theta"),
+        (json!({"rope_theta": -5}), "rope_theta"),
+        (json!({"rope_theta": f64::MAX}), "none"),
+        (json!({"head_dim": 4096.0}), "head_dim"),
+        (json!({"head_dim": 200000}), "head_dim"),
+        (json!({"head_dim": 0, "hidden_size": 0}), "head_dim"),
+        (
+            json!({"max_position_embeddings": "4096"}),
+            "max_position_embeddings",
+        ),
+        (
+            json!({"max_position_embeddings": -1}),
+            "max_position_embeddings",
+        ),
+        (json!({"hidden_size": 4001}), "hidden_size"),
+        (json!({"hidden_size": 4000}), "even rotary dimension"),
+        (json!({"num_attention_heads": 0}), "hidden_size"),
+        (
+            json!({"partial_rotary_factor": 1.5,
+                "rope_parameters": {"rope_type": "linear", "factor": 2.0}}),
+            "partial_rotary_factor",
+        ),
+        (
+            json!({"partial_rotary_factor": 0.0,
+                "rope_parameters": {"rope_type": "linear", "factor": 2.0}}),
+            "partial_rotary_factor",
+        ),
+        (
+            json!({"partial_rotary_factor": "half",
+                "rope_parameters": {"rope_type": "linear", "factor": 2.0}}),
+            "partial_rotary_factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                "original_max_position_embeddings": 0}}),
+            "original_max_position_embeddings",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                "original_max_position_embeddings": 4096.5}}),
+            "original_max_position_embeddings",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                "beta_fast": "fast"}}),
+            "beta_fast",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                "beta_fast": -1}}),
+            "beta_fast",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                "attention_factor": 0.0}}),
+            "attention_factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                "mscale": 1.0, "mscale_all_dim": -10.0}}),
+            "attention factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "longrope", "factor": 4.0,
+                "short_factor": [1.0, 2.0], "long_factor": [1.0, 2.0]}}),
+            "short_factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "longrope", "factor": 4.0,
+                "short_factor": "abc", "long_factor": [1.0]}}),
+            "short_factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "longrope", "factor": 4.0,
+                "short_factor": [1.0], "long_factor": [-1.0]}}),
+            "long_factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "longrope", "factor": 4.0,
+                "short_factor": [1.0], "long_factor": [null]}}),
+            "long_factor[0]",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": 0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}}),
+            "low_freq_factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": null, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}}),
+            "low_freq_factor",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "proportional",
+                "partial_rotary_factor": 2.0}}),
+            "partial_rotary_factor",
+        ),
+        (json!({"rope_parameters": [1, 2]}), "rope_parameters"),
+        (json!({"rope_scaling": "linear"}), "rope_scaling"),
+        (json!({"rope_parameters": {"rope_type": 7}}), "7"),
+        (json!({"rope_parameters": {"rope_type": null}}), "null"),
+        (json!({"rope_parameters": {"rope_type": "axial"}}), "axial"),
+        (json!({"model_type": 3}), "model_type"),
+        (json!({"layer_types": "full_attention"}), "layer_types"),
+    ];
+    for (extra, key) in cases {
+        match one(&llama(extra.clone())) {
+            Ok(r) if key == "none" => assert!(r.frequencies().inv_freq()[1].is_finite()),
+            Ok(r) => panic!("{extra} accepted: {:?}", r.config),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains(key), "{extra}: '{msg}' does not name {key}");
+                assert!(!msg.contains('\n'));
+            }
+        }
+    }
+    // Missing keys are MissingKey errors.
+    let e = one(&llama(json!({"rope_scaling": {"type": "linear"}}))).unwrap_err();
+    assert!(
+        matches!(e, RopeError::MissingKey { ref key, .. } if key == "factor"),
+        "{e}"
+    );
+    // Not JSON, not an object.
+    assert!(matches!(one("{"), Err(RopeError::Config(_))));
+    assert!(matches!(one("[1]"), Err(RopeError::Config(_))));
+    assert!(matches!(
+        one("{\"rope_theta\": NaN}"),
+        Err(RopeError::Config(_))
+    ));
+    // Generic model without dims.
+    let e = one(r#"{"rope_theta": 10000}"#).unwrap_err();
+    assert!(matches!(e, RopeError::MissingKey { .. }), "{e}");
+}
+
+#[test]
+fn head_dim_null_follows_each_rope_types_read() {
+    // Qwen2 has no head_dim field: null stays None.
+    let qwen = |rope: Value| {
+        json!({"model_type": "qwen2", "hidden_size": 2560, "num_attention_heads": 32,
+               "head_dim": null, "rope_parameters": rope})
+        .to_string()
+    };
+    let r = one(&qwen(json!({"rope_type": "linear", "factor": 2.0}))).unwrap();
+    assert_eq!(r.config.head_dim(), 80);
+    let e = err(&qwen(json!({"rope_type": "dynamic", "factor": 2.0})));
+    assert!(e.contains("head_dim") && e.contains("null"), "{e}");
+    // Llama fills a null head_dim in __post_init__.
+    let r = one(&llama(json!({"head_dim": null,
+        "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})))
+    .unwrap();
+    assert_eq!(r.config.head_dim(), 128);
+    // DeepSeek-V3 uses qk_rope_head_dim, unless config.json has a head_dim key (set after
+    // DeepseekV3Config.__post_init__, so it wins).
+    let r = one(&json!({"model_type": "deepseek_v3", "qk_rope_head_dim": 32,
+        "rope_theta": 10000})
+    .to_string())
+    .unwrap();
+    assert_eq!(r.config.head_dim(), 32);
+    let r = one(&json!({"model_type": "deepseek_v3", "head_dim": 192,
+        "qk_rope_head_dim": 32, "rope_theta": 10000})
+    .to_string())
+    .unwrap();
+    assert_eq!(r.config.head_dim(), 192);
+}
+
+#[test]
+fn per_layer_form_and_layer_selection() {
+    let json = json!({
+        "model_type": "gemma3_text", "hidden_size": 1024, "num_attention_heads": 8,
+        "head_dim": 128, "num_hidden_layers": 6,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention",
+                        "sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6,
+                "ropex_position_map": {"type": "rerope", "window": 256}},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}
+        }
+    })
+    .to_string();
+    let all = from_json_str(&json, &ParseOptions::default()).unwrap();
+    let names: Vec<_> = all.iter().map(|r| r.layer_type.clone().unwrap()).collect();
+    assert_eq!(names, ["full_attention", "sliding_attention"]);
+    assert_eq!(
+        all[0].position_map,
+        Some(PositionMap::ReRope { window: 256 })
+    );
+    assert_eq!(all[1].position_map, None);
+    let full = ModelRope::from_json_str(&json, Some("full_attention")).unwrap();
+    assert_eq!(full.config.scaling(), &Scaling::linear(8.0));
+    assert_eq!(full.config.base(), 1e6);
+    let e = ModelRope::from_json_str(&json, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("full_attention, sliding_attention"), "{e}");
+    let e = ModelRope::from_json_str(&json, Some("chunked"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be one of"), "{e}");
+    let flat = llama(json!({}));
+    assert!(ModelRope::from_json_str(&flat, Some("full_attention")).is_err());
+    // A bad sliding layer fails the whole config, as in transformers.
+    let bad = json.replace("\"rope_type\":\"default\"", "\"rope_type\":\"linear\"");
+    assert!(ModelRope::from_json_str(&bad, Some("full_attention")).is_err());
+}
+
+#[test]
+fn strict_mode_and_warnings() {
+    let json = llama(json!({"rope_parameters": {"rope_type": "linear", "factor": 0.5}}));
+    let r = one(&json).unwrap();
+    assert_eq!(r.warnings.len(), 1);
+    assert!(r.warnings[0].contains("rope_parameters.factor = 0.5"));
+    assert!((r.frequencies().inv_freq()[0] - 2.0).abs() < 1e-15);
+    let e = ModelRope::from_json_str_with(&json, None, &ParseOptions::strict()).unwrap_err();
+    assert!(
+        matches!(e, RopeError::InvalidParameter { ref field, .. } if field == "rope_parameters.factor")
+    );
+    // A non-boolean truncate is a ropex warning (truthiness, as in transformers).
+    let json = llama(
+        json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 4096, "truncate": "false"}}),
+    );
+    let r = one(&json).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("truncate")));
+    assert!(matches!(r.config.scaling(), Scaling::Yarn(y) if y.truncate));
+}
+
+#[test]
+fn lengths_and_train_len() {
+    let r = one(&llama(
+        json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
+    ))
+    .unwrap();
+    assert_eq!(r.max_position_embeddings, Some(16384));
+    assert_eq!(r.original_max_position_embeddings, None);
+    assert_eq!(r.train_len(), Some(16384));
+    let r = one(&llama(
+        json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 4096}}),
+    ))
+    .unwrap();
+    assert_eq!(r.train_len(), Some(4096));
+    // gpt-oss fills a missing rope dict with its YaRN block.
+    let r = one(&json!({"model_type": "gpt_oss"}).to_string()).unwrap();
+    assert_eq!(r.rope_type, "yarn");
+    assert!(matches!(r.config.scaling(), Scaling::Yarn(y) if !y.truncate && y.factor == 32.0));
+    assert_eq!(r.config.base(), 150_000.0);
+    // Unknown model types get generic rules and a note.
+    let r = one(&json!({"model_type": "mistral", "hidden_size": 4096,
+        "num_attention_heads": 32, "rope_theta": 1e6})
+    .to_string())
+    .unwrap();
+    assert!(r.notes[0].contains("mistral"));
+    assert_eq!(r.config.rotary_dim(), 128);
+}
+
+#[test]
+fn from_path_reports_io_and_json_errors() {
+    let e = from_path("/nonexistent/config.json", &ParseOptions::default()).unwrap_err();
+    assert!(matches!(e, RopeError::Io { .. }), "{e}");
+    let dir = std::env::temp_dir().join(format!("ropex-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.json");
+    std::fs::write(&path, "{\"rope_theta\": }").unwrap();
+    let e = from_path(&path, &ParseOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.json") && e.contains("not valid JSON"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
