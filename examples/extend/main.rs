@@ -41,7 +41,8 @@ FLAGS:
   --schemes a,b,c         schemes to run (default: all; --quick: a subset)
   --windows N             windows per length (default 10; --quick: 4)
   --quick                 fewer windows and schemes (what CI runs)
-  --long                  also 32x and 64x (slow)
+  --long                  also 32x and 64x (about 15x the default run time;
+                          combine with --schemes or --windows)
   --json                  print the results as JSON instead of the table
   --out-dir DIR           where the SVG plots go (default target/extend)
   --help                  this text
