@@ -1,0 +1,528 @@
+//! One-table performance report of the attention kernels, single-threaded.
+//!
+//! ```text
+//! RAYON_NUM_THREADS=1 taskset -c 0 cargo run --release --example bench_report
+//! RAYON_NUM_THREADS=1 taskset -c 0 cargo run --release --example bench_report -- --ns 1024,2048 --quick
+//! ```
+//!
+//! Runs the headline cases (causal prefill, H = 8, d = 128, f32; decode against caches
+//! of L = 4096 and 32768 tokens) inside a local 1-thread rayon pool. The pool forces one
+//! worker, but the OS may still move it between cores: pin it with `taskset -c 0`. Each
+//! case is run a few times after a warm-up and the median is reported, with the ratio to
+//! the plain case of the same run (`rope_tiled` for prefill, `rope` for decode), the
+//! machine's f32 FMA-loop peak (percent of peak for prefill) and its streaming read
+//! bandwidth (percent of bandwidth for decode), all measured in this process. Ends with
+//! the issue's targets, each marked met or not.
+//!
+//! Flags: `--ns a,b,c` prefill lengths (default 1024,2048,4096), `--ls a,b` decode
+//! lengths (default 4096,32768), `--reps k` timed runs per case (default 5, 3 for the
+//! slow two-pass cases), `--quick` (n = 1024 and 2048, L = 4096, 3 runs, two-pass only
+//! at the smallest n).
+
+use std::time::{Duration, Instant};
+
+use ndarray::{Array3, s};
+use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating};
+use ropex::attention::{Attention, TileConfig};
+use ropex::{Layout, PositionMap, RopeConfig};
+
+const HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const WINDOW: usize = 512;
+const LEAK: f64 = 16.0;
+
+fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Array3::from_shape_fn(shape, |_| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+    })
+}
+
+fn config() -> RopeConfig {
+    RopeConfig::new(HEAD_DIM, 10_000.0).expect("valid rope config")
+}
+
+/// Median of `reps` timed runs after one untimed warm-up run.
+fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    let mut times: Vec<Duration> = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort_unstable();
+    times[times.len() / 2]
+}
+
+struct Options {
+    ns: Vec<usize>,
+    ls: Vec<usize>,
+    reps: usize,
+    quick: bool,
+}
+
+fn parse_list(flag: &str, value: Option<String>) -> Vec<usize> {
+    let value = value.unwrap_or_else(|| panic!("{flag} needs a value, e.g. {flag} 1024,2048"));
+    value
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{flag}: not a number: {x:?}"))
+        })
+        .collect()
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        ns: vec![1024, 2048, 4096],
+        ls: vec![4096, 32768],
+        reps: 5,
+        quick: false,
+    };
+    let (mut ns, mut ls, mut reps) = (None, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ns" => ns = Some(parse_list("--ns", args.next())),
+            "--ls" => ls = Some(parse_list("--ls", args.next())),
+            "--reps" => reps = parse_list("--reps", args.next()).first().copied(),
+            "--quick" => o.quick = true,
+            "-h" | "--help" => {
+                println!(
+                    "bench_report [--ns 1024,2048,4096] [--ls 4096,32768] [--reps 5] [--quick]"
+                );
+                std::process::exit(0);
+            }
+            other => panic!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if o.quick {
+        o.ns = vec![1024, 2048];
+        o.ls = vec![4096];
+        o.reps = 3;
+    }
+    o.ns = ns.unwrap_or(o.ns);
+    o.ls = ls.unwrap_or(o.ls);
+    o.reps = reps.unwrap_or(o.reps).max(1);
+    o
+}
+
+/// One row of the table.
+struct Row {
+    case: String,
+    size: String,
+    ms: f64,
+    /// GFLOP/s (prefill) or GB/s (decode).
+    rate: f64,
+    unit: &'static str,
+    ratio: Option<(f64, &'static str)>,
+    of_machine: f64,
+    machine: &'static str,
+}
+
+/// Results kept for the target checks.
+#[derive(Default)]
+struct Results {
+    rows: Vec<Row>,
+    /// `(n, case) -> ms`.
+    prefill: Vec<(usize, &'static str, f64)>,
+    /// `(L, case) -> (ms, GB/s)`.
+    decode: Vec<(usize, &'static str, f64, f64)>,
+}
+
+fn prefill(o: &Options, peak: f64, res: &mut Results) {
+    let freqs = config().frequencies();
+    let smallest = o.ns.iter().copied().min().unwrap_or(0);
+    for &n in &o.ns {
+        let q = rand3((n, HEADS, HEAD_DIM), 1);
+        let k = rand3((n, HEADS, HEAD_DIM), 2);
+        let v = rand3((n, HEADS, HEAD_DIM), 3);
+        let pos: Vec<usize> = (0..n).collect();
+        let flops = (4 * HEADS * HEAD_DIM * n * (n + 1) / 2) as f64;
+        let w = WINDOW.min(n.saturating_sub(1)).max(1);
+        let cases: Vec<(&'static str, PositionMap, bool)> = vec![
+            ("rope_tiled", PositionMap::Rope, false),
+            ("rerope_tiled", PositionMap::rerope(w).unwrap(), false),
+            (
+                "leaky_tiled",
+                PositionMap::leaky_rerope(w, LEAK).unwrap(),
+                false,
+            ),
+            ("rerope_two_pass", PositionMap::rerope(w).unwrap(), true),
+            ("rope_two_pass", PositionMap::Rope, true),
+        ];
+        let mut base = None;
+        for (name, map, two_pass) in cases {
+            if two_pass && o.quick && n > smallest {
+                continue;
+            }
+            let att = Attention::new(freqs.clone(), Layout::Half, map);
+            let reps = if two_pass { o.reps.min(3) } else { o.reps };
+            let t = median_time(reps, || {
+                let out = if two_pass {
+                    att.two_pass(q.view(), k.view(), v.view(), &pos, &pos)
+                } else {
+                    att.tiled_with(
+                        q.view(),
+                        k.view(),
+                        v.view(),
+                        &pos,
+                        &pos,
+                        &TileConfig::DEFAULT,
+                    )
+                    .map(|(o, _)| o)
+                };
+                std::hint::black_box(out.expect("attention"));
+            });
+            let ms = t.as_secs_f64() * 1e3;
+            let gflops = flops / t.as_secs_f64() / 1e9;
+            let base_ms = *base.get_or_insert(ms);
+            let map_label = match map {
+                PositionMap::Rope => String::new(),
+                _ => format!(", w={w}"),
+            };
+            res.rows.push(Row {
+                case: name.to_string(),
+                size: format!("n={n}{map_label}"),
+                ms,
+                rate: gflops,
+                unit: "GFLOP/s",
+                ratio: Some((ms / base_ms, "rope_tiled")),
+                of_machine: gflops / peak,
+                machine: "of FMA peak",
+            });
+            res.prefill.push((n, name, ms));
+        }
+    }
+}
+
+fn filled<C: DecodeCache>(mut cache: C, k: &Array3<f32>, v: &Array3<f32>) -> C {
+    let len = k.dim().0;
+    let mut at = 0;
+    while at < len {
+        let end = (at + 4096).min(len);
+        cache
+            .append(k.slice(s![at..end, .., ..]), v.slice(s![at..end, .., ..]))
+            .expect("append");
+        at = end;
+    }
+    cache
+}
+
+fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
+    for &len in &o.ls {
+        let k = rand3((len, HEADS, HEAD_DIM), 4);
+        let v = rand3((len, HEADS, HEAD_DIM), 5);
+        let q = rand3((1, HEADS, HEAD_DIM), 6);
+        let step = [len - 1];
+        let bytes = (4 * HEADS * len * 2 * HEAD_DIM) as f64;
+        let w = WINDOW.min(len.saturating_sub(1)).max(1);
+        let mut base = None;
+        let mut record = |name: &'static str, t: Duration, res: &mut Results| {
+            let ms = t.as_secs_f64() * 1e3;
+            let gbs = bytes / t.as_secs_f64() / 1e9;
+            let base_ms = *base.get_or_insert(ms);
+            res.rows.push(Row {
+                case: name.to_string(),
+                size: format!("L={len}, w={w}"),
+                ms,
+                rate: gbs,
+                unit: "GB/s",
+                ratio: Some((ms / base_ms, "rope")),
+                of_machine: gbs / bandwidth,
+                machine: "of read bandwidth",
+            });
+            res.decode.push((len, name, ms, gbs));
+        };
+        let reps = o.reps.max(5);
+        for (name, map) in [
+            ("rope", PositionMap::Rope),
+            ("rerope_cache", PositionMap::rerope(w).unwrap()),
+            ("leaky_cache", PositionMap::leaky_rerope(w, LEAK).unwrap()),
+        ] {
+            let cache = filled(
+                KvCache::new(config(), Layout::Half, map, HEADS, HEAD_DIM, HEAD_DIM).unwrap(),
+                &k,
+                &v,
+            );
+            let t = median_time(reps, || {
+                std::hint::black_box(cache.attend(q.view(), &step).expect("attend"));
+            });
+            record(name, t, res);
+        }
+        let su = filled(
+            KvCacheRerotating::new(
+                config(),
+                Layout::Half,
+                PositionMap::rerope(w).unwrap(),
+                HEADS,
+                HEAD_DIM,
+                HEAD_DIM,
+            )
+            .unwrap(),
+            &k,
+            &v,
+        );
+        let t = median_time(o.reps.min(3), || {
+            std::hint::black_box(su.attend(q.view(), &step).expect("attend"));
+        });
+        record("rerope_rerotating (Su)", t, res);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Machine measurements
+
+/// f32 FMA-loop peak in GFLOP/s on this thread: independent FMA chains, best of 5.
+fn fma_peak() -> f64 {
+    (0..5).map(|_| fma_loop_once()).fold(0.0, f64::max)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fma_loop_once() -> f64 {
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        unsafe { fma_loop_avx2() }
+    } else {
+        fma_loop_portable()
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_loop_once() -> f64 {
+    fma_loop_portable()
+}
+
+/// 12 independent 8-lane FMA chains (enough to cover 2 pipes x 4 cycles latency).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2() -> f64 {
+    use std::arch::x86_64::*;
+    const CHAINS: usize = 12;
+    let iters: usize = 20_000_000;
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+    let t = Instant::now();
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm256_fmadd_ps(*x, a, b);
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let mut sum = _mm256_setzero_ps();
+    for x in acc {
+        sum = _mm256_add_ps(sum, x);
+    }
+    std::hint::black_box(sum);
+    (iters * CHAINS * 8 * 2) as f64 / secs / 1e9
+}
+
+fn fma_loop_portable() -> f64 {
+    let iters = 5_000_000usize;
+    let mut acc = [[1.0f32; 8]; 12];
+    let t = Instant::now();
+    for _ in 0..iters {
+        for chain in acc.iter_mut() {
+            for x in chain.iter_mut() {
+                *x = x.mul_add(0.999_999, 1e-7);
+            }
+        }
+        std::hint::black_box(&mut acc);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (iters * 12 * 8 * 2) as f64 / secs / 1e9
+}
+
+/// Streaming read bandwidth in GB/s: sum of a 1 GiB buffer, best of 5 passes.
+fn read_bandwidth() -> f64 {
+    let buf = vec![1.0f32; 1 << 28];
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s = sum(&buf);
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((buf.len() * 4) as f64 / secs / 1e9);
+    }
+    best
+}
+
+fn sum(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { sum_avx2(x) };
+    }
+    let mut acc = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_avx2(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let chunks = x.chunks_exact(64);
+    for c in chunks {
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `c` has 64 elements, so `8 i .. 8 i + 8` is in bounds.
+            let v = unsafe { _mm256_loadu_ps(c.as_ptr().add(8 * i)) };
+            *a = _mm256_add_ps(*a, v);
+        }
+    }
+    let mut out = [0f32; 8];
+    let mut total = _mm256_setzero_ps();
+    for a in acc {
+        total = _mm256_add_ps(total, a);
+    }
+    // SAFETY: `out` holds 8 floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
+    out.iter().sum()
+}
+
+// ---------------------------------------------------------------------------------
+// Report
+
+fn print_table(res: &Results) {
+    println!("| case | size | time (ms) | throughput | ratio | of machine |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for r in &res.rows {
+        let ratio = r
+            .ratio
+            .map_or(String::new(), |(x, base)| format!("{x:.3} x {base}"));
+        println!(
+            "| {} | {} | {:.2} | {:.1} {} | {} | {:.0}% {} |",
+            r.case,
+            r.size,
+            r.ms,
+            r.rate,
+            r.unit,
+            ratio,
+            100.0 * r.of_machine,
+            r.machine
+        );
+    }
+}
+
+fn print_targets(res: &Results, bandwidth: f64) {
+    let pf = |n: usize, case: &str| {
+        res.prefill
+            .iter()
+            .find(|(m, c, _)| *m == n && *c == case)
+            .map(|r| r.2)
+    };
+    let dc = |l: usize, case: &str| {
+        res.decode
+            .iter()
+            .find(|(m, c, _, _)| *m == l && *c == case)
+            .map(|r| (r.2, r.3))
+    };
+    let mark = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!();
+    println!("Targets (single thread, f32, H = 8, d = 128, causal; ratios from this run):");
+    if let Some(&n) = res.prefill.iter().map(|(n, _, _)| n).max() {
+        let flops = (4 * HEADS * HEAD_DIM * n * (n + 1) / 2) as f64;
+        if let Some(rope) = pf(n, "rope_tiled") {
+            let g = flops / rope / 1e6;
+            println!(
+                "- rope_tiled at n={n}: {g:.1} GFLOP/s (target >= 85, stretch 95): {}",
+                mark(g >= 85.0)
+            );
+            if let Some(r) = pf(n, "rerope_tiled") {
+                let x = r / rope;
+                println!(
+                    "- rerope_tiled / rope_tiled at n={n}, w={WINDOW}: {x:.3} (target <= 1.06): {}",
+                    mark(x <= 1.06)
+                );
+            }
+            if let Some(r) = pf(n, "leaky_tiled") {
+                let x = r / rope;
+                println!(
+                    "- leaky_tiled / rope_tiled at n={n}, w={WINDOW}: {x:.3} (target <= 1.08): {}",
+                    mark(x <= 1.08)
+                );
+            }
+        }
+        let both = res
+            .prefill
+            .iter()
+            .filter(|(_, c, _)| *c == "rerope_two_pass")
+            .map(|(m, _, _)| *m)
+            .max();
+        if let Some((m, tp, t)) =
+            both.and_then(|m| Some((m, pf(m, "rerope_two_pass")?, pf(m, "rerope_tiled")?)))
+        {
+            let x = tp / t;
+            println!(
+                "- rerope_two_pass / rerope_tiled at n={m}: {x:.2} (target >= 3): {}",
+                mark(x >= 3.0)
+            );
+        }
+    }
+    if let Some(&l) = res.decode.iter().map(|(l, _, _, _)| l).max() {
+        if let (Some(rope), Some(re)) = (dc(l, "rope"), dc(l, "rerope_cache")) {
+            let x = re.0 / rope.0;
+            println!(
+                "- decode L={l}: rerope_cache / rope = {x:.3} (target <= 1.05): {}",
+                mark(x <= 1.05)
+            );
+            if let Some(leaky) = dc(l, "leaky_cache") {
+                println!(
+                    "- decode L={l}: leaky_cache / rope = {:.3} (reported)",
+                    leaky.0 / rope.0
+                );
+            }
+            if let Some(su) = dc(l, "rerope_rerotating (Su)") {
+                println!(
+                    "- decode L={l}: Su's re-rotating / rope = {:.2} (reported; expected 2-4)",
+                    su.0 / rope.0
+                );
+            }
+            let frac = rope.1 / bandwidth;
+            println!(
+                "- decode L={l}: rope reads K/V at {:.1} GB/s = {:.0}% of {:.1} GB/s streaming read (target >= 60%): {}",
+                rope.1,
+                100.0 * frac,
+                bandwidth,
+                mark(frac >= 0.6)
+            );
+        }
+    }
+}
+
+fn main() {
+    let o = options();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("1-thread pool");
+    pool.install(|| {
+        let peak = fma_peak();
+        let bandwidth = read_bandwidth();
+        let mut res = Results::default();
+        prefill(&o, peak, &mut res);
+        decode(&o, bandwidth, &mut res);
+        println!(
+            "ropex bench_report: 1 rayon thread (pin the process too: `taskset -c 0`), median of {} runs after a warm-up",
+            o.reps
+        );
+        println!(
+            "machine: f32 FMA-loop peak {peak:.1} GFLOP/s (1 thread); streaming read bandwidth {bandwidth:.1} GB/s"
+        );
+        println!();
+        print_table(&res);
+        print_targets(&res, bandwidth);
+    });
+}
