@@ -19,8 +19,10 @@
 //! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
 //!
 //! [`reference`] is the slow, obviously-correct oracle every other kernel is tested
-//! against.
+//! against; [`kernels`] holds the low-level SIMD primitives (tile GEMMs, decode GEMVs,
+//! vectorised exp) the fast kernels are built from.
 
+pub mod kernels;
 pub mod reference;
 
 use ndarray::ArrayView3;
