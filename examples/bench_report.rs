@@ -471,34 +471,34 @@ fn print_targets(res: &Results, bandwidth: f64) {
             );
         }
     }
-    if let Some(&l) = res.decode.iter().map(|(l, _, _, _)| l).max() {
-        if let (Some(rope), Some(re)) = (dc(l, "rope"), dc(l, "rerope_cache")) {
-            let x = re.0 / rope.0;
+    if let Some(&l) = res.decode.iter().map(|(l, _, _, _)| l).max()
+        && let (Some(rope), Some(re)) = (dc(l, "rope"), dc(l, "rerope_cache"))
+    {
+        let x = re.0 / rope.0;
+        println!(
+            "- decode L={l}: rerope_cache / rope = {x:.3} (target <= 1.05): {}",
+            mark(x <= 1.05)
+        );
+        if let Some(leaky) = dc(l, "leaky_cache") {
             println!(
-                "- decode L={l}: rerope_cache / rope = {x:.3} (target <= 1.05): {}",
-                mark(x <= 1.05)
-            );
-            if let Some(leaky) = dc(l, "leaky_cache") {
-                println!(
-                    "- decode L={l}: leaky_cache / rope = {:.3} (reported)",
-                    leaky.0 / rope.0
-                );
-            }
-            if let Some(su) = dc(l, "rerope_rerotating (Su)") {
-                println!(
-                    "- decode L={l}: Su's re-rotating / rope = {:.2} (reported; expected 2-4)",
-                    su.0 / rope.0
-                );
-            }
-            let frac = rope.1 / bandwidth;
-            println!(
-                "- decode L={l}: rope reads K/V at {:.1} GB/s = {:.0}% of {:.1} GB/s streaming read (target >= 60%): {}",
-                rope.1,
-                100.0 * frac,
-                bandwidth,
-                mark(frac >= 0.6)
+                "- decode L={l}: leaky_cache / rope = {:.3} (reported)",
+                leaky.0 / rope.0
             );
         }
+        if let Some(su) = dc(l, "rerope_rerotating (Su)") {
+            println!(
+                "- decode L={l}: Su's re-rotating / rope = {:.2} (reported; expected 2-4)",
+                su.0 / rope.0
+            );
+        }
+        let frac = rope.1 / bandwidth;
+        println!(
+            "- decode L={l}: rope reads K/V at {:.1} GB/s = {:.0}% of {:.1} GB/s streaming read (target >= 60%): {}",
+            rope.1,
+            100.0 * frac,
+            bandwidth,
+            mark(frac >= 0.6)
+        );
     }
 }
 

@@ -285,7 +285,7 @@ pub fn expected_straddling_tiles(
 ///
 /// Returns `None` when `b = 0`, `w = 0` or `b` does not divide `n`.
 pub fn straddling_tiles_square(n: usize, window: usize, b: usize) -> Option<usize> {
-    if b == 0 || window == 0 || n % b != 0 {
+    if b == 0 || window == 0 || !n.is_multiple_of(b) {
         return None;
     }
     if window >= n || b == 1 {
