@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array3, s};
 use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating};
+use ropex::attention::kernels::Kernels;
 use ropex::attention::{Attention, TileConfig};
 use ropex::{Layout, PositionMap, RopeConfig};
 
@@ -64,6 +65,9 @@ struct Options {
     ls: Vec<usize>,
     reps: usize,
     quick: bool,
+    two_pass: bool,
+    tiles: TileConfig,
+    tune: Vec<TileConfig>,
 }
 
 fn parse_list(flag: &str, value: Option<String>) -> Vec<usize> {
@@ -78,12 +82,26 @@ fn parse_list(flag: &str, value: Option<String>) -> Vec<usize> {
         .collect()
 }
 
+fn parse_tiles(value: Option<String>) -> Vec<TileConfig> {
+    let value = value.expect("tile sizes, e.g. 64x64,128x64");
+    value
+        .split(',')
+        .map(|t| {
+            let (a, b) = t.trim().split_once('x').expect("tile size BQxBK");
+            TileConfig::new(a.parse().expect("BQ"), b.parse().expect("BK")).expect("tile size")
+        })
+        .collect()
+}
+
 fn options() -> Options {
     let mut o = Options {
         ns: vec![1024, 2048, 4096],
         ls: vec![4096, 32768],
         reps: 5,
         quick: false,
+        two_pass: true,
+        tiles: TileConfig::DEFAULT,
+        tune: Vec::new(),
     };
     let (mut ns, mut ls, mut reps) = (None, None, None);
     let mut args = std::env::args().skip(1);
@@ -93,9 +111,18 @@ fn options() -> Options {
             "--ls" => ls = Some(parse_list("--ls", args.next())),
             "--reps" => reps = parse_list("--reps", args.next()).first().copied(),
             "--quick" => o.quick = true,
+            "--no-two-pass" => o.two_pass = false,
+            "--tiles" => {
+                o.tiles = parse_tiles(args.next())
+                    .first()
+                    .copied()
+                    .expect("--tiles BQxBK")
+            }
+            "--tune" => o.tune = parse_tiles(args.next()),
             "-h" | "--help" => {
                 println!(
-                    "bench_report [--ns 1024,2048,4096] [--ls 4096,32768] [--reps 5] [--quick]"
+                    "bench_report [--ns 1024,2048,4096] [--ls 4096,32768] [--reps 5] [--quick] \
+                     [--no-two-pass] [--tiles 64x64] [--tune 64x64,128x64,..]"
                 );
                 std::process::exit(0);
             }
@@ -159,7 +186,7 @@ fn prefill(o: &Options, peak: f64, res: &mut Results) {
         ];
         let mut base = None;
         for (name, map, two_pass) in cases {
-            if two_pass && o.quick && n > smallest {
+            if two_pass && (!o.two_pass || (o.quick && n > smallest)) {
                 continue;
             }
             let att = Attention::new(freqs.clone(), Layout::Half, map);
@@ -199,6 +226,52 @@ fn prefill(o: &Options, peak: f64, res: &mut Results) {
             });
             res.prefill.push((n, name, ms));
         }
+    }
+}
+
+/// Tile-size tuning: rope_tiled and rerope_tiled (w = 512) at the largest `n` for
+/// each tile size, one table.
+fn tune(o: &Options, peak: f64) {
+    let n = o.ns.iter().copied().max().unwrap_or(4096);
+    let freqs = config().frequencies();
+    let q = rand3((n, HEADS, HEAD_DIM), 1);
+    let k = rand3((n, HEADS, HEAD_DIM), 2);
+    let v = rand3((n, HEADS, HEAD_DIM), 3);
+    let pos: Vec<usize> = (0..n).collect();
+    let flops = (4 * HEADS * HEAD_DIM * n * (n + 1) / 2) as f64;
+    let w = WINDOW.min(n.saturating_sub(1)).max(1);
+    println!(
+        "tile tuning at n={n}, w={w} (1 thread, median of {} runs; FMA peak {peak:.1} GFLOP/s)",
+        o.reps
+    );
+    println!();
+    println!(
+        "| block_q x block_k | rope_tiled (ms) | GFLOP/s | rerope_tiled (ms) | GFLOP/s | rerope / rope |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for tiles in &o.tune {
+        let time = |map: PositionMap| {
+            let att = Attention::new(freqs.clone(), Layout::Half, map);
+            median_time(o.reps, || {
+                std::hint::black_box(
+                    att.tiled_with(q.view(), k.view(), v.view(), &pos, &pos, tiles)
+                        .expect("tiled"),
+                );
+            })
+            .as_secs_f64()
+        };
+        let rope = time(PositionMap::Rope);
+        let rerope = time(PositionMap::rerope(w).unwrap());
+        println!(
+            "| {}x{} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} |",
+            tiles.block_q,
+            tiles.block_k,
+            rope * 1e3,
+            flops / rope / 1e9,
+            rerope * 1e3,
+            flops / rerope / 1e9,
+            rerope / rope
+        );
     }
 }
 
@@ -279,65 +352,10 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
 // ---------------------------------------------------------------------------------
 // Machine measurements
 
-/// f32 FMA-loop peak in GFLOP/s on this thread: independent FMA chains, best of 5.
+/// f32 FMA-loop peak in GFLOP/s on this thread, from the SIMD kernels' FMA loop
+/// ([`Kernels::fma_peak_gflops`], best of ~1 ms runs over 1 s).
 fn fma_peak() -> f64 {
-    (0..5).map(|_| fma_loop_once()).fold(0.0, f64::max)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn fma_loop_once() -> f64 {
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        unsafe { fma_loop_avx2() }
-    } else {
-        fma_loop_portable()
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn fma_loop_once() -> f64 {
-    fma_loop_portable()
-}
-
-/// 12 independent 8-lane FMA chains (enough to cover 2 pipes x 4 cycles latency).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_loop_avx2() -> f64 {
-    use std::arch::x86_64::*;
-    const CHAINS: usize = 12;
-    let iters: usize = 20_000_000;
-    let a = _mm256_set1_ps(0.999_999);
-    let b = _mm256_set1_ps(1e-7);
-    let mut acc = [_mm256_set1_ps(1.0); CHAINS];
-    let t = Instant::now();
-    for _ in 0..iters {
-        for x in acc.iter_mut() {
-            *x = _mm256_fmadd_ps(*x, a, b);
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    let mut sum = _mm256_setzero_ps();
-    for x in acc {
-        sum = _mm256_add_ps(sum, x);
-    }
-    std::hint::black_box(sum);
-    (iters * CHAINS * 8 * 2) as f64 / secs / 1e9
-}
-
-fn fma_loop_portable() -> f64 {
-    let iters = 5_000_000usize;
-    let mut acc = [[1.0f32; 8]; 12];
-    let t = Instant::now();
-    for _ in 0..iters {
-        for chain in acc.iter_mut() {
-            for x in chain.iter_mut() {
-                *x = x.mul_add(0.999_999, 1e-7);
-            }
-        }
-        std::hint::black_box(&mut acc);
-    }
-    let secs = t.elapsed().as_secs_f64();
-    (iters * 12 * 8 * 2) as f64 / secs / 1e9
+    Kernels::active().fma_peak_gflops(Duration::from_secs(1))
 }
 
 /// Streaming read bandwidth in GB/s: sum of a 1 GiB buffer, best of 5 passes.
@@ -510,6 +528,10 @@ fn main() {
         .expect("1-thread pool");
     pool.install(|| {
         let peak = fma_peak();
+        if !o.tune.is_empty() {
+            tune(&o, peak);
+            return;
+        }
         let bandwidth = read_bandwidth();
         let mut res = Results::default();
         prefill(&o, peak, &mut res);

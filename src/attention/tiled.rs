@@ -41,7 +41,8 @@
 use ndarray::{Array3, ArrayView3};
 
 use super::Attention;
-use super::rotated::{Prepared, axpy, scores_into};
+use super::kernels::{Kernels, MatMut, MatRef};
+use super::rotated::{Prepared, axpy};
 use crate::error::{Result, RopeError};
 
 /// Tile sizes for [`Attention::tiled_with`]: `block_q` query rows by `block_k` key
@@ -172,6 +173,13 @@ pub struct TileStats {
     pub skipped: usize,
     /// Computed tiles that also needed the per-entry causal mask (diagonal tiles).
     pub masked: usize,
+    /// Tile score products `Q K^T` actually run (GEMM calls): must equal
+    /// [`TileStats::dot_products`], `near + far + 2 straddling`.
+    pub qk_products: usize,
+    /// Tile value products `P V` actually run (one per computed tile; a diagonal tile's
+    /// product may be split into row groups but counts once): must equal
+    /// [`TileStats::computed`].
+    pub pv_products: usize,
 }
 
 impl TileStats {
@@ -213,6 +221,8 @@ impl TileStats {
         self.straddling += other.straddling;
         self.skipped += other.skipped;
         self.masked += other.masked;
+        self.qk_products += other.qk_products;
+        self.pv_products += other.pv_products;
         self
     }
 }
@@ -325,6 +335,38 @@ struct Plan<'a> {
     q_blocks: Vec<Block>,
     k_blocks: Vec<Block>,
     block_k: usize,
+    kern: Kernels,
+}
+
+/// Per-task scratch: the score tile(s) and, for tiles on the causal diagonal, the
+/// number of visible keys of each row.
+struct Scratch {
+    scores: Vec<f32>,
+    far: Vec<f32>,
+    visible: Vec<usize>,
+}
+
+/// Which entries of a computed tile a row may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mask {
+    /// Every entry is visible.
+    None,
+    /// Row `a` sees exactly its first `visible[a]` columns (the causal diagonal with
+    /// sorted key positions).
+    Prefix,
+    /// Row `a` sees the columns `c` with `k_pos[c] <= q_pos[a]` (any positions).
+    Entries,
+}
+
+/// Rows per group in the P V product of a diagonal tile: one register block.
+const PV_GROUP: usize = 8;
+
+fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_> {
+    MatRef::new(data, rows, cols, stride).expect("tile shapes are consistent")
+}
+
+fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<'_> {
+    MatMut::new(data, rows, cols, stride).expect("tile shapes are consistent")
 }
 
 impl Plan<'_> {
@@ -334,19 +376,18 @@ impl Plan<'_> {
     fn run(&self, h: usize, qb: Block) -> (Vec<f32>, TileStats) {
         let dims = self.prep.dims;
         let g = h / dims.group();
+        let dv = dims.value_dim;
         let causal = self.att.causal();
         let bq = qb.end - qb.start;
         let mut stats = TileStats::default();
-        let mut state = RowState::new(bq, dims.value_dim);
-        let mut scores = vec![0f32; bq * self.block_k];
-        let mut far_scores = vec![
-            0f32;
-            if self.prep.pieces.len() > 1 {
-                bq * self.block_k
-            } else {
-                0
-            }
-        ];
+        let mut state = RowState::new(bq, dv);
+        let two_piece = self.prep.pieces.len() > 1;
+        let mut scratch = Scratch {
+            scores: vec![0f32; bq * self.block_k],
+            far: vec![0f32; if two_piece { bq * self.block_k } else { 0 }],
+            visible: vec![0; bq],
+        };
+        let q_pos = &self.q_pos[qb.start..qb.end];
         for &kb in &self.k_blocks {
             let bounds = TileBounds {
                 q_min: qb.min,
@@ -360,23 +401,23 @@ impl Plan<'_> {
                 continue;
             }
             let bk = kb.end - kb.start;
-            let s = &mut scores[..bq * bk];
-            self.tile_scores(class, h, qb, kb, s, &mut far_scores);
-            let masked = bounds.needs_causal_mask(causal);
-            stats.masked += usize::from(masked);
-            let q_pos = &self.q_pos[qb.start..qb.end];
             let k_pos = &self.k_pos[kb.start..kb.end];
-            state.update(
-                s,
-                bk,
-                |a, c| !masked || k_pos[c] <= q_pos[a],
-                |c| self.prep.v.row(g, kb.start + c),
-            );
+            self.tile_scores(class, h, qb, kb, &mut scratch, &mut stats);
+            let s = &mut scratch.scores[..bq * bk];
+            let mask = if bounds.needs_causal_mask(causal) {
+                stats.masked += 1;
+                apply_causal_mask(s, bk, q_pos, k_pos, &mut scratch.visible)
+            } else {
+                Mask::None
+            };
+            let v = self.prep.v.rows(g, kb.start..kb.end);
+            state.update(self.kern, s, bk, mask, &scratch.visible, q_pos, k_pos, v);
+            stats.pv_products += 1;
         }
         (state.finish(), stats)
     }
 
-    /// The scores of tile `(qb, kb)` for query head `h` into `s`
+    /// The scores of tile `(qb, kb)` for query head `h` into `scratch.scores`
     /// (`[rows, cols]`): one tile product for near or far tiles; for straddling tiles
     /// both, then entry `(i, j)` keeps the far score iff `|q_pos[i] - k_pos[j]| >= w`.
     fn tile_scores(
@@ -385,25 +426,31 @@ impl Plan<'_> {
         h: usize,
         qb: Block,
         kb: Block,
-        s: &mut [f32],
-        far_scratch: &mut [f32],
+        scratch: &mut Scratch,
+        stats: &mut TileStats,
     ) {
         let d = self.prep.dims.head_dim;
         let g = h / self.prep.dims.group();
         let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
-        let product = |piece: usize, out: &mut [f32]| {
+        let (bq, bk) = (rows.len(), cols.len());
+        let mut product = |piece: usize, out: &mut [f32]| {
             let p = &self.prep.pieces[piece];
-            scores_into(p.q.rows(h, rows.clone()), p.k.rows(g, cols.clone()), d, out);
+            let a = mat(p.q.rows(h, rows.clone()), bq, d, d);
+            let b = mat(p.k.rows(g, cols.clone()), bk, d, d);
+            self.kern
+                .qk_tile(a, b, mat_mut(&mut out[..bq * bk], bq, bk, bk), 1.0)
+                .expect("tile shapes are consistent");
+            stats.qk_products += 1;
         };
         match class {
             TileClass::Skipped => {}
-            TileClass::Near => product(0, s),
-            TileClass::Far => product(1, s),
+            TileClass::Near => product(0, &mut scratch.scores),
+            TileClass::Far => product(1, &mut scratch.scores),
             TileClass::Straddling => {
-                let bk = cols.len();
-                let s2 = &mut far_scratch[..s.len()];
-                product(0, s);
-                product(1, s2);
+                product(0, &mut scratch.scores);
+                product(1, &mut scratch.far);
+                let s = &mut scratch.scores[..bq * bk];
+                let s2 = &scratch.far[..bq * bk];
                 let k_pos = &self.k_pos[cols];
                 for ((srow, s2row), &qp) in
                     s.chunks_mut(bk).zip(s2.chunks(bk)).zip(&self.q_pos[rows])
@@ -417,6 +464,34 @@ impl Plan<'_> {
             }
         }
     }
+}
+
+/// Sets the scores of keys after their query to `-inf` and counts each row's visible
+/// keys into `visible`; returns [`Mask::Prefix`] when every row sees a prefix of the
+/// columns (sorted key positions), else [`Mask::Entries`].
+fn apply_causal_mask(
+    s: &mut [f32],
+    bk: usize,
+    q_pos: &[usize],
+    k_pos: &[usize],
+    visible: &mut [usize],
+) -> Mask {
+    let mut prefix = true;
+    for ((row, &qp), vis) in s.chunks_mut(bk).zip(q_pos).zip(visible.iter_mut()) {
+        let mut count = 0;
+        let mut end = 0;
+        for (c, (x, &kp)) in row.iter_mut().zip(k_pos).enumerate() {
+            if kp <= qp {
+                count += 1;
+                end = c + 1;
+            } else {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        *vis = count;
+        prefix &= end == count;
+    }
+    if prefix { Mask::Prefix } else { Mask::Entries }
 }
 
 /// Online-softmax state of a block of query rows: running max `m`, running sum `l`,
@@ -440,34 +515,38 @@ impl RowState {
         }
     }
 
-    /// Folds one tile of scores `s` (`[rows, bk]`) into the state: for row `a`, over the
-    /// entries with `visible(a, c)`, `m' = max(m, max_c s)`, `l' = l e^(m - m') +
-    /// sum_c e^(s_c - m')`, `acc' = acc e^(m - m') + sum_c e^(s_c - m') v(c)`. Rows with
-    /// no visible entry are left untouched; masked entries are never multiplied.
-    fn update<'v>(
+    /// Folds one tile of scores `s` (`[rows, bk]`, masked entries already `-inf`) and
+    /// its values `v` (`[bk, dv]`) into the state: for row `a`, over its visible
+    /// entries, `m' = max(m, max_c s)`, `l' = l e^(m - m') + sum_c e^(s_c - m')`,
+    /// `acc' = acc e^(m - m') + sum_c e^(s_c - m') v_c`. Rows with no visible entry are
+    /// left untouched, and masked entries are never multiplied (so a NaN in `v_c`
+    /// stays out of rows that cannot see `c`): P V is one tile GEMM when every entry is
+    /// visible, row prefixes on the diagonal, entry by entry otherwise. `s` is
+    /// overwritten with the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
         &mut self,
-        s: &[f32],
+        kern: Kernels,
+        s: &mut [f32],
         bk: usize,
-        visible: impl Fn(usize, usize) -> bool,
-        v: impl Fn(usize) -> &'v [f32],
+        mask: Mask,
+        visible: &[usize],
+        q_pos: &[usize],
+        k_pos: &[usize],
+        v: &[f32],
     ) {
         let dv = self.dv;
-        for (a, srow) in s.chunks(bk).enumerate() {
-            let mut any = false;
-            let mut tile_max = f32::NEG_INFINITY;
-            for (c, &x) in srow.iter().enumerate() {
-                if visible(a, c) {
-                    any = true;
-                    tile_max = tile_max.max(x); // NaN-ignoring; a NaN still poisons l and acc
-                }
-            }
-            if !any {
+        let rows = s.len() / bk.max(1);
+        for (a, srow) in s.chunks_mut(bk).enumerate() {
+            if mask != Mask::None && visible[a] == 0 {
                 continue;
             }
             self.seen[a] = true;
-            let m_new = self.m[a].max(tile_max);
-            // All visible scores -inf (only from infinite inputs): use 0 as the base so no
-            // -inf - -inf appears.
+            // NaN-ignoring max over the visible entries (masked ones are -inf); a NaN
+            // still poisons l and acc through exp.
+            let m_new = self.m[a].max(kern.row_max(srow));
+            // All visible scores -inf (only from infinite inputs): use 0 as the base so
+            // no -inf - -inf appears.
             let base = if m_new == f32::NEG_INFINITY {
                 0.0
             } else {
@@ -475,16 +554,61 @@ impl RowState {
             };
             let corr = (self.m[a] - base).exp();
             self.m[a] = m_new;
-            let acc = &mut self.acc[a * dv..(a + 1) * dv];
             if corr != 1.0 {
-                acc.iter_mut().for_each(|x| *x *= corr);
+                kern.scale(&mut self.acc[a * dv..(a + 1) * dv], corr);
                 self.l[a] *= corr;
             }
-            for (c, &x) in srow.iter().enumerate() {
-                if visible(a, c) {
-                    let p = (x - base).exp();
-                    self.l[a] += p;
-                    axpy(acc, p, v(c));
+            self.l[a] += kern.exp_sub_sum(srow, base);
+        }
+        if dv == 0 || rows == 0 {
+            return;
+        }
+        let pv = |p: &[f32], prow: usize, cols: usize, v: &[f32], acc: &mut [f32]| {
+            kern.pv_tile(
+                mat(p, prow, cols, bk),
+                mat(v, cols, dv, dv),
+                mat_mut(acc, prow, dv, dv),
+            )
+            .expect("tile shapes are consistent");
+        };
+        match mask {
+            Mask::None => pv(s, rows, bk, v, &mut self.acc),
+            Mask::Prefix => {
+                // Groups of rows: the columns all of them see in one product, then each
+                // row's remaining visible columns.
+                for a0 in (0..rows).step_by(PV_GROUP) {
+                    let a1 = (a0 + PV_GROUP).min(rows);
+                    let common = visible[a0..a1].iter().copied().min().unwrap_or(0);
+                    if common > 0 {
+                        pv(
+                            &s[a0 * bk..],
+                            a1 - a0,
+                            common,
+                            v,
+                            &mut self.acc[a0 * dv..a1 * dv],
+                        );
+                    }
+                    for a in a0..a1 {
+                        if visible[a] > common {
+                            pv(
+                                &s[a * bk + common..],
+                                1,
+                                visible[a] - common,
+                                &v[common * dv..],
+                                &mut self.acc[a * dv..(a + 1) * dv],
+                            );
+                        }
+                    }
+                }
+            }
+            Mask::Entries => {
+                for (a, (prow, &qp)) in s.chunks(bk).zip(q_pos).enumerate() {
+                    let acc = &mut self.acc[a * dv..(a + 1) * dv];
+                    for (c, (&p, &kp)) in prow.iter().zip(k_pos).enumerate() {
+                        if kp <= qp {
+                            axpy(acc, p, &v[c * dv..(c + 1) * dv]);
+                        }
+                    }
                 }
             }
         }
@@ -570,6 +694,7 @@ impl Attention {
             q_blocks: blocks(q_pos, tiles.block_q),
             k_blocks: blocks(k_pos, tiles.block_k),
             block_k: tiles.block_k,
+            kern: Kernels::active(),
         };
         let n_blocks = plan.q_blocks.len();
         let task = |t: usize| plan.run(t / n_blocks, plan.q_blocks[t % n_blocks]);
