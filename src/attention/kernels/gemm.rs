@@ -14,8 +14,15 @@ use std::mem::MaybeUninit;
 use super::simd::Simd;
 use super::{MatMut, MatRef};
 
-/// f32 in a stack panel of packed B (32 KiB).
-pub(crate) const PANEL_FLOATS: usize = 8192;
+/// Keys per packed panel, on every instruction set (so packed keys are portable
+/// between them): a panel is `kc x PANEL` f32, key `jj` of head dim `kk` at
+/// `kk * PANEL + jj`.
+pub(crate) const PANEL: usize = 32;
+
+/// f32 in the stack panel of `qk` (32 KiB): up to `PANEL_KC` head dims.
+const PANEL_FLOATS: usize = 8192;
+/// Head dims per stack panel.
+const PANEL_KC: usize = PANEL_FLOATS / PANEL;
 
 /// A cache-line aligned, uninitialised panel.
 #[repr(C, align(64))]
@@ -38,7 +45,8 @@ macro_rules! by_rows {
     };
 }
 
-/// `S = scale * A B^T` with an `MR x (NV * LANES)` register block (`MR <= 8`).
+/// `S = scale * A B^T` with an `MR x (NV * LANES)` register block (`MR <= 8`,
+/// `NV * LANES` dividing [`PANEL`]); B is packed one panel at a time on the stack.
 #[inline(always)]
 pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize>(
     s: S,
@@ -48,62 +56,150 @@ pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize>(
     scale: f32,
 ) {
     let (m, n, d) = (a.rows(), b.rows(), a.cols());
-    debug_assert!(MR <= 8 && b.cols() == d && c.rows() == m && c.cols() == n);
+    debug_assert!(b.cols() == d && c.rows() == m && c.cols() == n);
     if m == 0 || n == 0 {
         return;
     }
     if d == 0 {
-        for i in 0..m {
-            c.row_mut(i).fill(0.0);
-        }
+        zero_rows(&mut c);
         return;
     }
-    let nr = NV * S::LANES;
-    let kc_max = PANEL_FLOATS / nr;
     let mut panel = Panel(MaybeUninit::uninit());
     let pp = panel.0.as_mut_ptr().cast::<f32>();
-    let (ap, lda) = (a.as_ptr(), a.stride());
     let (bp, ldb) = (b.as_ptr(), b.stride());
-    let (cp, ldc) = (c.as_mut_ptr(), c.stride());
-    for j0 in (0..n).step_by(nr) {
-        let ncols = nr.min(n - j0);
-        let mut masks = [s.mask(0); NV];
-        for (u, mk) in masks.iter_mut().enumerate() {
-            *mk = s.mask(ncols.saturating_sub(u * S::LANES));
-        }
+    for j0 in (0..n).step_by(PANEL) {
+        let ncols = PANEL.min(n - j0);
         let mut k0 = 0;
         while k0 < d {
-            let kc = kc_max.min(d - k0);
-            let first = k0 == 0;
-            let last = k0 + kc == d;
-            // SAFETY: rows `j0 .. j0 + ncols < n` and columns `k0 .. k0 + kc <= d` of B
+            let kc = PANEL_KC.min(d - k0);
+            // SAFETY: rows `j0 .. j0 + ncols <= n` and columns `k0 .. k0 + kc <= d` of B
             // are inside `b` (MatRef checked `(rows - 1) * stride + cols <= len`); the
-            // panel holds `kc_max * nr = PANEL_FLOATS >= kc * nr` f32.
-            unsafe { s.pack_bt(bp.add(j0 * ldb + k0), ldb, ncols, kc, pp, nr) };
-            for i0 in (0..m).step_by(MR) {
-                let rows = MR.min(m - i0);
-                // SAFETY: rows `i0 .. i0 + rows <= m` of A columns `k0 .. k0 + kc` and of
-                // C columns `j0 .. j0 + ncols` are in bounds (MatRef / MatMut checks);
-                // C stores go through `masks`, which cover exactly `ncols` columns; the
-                // panel's first `kc * nr` f32 were written by `pack_bt` above.
-                unsafe {
-                    by_rows!(
-                        rows,
-                        qk_micro::<S, _, NV>(
-                            s,
-                            ap.add(i0 * lda + k0),
-                            lda,
-                            pp.cast_const(),
-                            kc,
-                            cp.add(i0 * ldc + j0),
-                            ldc,
-                            &masks,
-                            (!first, last.then_some(scale)),
-                        )
-                    )
-                };
-            }
+            // panel holds `PANEL_KC * PANEL >= kc * PANEL` f32.
+            unsafe { s.pack_bt(bp.add(j0 * ldb + k0), ldb, ncols, kc, pp, PANEL) };
+            // SAFETY: the panel's first `kc * PANEL` f32 were just written; the column
+            // range `j0 .. j0 + ncols` and head dims `k0 .. k0 + kc` are in bounds.
+            unsafe {
+                qk_panel::<S, MR, NV>(
+                    s,
+                    &a,
+                    &mut c,
+                    pp.cast_const(),
+                    (k0, kc),
+                    (j0, ncols),
+                    (k0 > 0, (k0 + kc == d).then_some(scale)),
+                )
+            };
             k0 += kc;
+        }
+    }
+}
+
+/// Packs all of `k` (`[n, d]`) into `out`: `ceil(n / PANEL)` panels of `d x PANEL`,
+/// zero-padded; `out` must hold exactly that many f32.
+#[inline(always)]
+pub(crate) fn pack_keys<S: Simd>(s: S, k: MatRef<'_>, out: &mut [f32]) {
+    let (n, d) = (k.rows(), k.cols());
+    assert_eq!(out.len(), n.div_ceil(PANEL) * PANEL * d);
+    let (kp, ldk) = (k.as_ptr(), k.stride());
+    for (p, panel) in out.chunks_exact_mut(PANEL * d).enumerate() {
+        let j0 = p * PANEL;
+        let rows = PANEL.min(n - j0);
+        // SAFETY: rows `j0 .. j0 + rows <= n` with `d` columns are inside `k`; `panel`
+        // holds `d * PANEL` f32.
+        unsafe { s.pack_bt(kp.add(j0 * ldk), ldk, rows, d, panel.as_mut_ptr(), PANEL) };
+    }
+}
+
+/// `S = scale * A K^T` for the keys of packed panels `panels` (`d x PANEL` each, the
+/// first one holding key column 0 of `c`).
+#[inline(always)]
+pub(crate) fn qk_packed<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    a: MatRef<'_>,
+    panels: &[f32],
+    mut c: MatMut<'_>,
+    scale: f32,
+) {
+    let (m, n, d) = (a.rows(), c.cols(), a.cols());
+    assert!(panels.len() >= n.div_ceil(PANEL) * PANEL * d);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if d == 0 {
+        zero_rows(&mut c);
+        return;
+    }
+    for j0 in (0..n).step_by(PANEL) {
+        let ncols = PANEL.min(n - j0);
+        // SAFETY: panel `j0 / PANEL` (`d * PANEL` f32) is inside `panels` (asserted);
+        // columns `j0 .. j0 + ncols <= n` and all `d` head dims are in bounds.
+        unsafe {
+            qk_panel::<S, MR, NV>(
+                s,
+                &a,
+                &mut c,
+                panels.as_ptr().add(j0 * d),
+                (0, d),
+                (j0, ncols),
+                (false, Some(scale)),
+            )
+        };
+    }
+}
+
+fn zero_rows(c: &mut MatMut<'_>) {
+    for i in 0..c.rows() {
+        c.row_mut(i).fill(0.0);
+    }
+}
+
+/// `C[:, j0 .. j0 + ncols] (+)= A[:, k0 .. k0 + kc] panel`, then `*= scale` if given.
+///
+/// # Safety
+/// `panel` readable for `kc * PANEL` f32; `k0 + kc <= a.cols()`,
+/// `j0 + ncols <= c.cols()`, `ncols <= PANEL`.
+#[inline(always)]
+unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    a: &MatRef<'_>,
+    c: &mut MatMut<'_>,
+    panel: *const f32,
+    (k0, kc): (usize, usize),
+    (j0, ncols): (usize, usize),
+    mode: (bool, Option<f32>),
+) {
+    let nr = NV * S::LANES;
+    debug_assert!(MR <= 8 && PANEL.is_multiple_of(nr) && ncols <= PANEL);
+    let m = a.rows();
+    let (ap, lda) = (a.as_ptr(), a.stride());
+    let (cp, ldc) = (c.as_mut_ptr(), c.stride());
+    for sub in (0..ncols).step_by(nr) {
+        let mut masks = [s.mask(0); NV];
+        for (u, mk) in masks.iter_mut().enumerate() {
+            *mk = s.mask((ncols - sub).saturating_sub(u * S::LANES));
+        }
+        for i0 in (0..m).step_by(MR) {
+            let rows = MR.min(m - i0);
+            // SAFETY: rows `i0 .. i0 + rows <= m` of A (head dims `k0 .. k0 + kc`) and of
+            // C (columns `j0 + sub ..`, stores limited to `masks`, i.e. to
+            // `j0 + ncols`) are in bounds; the panel columns `sub .. sub + nr <= PANEL`
+            // of its `kc` rows are readable (caller).
+            unsafe {
+                by_rows!(
+                    rows,
+                    qk_micro::<S, _, NV>(
+                        s,
+                        ap.add(i0 * lda + k0),
+                        lda,
+                        panel.add(sub),
+                        kc,
+                        cp.add(i0 * ldc + j0 + sub),
+                        ldc,
+                        &masks,
+                        mode,
+                    )
+                )
+            };
         }
     }
 }
@@ -111,8 +207,8 @@ pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize>(
 /// One `R x (NV * LANES)` block of `C (+)= A panel`, then `C *= scale` if given.
 ///
 /// # Safety
-/// `a` readable for `R` rows of `kc` (stride `lda`); `panel` for `kc * NV * LANES`;
-/// `c` readable and writable for `R` rows at the lanes of `masks` (stride `ldc`).
+/// `a` readable for `R` rows of `kc` (stride `lda`); `panel` for `kc` rows of
+/// `NV * LANES` (stride [`PANEL`]); `c` readable and writable for `R` rows at the lanes of `masks` (stride `ldc`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
@@ -126,12 +222,11 @@ unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
     masks: &[S::M; NV],
     (accumulate, scale): (bool, Option<f32>),
 ) {
-    let nr = NV * S::LANES;
     let mut acc = [[s.zero(); NV]; R];
     // SAFETY: every pointer offset stays inside the ranges the caller guarantees.
     unsafe {
         for k in 0..kc {
-            let bk = panel.add(k * nr);
+            let bk = panel.add(k * PANEL);
             let mut bv = [s.zero(); NV];
             for (u, b) in bv.iter_mut().enumerate() {
                 *b = s.load(bk.add(u * S::LANES));

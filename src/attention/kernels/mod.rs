@@ -24,6 +24,7 @@
 //! | method | computes | notes |
 //! |---|---|---|
 //! | [`Kernels::qk_tile`] | `S = scale * A B^T` | scores of a `Bq x Bk` tile, B (keys) packed per call |
+//! | [`Kernels::pack_keys`], [`Kernels::qk_tile_packed`] | same, keys packed once | for a flash loop: pack a head's keys once, score every tile |
 //! | [`Kernels::pv_tile`] | `O += P V` | accumulates a tile's values |
 //! | [`Kernels::qk_gemv`] | `S = scale * Q K^T`, few queries | decode / GQA group: streams K once |
 //! | [`Kernels::pv_gemv`] | `O += P V`, few queries | decode / GQA group: streams V once |
@@ -255,6 +256,22 @@ macro_rules! entries {
             }
 
             $(#[$attr])*
+            pub(super) fn qk_packed(
+                t: $tok,
+                a: MatRef<'_>,
+                panels: &[f32],
+                c: MatMut<'_>,
+                sc: f32,
+            ) {
+                gemm::qk_packed::<$tok, $qmr, $qnv>(t, a, panels, c, sc)
+            }
+
+            $(#[$attr])*
+            pub(super) fn pack_keys(t: $tok, k: MatRef<'_>, out: &mut [f32]) {
+                gemm::pack_keys(t, k, out)
+            }
+
+            $(#[$attr])*
             pub(super) fn pv_tile(t: $tok, p: MatRef<'_>, v: MatRef<'_>, o: MatMut<'_>) {
                 gemm::pv::<$tok, $pmr, $pnv>(t, p, v, o)
             }
@@ -341,8 +358,8 @@ entries!(
 entries!(
     entry_avx512, Avx512, [#[target_feature(enable = "avx512f,avx2,fma")]],
     qk = (8, 2),
-    pv = (8, 2),
-    pv_small = [(2, 2, 8), (4, 4, 4)],
+    pv = (4, 4),
+    pv_small = [(2, 2, 8)],
     dot = [16, 8, 5, 4, 3, 3, 2, 2],
     chains = 16,
 );
@@ -377,6 +394,60 @@ impl Kernels {
         check_dims("qk_tile B [n, d]", (b.rows, a.cols), (b.rows, b.cols))?;
         check_dims("qk_tile S [m, n]", (a.rows, b.rows), (s.rows, s.cols))?;
         dispatch!(self, qk_tile(a, b, s, scale));
+        Ok(())
+    }
+
+    /// Packs keys `k: [n, d]` for [`Kernels::qk_tile_packed`] into `out` (its
+    /// allocation is reused). Pack a head's keys once, then score every query tile
+    /// against slices of them with no per-tile packing; the layout is the same on every
+    /// instruction set.
+    pub fn pack_keys(&self, k: MatRef<'_>, out: &mut PackedKeys) {
+        let len = k.rows.div_ceil(PackedKeys::PANEL) * PackedKeys::PANEL * k.cols;
+        out.data.clear();
+        out.data.resize(len, 0.0);
+        out.n = k.rows;
+        out.d = k.cols;
+        dispatch!(self, pack_keys(k, &mut out.data));
+    }
+
+    /// [`Kernels::qk_tile`] against packed keys: `S = scale * A K^T` for keys
+    /// `key_start .. key_start + S.cols` of `keys`, `A: [m, d]`, `S: [m, n]`
+    /// (overwritten). `key_start` must be a multiple of [`PackedKeys::PANEL`] (tile
+    /// boundaries at multiples of 32 keys are).
+    ///
+    /// # Errors
+    /// [`RopeError::ShapeMismatch`] if `A` and `keys` differ in head dim, `S` does not
+    /// have `m` rows, or the key range is outside `keys`;
+    /// [`RopeError::InvalidParameter`] if `key_start` is not a multiple of the panel.
+    pub fn qk_tile_packed(
+        &self,
+        a: MatRef<'_>,
+        keys: &PackedKeys,
+        key_start: usize,
+        s: MatMut<'_>,
+        scale: f32,
+    ) -> Result<()> {
+        if !key_start.is_multiple_of(PackedKeys::PANEL) {
+            return Err(RopeError::invalid(
+                "qk_tile_packed key_start",
+                key_start,
+                format!("must be a multiple of {}", PackedKeys::PANEL),
+            ));
+        }
+        check_dims(
+            "qk_tile_packed keys [n, d]",
+            (keys.n, a.cols),
+            (keys.n, keys.d),
+        )?;
+        if s.rows != a.rows || key_start.saturating_add(s.cols) > keys.n {
+            return Err(shape_err(
+                "qk_tile_packed S [m, n]",
+                format!("{} rows, key_start + cols <= {}", a.rows, keys.n),
+                format!("[{}, {}] from key {key_start}", s.rows, s.cols),
+            ));
+        }
+        let panels = &keys.data[key_start * keys.d..];
+        dispatch!(self, qk_packed(a, panels, s, scale));
         Ok(())
     }
 
@@ -495,6 +566,40 @@ impl Kernels {
                 return best;
             }
         }
+    }
+}
+
+/// Keys packed by [`Kernels::pack_keys`] for [`Kernels::qk_tile_packed`]: `K^T` in
+/// panels of [`PackedKeys::PANEL`] keys (`d x PANEL` f32 each, zero-padded).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PackedKeys {
+    data: Vec<f32>,
+    n: usize,
+    d: usize,
+}
+
+impl PackedKeys {
+    /// Keys per panel (the same on every instruction set).
+    pub const PANEL: usize = gemm::PANEL;
+
+    /// An empty buffer, to be filled by [`Kernels::pack_keys`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Head dim.
+    pub fn head_dim(&self) -> usize {
+        self.d
     }
 }
 

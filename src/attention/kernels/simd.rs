@@ -641,6 +641,21 @@ mod x86 {
             while j < nr {
                 let nrows = rows.saturating_sub(j).min(16);
                 let mut k = 0;
+                if nrows == 16 {
+                    // Whole blocks: straight-line loads, transpose, stores.
+                    while k + 16 <= kc {
+                        // SAFETY: rows `j .. j + 16 <= rows`, columns `k .. k + 16 <= kc`
+                        // are inside the caller's readable block.
+                        let r: [__m512; 16] =
+                            std::array::from_fn(|i| unsafe { self.load(b.add((j + i) * ldb + k)) });
+                        let t = transpose16(self, r);
+                        for (kk, tk) in t.into_iter().enumerate() {
+                            // SAFETY: `(k + kk) * nr + j + 16 <= kc * nr`: in the panel.
+                            unsafe { self.store(panel.add((k + kk) * nr + j), tk) };
+                        }
+                        k += 16;
+                    }
+                }
                 while k < kc {
                     let kn = (kc - k).min(16);
                     let m = self.mask(kn);

@@ -124,15 +124,18 @@ fn run_qk(
         }
     }
     let mut outs = Vec::new();
+    let mut packed = PackedKeys::new();
     for kern in Kernels::all_supported() {
-        for gemv in [false, true] {
+        kern.pack_keys(b.r(), &mut packed);
+        for (what, run) in [("qk_tile", 0), ("qk_gemv", 1), ("qk_tile_packed", 2)] {
             let mut s = Buf::new(&mut rng, m, n, pads.2);
-            if gemv {
-                kern.qk_gemv(a.r(), b.r(), s.w(), scale).unwrap();
-            } else {
-                kern.qk_tile(a.r(), b.r(), s.w(), scale).unwrap();
+            match run {
+                0 => kern.qk_tile(a.r(), b.r(), s.w(), scale).unwrap(),
+                1 => kern.qk_gemv(a.r(), b.r(), s.w(), scale).unwrap(),
+                _ => kern
+                    .qk_tile_packed(a.r(), &packed, 0, s.w(), scale)
+                    .unwrap(),
             }
-            let what = if gemv { "qk_gemv" } else { "qk_tile" };
             check_close(what, kern.isa(), &s, &exact, &sum_abs, d)
                 .map_err(|e| format!("{e} (m {m}, n {n}, d {d}, pads {pads:?})"))?;
             outs.push(s);
@@ -233,6 +236,58 @@ fn qk_strides_and_long_head_dim() {
     for g in 1..=12 {
         run_qk(g, 1000, 128, (0, 0, 0), 0.1, 11 + g as u64).unwrap();
     }
+}
+
+#[test]
+fn qk_packed_key_ranges_and_portable_layout() {
+    let mut rng = Rng(5);
+    let (m, n, d) = (17, 200, 72);
+    let a = Buf::new(&mut rng, m, d, 3);
+    let b = Buf::new(&mut rng, n, d, 1);
+    let mut packed = PackedKeys::new();
+    let mut by_isa = Vec::new();
+    for kern in Kernels::all_supported() {
+        kern.pack_keys(b.r(), &mut packed);
+        assert_eq!((packed.len(), packed.head_dim()), (n, d));
+        by_isa.push(packed.clone());
+        for (start, len) in [(0, 200), (32, 64), (64, 1), (192, 8), (160, 33), (96, 0)] {
+            let mut s = Buf::new(&mut rng, m, len, 2);
+            kern.qk_tile_packed(a.r(), &packed, start, s.w(), 0.3)
+                .unwrap();
+            let keys = MatRef::new(&b.data[start * b.stride..], len, d, b.stride).unwrap();
+            let mut want = Buf::new(&mut rng, m, len, 2);
+            kern.qk_tile(a.r(), keys, want.w(), 0.3).unwrap();
+            // Same micro-kernel, same order of operations: bitwise equal.
+            assert_eq!(s.data, want.data, "{:?} keys {start}..+{len}", kern.isa());
+        }
+        let mut s = vec![0f32; m * 8];
+        let err = |start, cols: usize, s: &mut [f32]| {
+            kern.qk_tile_packed(
+                a.r(),
+                &packed,
+                start,
+                MatMut::contiguous(s, m, cols).unwrap(),
+                1.0,
+            )
+            .is_err()
+        };
+        assert!(err(1, 8, &mut s)); // not a panel boundary
+        assert!(err(224, 1, &mut s)); // past the end
+        assert!(err(192, 9, &mut vec![0f32; m * 9])); // 201 > 200 keys
+        let short = Buf::new(&mut rng, m, d + 1, 0);
+        assert!(
+            kern.qk_tile_packed(
+                short.r(),
+                &packed,
+                0,
+                MatMut::contiguous(&mut s, m, 8).unwrap(),
+                1.0
+            )
+            .is_err()
+        );
+    }
+    // The packed layout does not depend on the instruction set.
+    assert!(by_isa.windows(2).all(|w| w[0] == w[1]));
 }
 
 #[test]
