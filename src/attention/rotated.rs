@@ -34,9 +34,19 @@ impl HeadMajor {
     fn from_view(x: &ArrayView3<f32>) -> Self {
         let (rows, heads, width) = x.dim();
         let mut data = Vec::with_capacity(rows * heads * width);
-        for h in 0..heads {
-            for t in 0..rows {
-                data.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
+        if let Some(src) = x.as_slice() {
+            // Standard layout: row `t` of head `h` is one contiguous run.
+            for h in 0..heads {
+                for t in 0..rows {
+                    let at = (t * heads + h) * width;
+                    data.extend_from_slice(&src[at..at + width]);
+                }
+            }
+        } else {
+            for h in 0..heads {
+                for t in 0..rows {
+                    data.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
+                }
             }
         }
         HeadMajor {
@@ -100,6 +110,53 @@ impl Prepared {
     }
 }
 
+/// `sin`/`cos` of `pos(p) * inv_freq_t` in f64 for every position `p` of a list, `pairs`
+/// values per position; a constant map is evaluated once.
+struct Trig {
+    sin: Vec<f64>,
+    cos: Vec<f64>,
+    pairs: usize,
+    constant: bool,
+}
+
+impl Trig {
+    fn new(inv: &[f64], pos: Affine, positions: &[usize]) -> Self {
+        let constant = pos.is_constant();
+        let at: Vec<f64> = if constant {
+            vec![pos.at(0.0)]
+        } else {
+            positions.iter().map(|&p| pos.at(p as f64)).collect()
+        };
+        let mut sin = Vec::with_capacity(at.len() * inv.len());
+        let mut cos = Vec::with_capacity(at.len() * inv.len());
+        for &x in &at {
+            for &w in inv {
+                let (s, c) = (x * w).sin_cos();
+                sin.push(s);
+                cos.push(c);
+            }
+        }
+        Trig {
+            sin,
+            cos,
+            pairs: inv.len(),
+            constant,
+        }
+    }
+
+    /// `(sin, cos)` of token `t`.
+    fn token(&self, t: usize) -> (&[f64], &[f64]) {
+        let t = if self.constant { 0 } else { t };
+        let r = t * self.pairs..(t + 1) * self.pairs;
+        (&self.sin[r.clone()], &self.cos[r])
+    }
+
+    /// Whether every angle is 0 (the identity rotation, e.g. ReRoPE's far keys).
+    fn is_identity(&self) -> bool {
+        self.sin.iter().all(|&s| s == 0.0) && self.cos.iter().all(|&c| c == 1.0)
+    }
+}
+
 impl Attention {
     /// Validates the inputs and rotates every piece's Q and K once.
     pub(crate) fn prepare(
@@ -124,11 +181,25 @@ impl Attention {
         if let Some((_, far)) = pieces.far {
             list.push(far);
         }
+        let inv = self.frequencies().inv_freq();
+        let same_positions = q_pos == k_pos;
         let rotated = list
             .iter()
-            .map(|piece: &Piece| RotatedPiece {
-                q: self.rotate(&q_raw, piece.query, q_pos, &q_factor),
-                k: self.rotate(&k_raw, piece.key, k_pos, &ones),
+            .map(|piece: &Piece| {
+                let q_trig = Trig::new(inv, piece.query, q_pos);
+                // Prefill: queries and keys share positions, so a piece with the same
+                // query and key map shares its table.
+                let k_own;
+                let k_trig = if same_positions && piece.key == piece.query {
+                    &q_trig
+                } else {
+                    k_own = Trig::new(inv, piece.key, k_pos);
+                    &k_own
+                };
+                RotatedPiece {
+                    q: self.rotate(&q_raw, &q_trig, &q_factor),
+                    k: self.rotate(&k_raw, k_trig, &ones),
+                }
             })
             .collect();
         Ok(Prepared {
@@ -139,29 +210,30 @@ impl Attention {
         })
     }
 
-    /// `factor[t] * R(pos(positions[t])) x[t, h]` for every token and head.
-    fn rotate(
-        &self,
-        raw: &HeadMajor,
-        pos: Affine,
-        positions: &[usize],
-        factor: &[f64],
-    ) -> HeadMajor {
+    /// `factor[t] * R(trig[t]) x[t, h]` for every token and head.
+    fn rotate(&self, raw: &HeadMajor, trig: &Trig, factor: &[f64]) -> HeadMajor {
         let mut out = raw.clone();
         let heads = raw.heads;
-        let inv = self.frequencies().inv_freq();
-        let pairs = inv.len();
+        let pairs = trig.pairs;
         let layout: Layout = self.layout();
+        let identity = trig.is_identity();
         let mut cos = vec![0f32; pairs];
         let mut sin = vec![0f32; pairs];
-        for (t, (&p, &c)) in positions.iter().zip(factor).enumerate() {
-            let angle_pos = pos.at(p as f64);
-            for (pair, &w) in inv.iter().enumerate() {
-                let (s, co) = (angle_pos * w).sin_cos();
-                cos[pair] = cast(co * c);
-                sin[pair] = cast(s * c);
-            }
+        for (t, &c) in factor.iter().enumerate() {
             let c32: f32 = cast(c);
+            if identity {
+                if c != 1.0 {
+                    for h in 0..heads {
+                        out.row_mut(h, t).iter_mut().for_each(|x| *x *= c32);
+                    }
+                }
+                continue;
+            }
+            let (s64, c64) = trig.token(t);
+            for (((co, si), &cv), &sv) in cos.iter_mut().zip(sin.iter_mut()).zip(c64).zip(s64) {
+                *co = cast(cv * c);
+                *si = cast(sv * c);
+            }
             for h in 0..heads {
                 let lane = out.row_mut(h, t);
                 rotate_lane_with(lane, &cos, &sin, layout);

@@ -34,7 +34,13 @@ fn for_chunks<S: Simd>(s: S, x: &mut [f32], pad: f32, mut f: impl FnMut(S::V) ->
 /// `x[i] = exp(x[i])`.
 #[inline(always)]
 pub(crate) fn exp<S: Simd>(s: S, x: &mut [f32]) {
-    for_chunks(s, x, f32::NEG_INFINITY, |v| s.exp(v));
+    for_chunks(
+        s,
+        x,
+        f32::NEG_INFINITY,
+        #[inline(always)]
+        |v| s.exp(v),
+    );
 }
 
 /// `x[i] = exp(x[i] - max)`, returning the sum of the new `x`. A `max` of `-inf` (a row
@@ -46,11 +52,19 @@ pub(crate) fn exp_sub_sum<S: Simd>(s: S, x: &mut [f32], max: f32) -> f32 {
     let mut sum = s.zero();
     // The tail pads with -inf: exp(-inf - max) = 0 adds nothing (max is never +inf
     // here unless the caller passes it, and then every lane is NaN or 0 anyway).
-    for_chunks(s, x, f32::NEG_INFINITY, |v| {
-        let e = s.exp(s.sub(v, m));
-        sum = s.add(sum, e);
-        e
-    });
+    // `inline(always)`: a closure does not inherit the caller's target features, so
+    // unless it is inlined into the entry point its intrinsics become calls.
+    for_chunks(
+        s,
+        x,
+        f32::NEG_INFINITY,
+        #[inline(always)]
+        |v| {
+            let e = s.exp(s.sub(v, m));
+            sum = s.add(sum, e);
+            e
+        },
+    );
     s.hsum(sum)
 }
 
@@ -87,5 +101,11 @@ pub(crate) fn row_max<S: Simd>(s: S, x: &[f32]) -> f32 {
 #[inline(always)]
 pub(crate) fn scale<S: Simd>(s: S, x: &mut [f32], alpha: f32) {
     let a = s.splat(alpha);
-    for_chunks(s, x, 0.0, |v| s.mul(v, a));
+    for_chunks(
+        s,
+        x,
+        0.0,
+        #[inline(always)]
+        |v| s.mul(v, a),
+    );
 }
