@@ -8,7 +8,9 @@
 //! Runs the headline cases (causal prefill, H = 8, d = 128, f32; decode against caches
 //! of L = 4096 and 32768 tokens) inside a local 1-thread rayon pool. The pool forces one
 //! worker, but the OS may still move it between cores: pin it with `taskset -c 0`. Each
-//! case is run a few times after a warm-up and the median is reported, with the ratio to
+//! case is run a few times after a warm-up and the median is reported (on-CPU time of
+//! the worker thread from `/proc/thread-self/schedstat`, so that other jobs on a shared
+//! machine do not inflate it; `--wall` for wall-clock time), with the ratio to
 //! the plain case of the same run (`rope_tiled` for prefill, `rope` for decode), the
 //! machine's f32 FMA-loop peak (percent of peak for prefill) and its streaming read
 //! bandwidth (percent of bandwidth for decode), all measured in this process. Ends with
@@ -17,8 +19,11 @@
 //! Flags: `--ns a,b,c` prefill lengths (default 1024,2048,4096), `--ls a,b` decode
 //! lengths (default 4096,32768), `--reps k` timed runs per case (default 5, 3 for the
 //! slow two-pass cases), `--quick` (n = 1024 and 2048, L = 4096, 3 runs, two-pass only
-//! at the smallest n).
+//! at the smallest n), `--no-two-pass`, `--tiles BQxBK` (tile size of the tiled rows),
+//! `--tune 64x64,128x128,..` (only a tile-size table: rope_tiled and rerope_tiled at the
+//! largest n per size), `--wall`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array3, s};
@@ -46,16 +51,39 @@ fn config() -> RopeConfig {
     RopeConfig::new(HEAD_DIM, 10_000.0).expect("valid rope config")
 }
 
+/// Time this thread has spent on a CPU (`/proc/thread-self/schedstat`, Linux), if
+/// known: unlike wall-clock time it does not count the time other jobs on a shared
+/// machine hold the core.
+fn thread_cpu_time() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// Use wall-clock time instead of on-CPU time (`--wall`).
+static WALL: AtomicBool = AtomicBool::new(false);
+
+/// Time of one call of `f`: on-CPU time of this thread when available (all work runs
+/// on it: the rayon pool has one thread and `install` runs on it), else wall-clock.
+fn time_once(f: &mut impl FnMut()) -> Duration {
+    let cpu = if WALL.load(Ordering::Relaxed) {
+        None
+    } else {
+        thread_cpu_time()
+    };
+    let t = Instant::now();
+    f();
+    let wall = t.elapsed();
+    match (cpu, thread_cpu_time()) {
+        (Some(a), Some(b)) if b > a => b - a,
+        _ => wall,
+    }
+}
+
 /// Median of `reps` timed runs after one untimed warm-up run.
 fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
     f();
-    let mut times: Vec<Duration> = (0..reps.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
+    let mut times: Vec<Duration> = (0..reps.max(1)).map(|_| time_once(&mut f)).collect();
     times.sort_unstable();
     times[times.len() / 2]
 }
@@ -111,6 +139,7 @@ fn options() -> Options {
             "--ls" => ls = Some(parse_list("--ls", args.next())),
             "--reps" => reps = parse_list("--reps", args.next()).first().copied(),
             "--quick" => o.quick = true,
+            "--wall" => WALL.store(true, Ordering::Relaxed),
             "--no-two-pass" => o.two_pass = false,
             "--tiles" => {
                 o.tiles = parse_tiles(args.next())
@@ -122,7 +151,7 @@ fn options() -> Options {
             "-h" | "--help" => {
                 println!(
                     "bench_report [--ns 1024,2048,4096] [--ls 4096,32768] [--reps 5] [--quick] \
-                     [--no-two-pass] [--tiles 64x64] [--tune 64x64,128x64,..]"
+                     [--no-two-pass] [--tiles 64x64] [--tune 64x64,128x64,..] [--wall]"
                 );
                 std::process::exit(0);
             }
@@ -536,8 +565,13 @@ fn main() {
         let mut res = Results::default();
         prefill(&o, peak, &mut res);
         decode(&o, bandwidth, &mut res);
+        let clock = if WALL.load(Ordering::Relaxed) || thread_cpu_time().is_none() {
+            "wall-clock"
+        } else {
+            "on-CPU time of the worker thread (`--wall` for wall-clock)"
+        };
         println!(
-            "ropex bench_report: 1 rayon thread (pin the process too: `taskset -c 0`), median of {} runs after a warm-up",
+            "ropex bench_report: 1 rayon thread (pin the process too: `taskset -c 0`), median of {} runs after a warm-up, {clock}",
             o.reps
         );
         println!(

@@ -13,66 +13,93 @@
 //! exact up to that cast). The attention factor `m` is *not* multiplied into cos/sin
 //! here: it is part of the default scale `m^2 / sqrt(d)`, as in the reference kernel.
 
+use std::borrow::Cow;
+
 use ndarray::ArrayView3;
 
+use super::kernels::{Kernels, MatRef, PackedKeys};
 use super::{Attention, Dims};
 use crate::error::Result;
 use crate::position::{Affine, Piece};
 use crate::rotary::{Layout, cast, rotate_lane_with};
 
-/// `heads` contiguous row-major `[rows, width]` matrices, one after another.
+/// `heads` row-major `[rows, width]` matrices over one buffer: row `t` of head `h`
+/// starts at `h * head_stride + t * row_stride`. Owned head-major copies have
+/// `head_stride = rows * width`, `row_stride = width`; a borrowed standard-layout
+/// `[rows, heads, width]` input has `head_stride = width`, `row_stride = heads * width`.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct HeadMajor {
-    data: Vec<f32>,
-    heads: usize,
+pub(crate) struct HeadMajor<'a> {
+    data: Cow<'a, [f32]>,
     rows: usize,
     width: usize,
+    head_stride: usize,
+    row_stride: usize,
 }
 
-impl HeadMajor {
-    /// Copies `x` (`[rows, heads, width]`, any strides) into head-major order.
-    fn from_view(x: &ArrayView3<f32>) -> Self {
+impl<'a> HeadMajor<'a> {
+    /// `x` (`[rows, heads, width]`): borrowed in place when in standard layout, else
+    /// copied into head-major order.
+    fn from_view(x: &ArrayView3<'a, f32>) -> Self {
         let (rows, heads, width) = x.dim();
+        if let Some(src) = x.to_slice() {
+            return HeadMajor {
+                data: Cow::Borrowed(src),
+                rows,
+                width,
+                head_stride: width,
+                row_stride: heads * width,
+            };
+        }
         let mut data = Vec::with_capacity(rows * heads * width);
-        if let Some(src) = x.as_slice() {
-            // Standard layout: row `t` of head `h` is one contiguous run.
-            for h in 0..heads {
-                for t in 0..rows {
-                    let at = (t * heads + h) * width;
-                    data.extend_from_slice(&src[at..at + width]);
-                }
-            }
-        } else {
-            for h in 0..heads {
-                for t in 0..rows {
-                    data.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
-                }
+        for h in 0..heads {
+            for t in 0..rows {
+                data.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
             }
         }
+        HeadMajor::owned(data, rows, width)
+    }
+
+    fn owned(data: Vec<f32>, rows: usize, width: usize) -> Self {
         HeadMajor {
-            data,
-            heads,
+            data: Cow::Owned(data),
             rows,
             width,
+            head_stride: rows * width,
+            row_stride: width,
         }
     }
 
-    /// Rows `rows` of head `h`, as one contiguous row-major `[rows.len(), width]` slice.
+    /// Rows `rows` of head `h` as a matrix (row stride [`HeadMajor::stride`]).
+    #[inline]
+    pub(crate) fn mat(&self, h: usize, rows: std::ops::Range<usize>) -> MatRef<'_> {
+        let start = h * self.head_stride + rows.start * self.row_stride;
+        let len = match rows.len() {
+            0 => 0,
+            r => (r - 1) * self.row_stride + self.width,
+        };
+        MatRef::new(
+            &self.data[start..start + len],
+            rows.len(),
+            self.width,
+            self.row_stride,
+        )
+        .expect("rows inside the buffer")
+    }
+
+    /// Rows `rows` of head `h`, as one contiguous row-major `[rows.len(), width]` slice
+    /// (owned head-major buffers only).
     #[inline]
     pub(crate) fn rows(&self, h: usize, rows: std::ops::Range<usize>) -> &[f32] {
-        let base = h * self.rows * self.width;
+        debug_assert_eq!(self.row_stride, self.width);
+        let base = h * self.head_stride;
         &self.data[base + rows.start * self.width..base + rows.end * self.width]
     }
 
     /// Row `t` of head `h`.
     #[inline]
     pub(crate) fn row(&self, h: usize, t: usize) -> &[f32] {
-        self.rows(h, t..t + 1)
-    }
-
-    fn row_mut(&mut self, h: usize, t: usize) -> &mut [f32] {
-        let start = (h * self.rows + t) * self.width;
-        &mut self.data[start..start + self.width]
+        let start = h * self.head_stride + t * self.row_stride;
+        &self.data[start..start + self.width]
     }
 }
 
@@ -80,14 +107,26 @@ impl HeadMajor {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct RotatedPiece {
     /// `[H_q][n_q][d]`.
-    pub q: HeadMajor,
-    /// `[H_kv][n_k][d]`.
-    pub k: HeadMajor,
+    pub q: HeadMajor<'static>,
+    /// `[H_kv][n_k][d]` ([`KeyForm::HeadMajor`]).
+    pub k: Option<HeadMajor<'static>>,
+    /// One packed key matrix per kv head ([`KeyForm::Packed`]).
+    pub packed: Vec<PackedKeys>,
+}
+
+/// How [`Attention::prepare`] stores each piece's rotated keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyForm {
+    /// Head-major `[H_kv][n_k][d]` rows.
+    HeadMajor,
+    /// Packed per kv head for [`Kernels::qk_tile_packed`], rotated one head at a time
+    /// into a reused scratch (no full rotated copy).
+    Packed(Kernels),
 }
 
 /// Everything a fast kernel needs, computed once per call.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Prepared {
+pub(crate) struct Prepared<'a> {
     /// Validated sizes.
     pub dims: Dims,
     /// The near piece, then the far piece for two-piece maps.
@@ -95,11 +134,11 @@ pub(crate) struct Prepared {
     /// The band width `w` of two-piece maps: entry `(i, j)` uses the near piece iff
     /// `|q_pos[i] - k_pos[j]| < w`.
     pub window: Option<usize>,
-    /// Values, `[H_kv][n_k][d_v]`.
-    pub v: HeadMajor,
+    /// Values, `[H_kv][n_k][d_v]` (the input itself when in standard layout).
+    pub v: HeadMajor<'a>,
 }
 
-impl Prepared {
+impl Prepared<'_> {
     /// Index of the piece serving query position `qp` and key position `kp`.
     #[inline]
     pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
@@ -157,16 +196,100 @@ impl Trig {
     }
 }
 
+/// Rotates token rows: `out = factor[t] * R(trig[t]) x[t, h]`.
+struct Rotator<'t> {
+    trig: &'t Trig,
+    factor: &'t [f64],
+    layout: Layout,
+    identity: bool,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl<'t> Rotator<'t> {
+    fn new(trig: &'t Trig, factor: &'t [f64], layout: Layout) -> Self {
+        Rotator {
+            trig,
+            factor,
+            layout,
+            identity: trig.is_identity(),
+            cos: vec![0.0; trig.pairs],
+            sin: vec![0.0; trig.pairs],
+        }
+    }
+
+    /// Prepares the f32 cos/sin of token `t` (times its factor).
+    fn token(&mut self, t: usize) {
+        if self.identity {
+            return;
+        }
+        let c = self.factor[t];
+        let (s64, c64) = self.trig.token(t);
+        for (((co, si), &cv), &sv) in self
+            .cos
+            .iter_mut()
+            .zip(self.sin.iter_mut())
+            .zip(c64)
+            .zip(s64)
+        {
+            *co = cast(cv * c);
+            *si = cast(sv * c);
+        }
+    }
+
+    /// Writes the rotated row `src` of token `t` (after [`Rotator::token`]) into `dst`.
+    fn row(&self, t: usize, src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+        let c = self.factor[t];
+        let c32: f32 = cast(c);
+        if self.identity {
+            if c != 1.0 {
+                dst.iter_mut().for_each(|x| *x *= c32);
+            }
+            return;
+        }
+        rotate_lane_with(dst, &self.cos, &self.sin, self.layout);
+        if c != 1.0 {
+            // Pass-through dims (partial rotary) still carry the scale.
+            for x in &mut dst[2 * self.trig.pairs..] {
+                *x *= c32;
+            }
+        }
+    }
+}
+
+/// Row `(t, h)` of `x` (`[rows, heads, width]`): a slice of the standard-layout buffer,
+/// or copied into `buf`.
+fn src_row<'s>(
+    x: &'s ArrayView3<f32>,
+    flat: Option<&'s [f32]>,
+    t: usize,
+    h: usize,
+    buf: &'s mut Vec<f32>,
+) -> &'s [f32] {
+    let (_, heads, width) = x.dim();
+    match flat {
+        Some(f) => &f[(t * heads + h) * width..(t * heads + h + 1) * width],
+        None => {
+            buf.clear();
+            buf.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
+            buf
+        }
+    }
+}
+
 impl Attention {
-    /// Validates the inputs and rotates every piece's Q and K once.
-    pub(crate) fn prepare(
+    /// Validates the inputs and rotates every piece's Q and K once (keys stored as
+    /// `keys` says); values are borrowed when in standard layout.
+    pub(crate) fn prepare<'a>(
         &self,
         q: ArrayView3<f32>,
         k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        v: ArrayView3<'a, f32>,
         q_pos: &[usize],
         k_pos: &[usize],
-    ) -> Result<Prepared> {
+        keys: KeyForm,
+    ) -> Result<Prepared<'a>> {
         let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
         let pieces = self.map().pieces();
         let scale = self.scale_for(dims.head_dim);
@@ -175,8 +298,6 @@ impl Attention {
             .map(|&p| scale * self.query_factor(p))
             .collect();
         let ones = vec![1.0; k_pos.len()];
-        let q_raw = HeadMajor::from_view(&q);
-        let k_raw = HeadMajor::from_view(&k);
         let mut list = vec![pieces.near];
         if let Some((_, far)) = pieces.far {
             list.push(far);
@@ -196,9 +317,18 @@ impl Attention {
                     k_own = Trig::new(inv, piece.key, k_pos);
                     &k_own
                 };
-                RotatedPiece {
-                    q: self.rotate(&q_raw, &q_trig, &q_factor),
-                    k: self.rotate(&k_raw, k_trig, &ones),
+                let q_rot = self.rotate_all(&q, &q_trig, &q_factor);
+                match keys {
+                    KeyForm::HeadMajor => RotatedPiece {
+                        q: q_rot,
+                        k: Some(self.rotate_all(&k, k_trig, &ones)),
+                        packed: Vec::new(),
+                    },
+                    KeyForm::Packed(kern) => RotatedPiece {
+                        q: q_rot,
+                        k: None,
+                        packed: self.rotate_packed(&k, k_trig, &ones, kern),
+                    },
                 }
             })
             .collect();
@@ -210,42 +340,55 @@ impl Attention {
         })
     }
 
-    /// `factor[t] * R(trig[t]) x[t, h]` for every token and head.
-    fn rotate(&self, raw: &HeadMajor, trig: &Trig, factor: &[f64]) -> HeadMajor {
-        let mut out = raw.clone();
-        let heads = raw.heads;
-        let pairs = trig.pairs;
-        let layout: Layout = self.layout();
-        let identity = trig.is_identity();
-        let mut cos = vec![0f32; pairs];
-        let mut sin = vec![0f32; pairs];
-        for (t, &c) in factor.iter().enumerate() {
-            let c32: f32 = cast(c);
-            if identity {
-                if c != 1.0 {
-                    for h in 0..heads {
-                        out.row_mut(h, t).iter_mut().for_each(|x| *x *= c32);
-                    }
-                }
-                continue;
-            }
-            let (s64, c64) = trig.token(t);
-            for (((co, si), &cv), &sv) in cos.iter_mut().zip(sin.iter_mut()).zip(c64).zip(s64) {
-                *co = cast(cv * c);
-                *si = cast(sv * c);
-            }
+    /// `factor[t] * R(trig[t]) x[t, h]` for every token and head, head-major.
+    fn rotate_all(&self, x: &ArrayView3<f32>, trig: &Trig, factor: &[f64]) -> HeadMajor<'static> {
+        let (rows, heads, width) = x.dim();
+        let mut out = vec![0f32; rows * heads * width];
+        let flat = x.to_slice();
+        let mut rot = Rotator::new(trig, factor, self.layout());
+        let mut buf = Vec::new();
+        for t in 0..rows {
+            rot.token(t);
             for h in 0..heads {
-                let lane = out.row_mut(h, t);
-                rotate_lane_with(lane, &cos, &sin, layout);
-                if c != 1.0 {
-                    // Pass-through dims (partial rotary) still carry the scale.
-                    for x in &mut lane[2 * pairs..] {
-                        *x *= c32;
-                    }
-                }
+                let at = (h * rows + t) * width;
+                rot.row(
+                    t,
+                    src_row(x, flat, t, h, &mut buf),
+                    &mut out[at..at + width],
+                );
             }
         }
-        out
+        HeadMajor::owned(out, rows, width)
+    }
+
+    /// The rotated keys of each head, packed: one head at a time through a scratch.
+    fn rotate_packed(
+        &self,
+        x: &ArrayView3<f32>,
+        trig: &Trig,
+        factor: &[f64],
+        kern: Kernels,
+    ) -> Vec<PackedKeys> {
+        let (rows, heads, width) = x.dim();
+        let flat = x.to_slice();
+        let mut rot = Rotator::new(trig, factor, self.layout());
+        let mut buf = Vec::new();
+        let mut scratch = vec![0f32; rows * width];
+        (0..heads)
+            .map(|h| {
+                for t in 0..rows {
+                    rot.token(t);
+                    let src = src_row(x, flat, t, h, &mut buf);
+                    rot.row(t, src, &mut scratch[t * width..(t + 1) * width]);
+                }
+                let mut packed = PackedKeys::new();
+                kern.pack_keys(
+                    MatRef::new(&scratch, rows, width, width).expect("scratch holds the keys"),
+                    &mut packed,
+                );
+                packed
+            })
+            .collect()
     }
 }
 

@@ -41,8 +41,8 @@
 use ndarray::{Array3, ArrayView3};
 
 use super::Attention;
-use super::kernels::{Kernels, MatMut, MatRef};
-use super::rotated::{Prepared, axpy};
+use super::kernels::{Kernels, MatMut, MatRef, PackedKeys};
+use super::rotated::{KeyForm, Prepared, axpy};
 use crate::error::{Result, RopeError};
 
 /// Tile sizes for [`Attention::tiled_with`]: `block_q` query rows by `block_k` key
@@ -329,7 +329,7 @@ fn blocks(pos: &[usize], size: usize) -> Vec<Block> {
 /// One tiled call: the prepared pieces and the block partition.
 struct Plan<'a> {
     att: &'a Attention,
-    prep: Prepared,
+    prep: Prepared<'a>,
     q_pos: &'a [usize],
     k_pos: &'a [usize],
     q_blocks: Vec<Block>,
@@ -410,7 +410,7 @@ impl Plan<'_> {
             } else {
                 Mask::None
             };
-            let v = self.prep.v.rows(g, kb.start..kb.end);
+            let v = self.prep.v.mat(g, kb.start..kb.end);
             state.update(self.kern, s, bk, mask, &scratch.visible, q_pos, k_pos, v);
             stats.pv_products += 1;
         }
@@ -436,10 +436,13 @@ impl Plan<'_> {
         let mut product = |piece: usize, out: &mut [f32]| {
             let p = &self.prep.pieces[piece];
             let a = mat(p.q.rows(h, rows.clone()), bq, d, d);
-            let b = mat(p.k.rows(g, cols.clone()), bk, d, d);
-            self.kern
-                .qk_tile(a, b, mat_mut(&mut out[..bq * bk], bq, bk, bk), 1.0)
-                .expect("tile shapes are consistent");
+            let s = mat_mut(&mut out[..bq * bk], bq, bk, bk);
+            match &p.k {
+                // Keys packed once per call (key blocks start at panel multiples).
+                None => self.kern.qk_tile_packed(a, &p.packed[g], kb.start, s, 1.0),
+                Some(k) => self.kern.qk_tile(a, k.mat(g, cols.clone()), s, 1.0),
+            }
+            .expect("tile shapes are consistent");
             stats.qk_products += 1;
         };
         match class {
@@ -533,7 +536,7 @@ impl RowState {
         visible: &[usize],
         q_pos: &[usize],
         k_pos: &[usize],
-        v: &[f32],
+        v: MatRef<'_>,
     ) {
         let dv = self.dv;
         let rows = s.len() / bk.max(1);
@@ -563,10 +566,10 @@ impl RowState {
         if dv == 0 || rows == 0 {
             return;
         }
-        let pv = |p: &[f32], prow: usize, cols: usize, v: &[f32], acc: &mut [f32]| {
+        let pv = |p: &[f32], prow: usize, cols: usize, v: MatRef<'_>, acc: &mut [f32]| {
             kern.pv_tile(
                 mat(p, prow, cols, bk),
-                mat(v, cols, dv, dv),
+                v.sub_rows(0, cols),
                 mat_mut(acc, prow, dv, dv),
             )
             .expect("tile shapes are consistent");
@@ -594,7 +597,7 @@ impl RowState {
                                 &s[a * bk + common..],
                                 1,
                                 visible[a] - common,
-                                &v[common * dv..],
+                                v.sub_rows(common, visible[a] - common),
                                 &mut self.acc[a * dv..(a + 1) * dv],
                             );
                         }
@@ -606,7 +609,7 @@ impl RowState {
                     let acc = &mut self.acc[a * dv..(a + 1) * dv];
                     for (c, (&p, &kp)) in prow.iter().zip(k_pos).enumerate() {
                         if kp <= qp {
-                            axpy(acc, p, &v[c * dv..(c + 1) * dv]);
+                            axpy(acc, p, v.row(c));
                         }
                     }
                 }
@@ -684,7 +687,14 @@ impl Attention {
         tiles: &TileConfig,
     ) -> Result<(Array3<f32>, TileStats)> {
         tiles.validate()?;
-        let prep = self.prepare(q, k, v, q_pos, k_pos)?;
+        let kern = Kernels::active();
+        // Keys are packed once per call when key blocks start at panel multiples.
+        let keys = if tiles.block_k.is_multiple_of(PackedKeys::PANEL) {
+            KeyForm::Packed(kern)
+        } else {
+            KeyForm::HeadMajor
+        };
+        let prep = self.prepare(q, k, v, q_pos, k_pos, keys)?;
         let dims = prep.dims;
         let plan = Plan {
             att: self,
@@ -694,7 +704,7 @@ impl Attention {
             q_blocks: blocks(q_pos, tiles.block_q),
             k_blocks: blocks(k_pos, tiles.block_k),
             block_k: tiles.block_k,
-            kern: Kernels::active(),
+            kern,
         };
         let n_blocks = plan.q_blocks.len();
         let task = |t: usize| plan.run(t / n_blocks, plan.q_blocks[t % n_blocks]);
@@ -707,20 +717,21 @@ impl Attention {
         #[cfg(not(feature = "rayon"))]
         let results: Vec<(Vec<f32>, TileStats)> = (0..tasks).map(task).collect();
 
-        let dv = dims.value_dim;
-        let mut out = Array3::<f32>::zeros((dims.n_q, dims.heads_q, dv));
+        let (dv, heads) = (dims.value_dim, dims.heads_q);
+        let mut out = Array3::<f32>::zeros((dims.n_q, heads, dv));
+        let out_slice = out
+            .as_slice_mut()
+            .expect("a new array is in standard layout");
         let mut stats = TileStats::default();
         for (t, (block_out, block_stats)) in results.into_iter().enumerate() {
             stats = stats.add(block_stats);
             let (h, qb) = (t / n_blocks, plan.q_blocks[t % n_blocks]);
-            for (a, i) in (qb.start..qb.end).enumerate() {
-                for (o, &x) in out
-                    .slice_mut(ndarray::s![i, h, ..])
-                    .iter_mut()
-                    .zip(&block_out[a * dv..(a + 1) * dv])
-                {
-                    *o = x;
-                }
+            if dv == 0 {
+                continue;
+            }
+            for (i, row) in (qb.start..qb.end).zip(block_out.chunks_exact(dv)) {
+                let at = (i * heads + h) * dv;
+                out_slice[at..at + dv].copy_from_slice(row);
             }
         }
         Ok((out, stats))
