@@ -88,6 +88,31 @@ fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
     times[times.len() / 2]
 }
 
+/// Medians of interleaved runs: one warm-up run of every case, then rounds in which
+/// every case with `reps` left runs once, so slow drifts in machine load hit every
+/// case alike and the ratios stay fair.
+fn interleaved_medians(runs: &mut [(usize, Box<dyn FnMut() + '_>)]) -> Vec<Duration> {
+    let mut times: Vec<Vec<Duration>> = runs.iter().map(|_| Vec::new()).collect();
+    for (_, f) in runs.iter_mut() {
+        f();
+    }
+    let rounds = runs.iter().map(|r| r.0).max().unwrap_or(0);
+    for round in 0..rounds {
+        for ((reps, f), t) in runs.iter_mut().zip(times.iter_mut()) {
+            if round < *reps {
+                t.push(time_once(f));
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_unstable();
+            t.get(t.len() / 2).copied().unwrap_or_default()
+        })
+        .collect()
+}
+
 struct Options {
     ns: Vec<usize>,
     ls: Vec<usize>,
@@ -213,29 +238,35 @@ fn prefill(o: &Options, peak: f64, res: &mut Results) {
             ("rerope_two_pass", PositionMap::rerope(w).unwrap(), true),
             ("rope_two_pass", PositionMap::Rope, true),
         ];
+        let cases: Vec<_> = cases
+            .into_iter()
+            .filter(|c| !c.2 || (o.two_pass && !(o.quick && n > smallest)))
+            .collect();
+        let atts: Vec<Attention> = cases
+            .iter()
+            .map(|c| Attention::new(freqs.clone(), Layout::Half, c.1))
+            .collect();
+        let mut runs: Vec<(usize, Box<dyn FnMut() + '_>)> = cases
+            .iter()
+            .zip(&atts)
+            .map(|(&(_, _, two_pass), att)| {
+                let reps = if two_pass { o.reps.min(3) } else { o.reps };
+                let (q, k, v, pos) = (&q, &k, &v, &pos);
+                let f: Box<dyn FnMut() + '_> = Box::new(move || {
+                    let out = if two_pass {
+                        att.two_pass(q.view(), k.view(), v.view(), pos, pos)
+                    } else {
+                        att.tiled_with(q.view(), k.view(), v.view(), pos, pos, &o.tiles)
+                            .map(|(o, _)| o)
+                    };
+                    std::hint::black_box(out.expect("attention"));
+                });
+                (reps, f)
+            })
+            .collect();
+        let times = interleaved_medians(&mut runs);
         let mut base = None;
-        for (name, map, two_pass) in cases {
-            if two_pass && (!o.two_pass || (o.quick && n > smallest)) {
-                continue;
-            }
-            let att = Attention::new(freqs.clone(), Layout::Half, map);
-            let reps = if two_pass { o.reps.min(3) } else { o.reps };
-            let t = median_time(reps, || {
-                let out = if two_pass {
-                    att.two_pass(q.view(), k.view(), v.view(), &pos, &pos)
-                } else {
-                    att.tiled_with(
-                        q.view(),
-                        k.view(),
-                        v.view(),
-                        &pos,
-                        &pos,
-                        &TileConfig::DEFAULT,
-                    )
-                    .map(|(o, _)| o)
-                };
-                std::hint::black_box(out.expect("attention"));
-            });
+        for ((name, map, _), t) in cases.iter().zip(times) {
             let ms = t.as_secs_f64() * 1e3;
             let gflops = flops / t.as_secs_f64() / 1e9;
             let base_ms = *base.get_or_insert(ms);
@@ -278,19 +309,28 @@ fn tune(o: &Options, peak: f64) {
         "| block_q x block_k | rope_tiled (ms) | GFLOP/s | rerope_tiled (ms) | GFLOP/s | rerope / rope |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
+    let atts = [
+        Attention::new(freqs.clone(), Layout::Half, PositionMap::Rope),
+        Attention::new(freqs.clone(), Layout::Half, PositionMap::rerope(w).unwrap()),
+    ];
+    let mut runs: Vec<(usize, Box<dyn FnMut() + '_>)> = Vec::new();
     for tiles in &o.tune {
-        let time = |map: PositionMap| {
-            let att = Attention::new(freqs.clone(), Layout::Half, map);
-            median_time(o.reps, || {
-                std::hint::black_box(
-                    att.tiled_with(q.view(), k.view(), v.view(), &pos, &pos, tiles)
-                        .expect("tiled"),
-                );
-            })
-            .as_secs_f64()
-        };
-        let rope = time(PositionMap::Rope);
-        let rerope = time(PositionMap::rerope(w).unwrap());
+        for att in &atts {
+            let (q, k, v, pos) = (&q, &k, &v, &pos);
+            runs.push((
+                o.reps,
+                Box::new(move || {
+                    std::hint::black_box(
+                        att.tiled_with(q.view(), k.view(), v.view(), pos, pos, tiles)
+                            .expect("tiled"),
+                    );
+                }),
+            ));
+        }
+    }
+    let times = interleaved_medians(&mut runs);
+    for (tiles, t) in o.tune.iter().zip(times.chunks(2)) {
+        let (rope, rerope) = (t[0].as_secs_f64(), t[1].as_secs_f64());
         println!(
             "| {}x{} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} |",
             tiles.block_q,
