@@ -9,7 +9,7 @@
 //! of L = 4096 and 32768 tokens) inside a local 1-thread rayon pool. The pool forces one
 //! worker, but the OS may still move it between cores: pin it with `taskset -c 0`. Each
 //! case is run a few times after a warm-up and the median is reported (on-CPU time of
-//! the worker thread from `/proc/thread-self/schedstat`, so that other jobs on a shared
+//! the worker thread, `CLOCK_THREAD_CPUTIME_ID`, so that other jobs on a shared
 //! machine do not inflate it; `--wall` for wall-clock time), with the ratio to
 //! the plain case of the same run (`rope_tiled` for prefill, `rope` for decode), the
 //! machine's f32 FMA-loop peak (percent of peak for prefill) and its streaming read
@@ -51,13 +51,32 @@ fn config() -> RopeConfig {
     RopeConfig::new(HEAD_DIM, 10_000.0).expect("valid rope config")
 }
 
-/// Time this thread has spent on a CPU (`/proc/thread-self/schedstat`, Linux), if
-/// known: unlike wall-clock time it does not count the time other jobs on a shared
-/// machine hold the core.
+/// Time this thread has spent on a CPU (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`,
+/// Linux), if known: unlike wall-clock time it does not count the time other jobs on a
+/// shared machine hold the core.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 fn thread_cpu_time() -> Option<Duration> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
-    Some(Duration::from_nanos(ns))
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    unsafe extern "C" {
+        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec (two 64-bit fields on 64-bit Linux).
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn thread_cpu_time() -> Option<Duration> {
+    None
 }
 
 /// Use wall-clock time instead of on-CPU time (`--wall`).
@@ -80,18 +99,13 @@ fn time_once(f: &mut impl FnMut()) -> Duration {
     }
 }
 
-/// Median of `reps` timed runs after one untimed warm-up run.
-fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
-    f();
-    let mut times: Vec<Duration> = (0..reps.max(1)).map(|_| time_once(&mut f)).collect();
-    times.sort_unstable();
-    times[times.len() / 2]
-}
+/// A case to time: runs wanted and the call.
+type Run<'a> = (usize, Box<dyn FnMut() + 'a>);
 
 /// Medians of interleaved runs: one warm-up run of every case, then rounds in which
 /// every case with `reps` left runs once, so slow drifts in machine load hit every
 /// case alike and the ratios stay fair.
-fn interleaved_medians(runs: &mut [(usize, Box<dyn FnMut() + '_>)]) -> Vec<Duration> {
+fn interleaved_medians(runs: &mut [Run<'_>]) -> Vec<Duration> {
     let mut times: Vec<Vec<Duration>> = runs.iter().map(|_| Vec::new()).collect();
     for (_, f) in runs.iter_mut() {
         f();
@@ -246,7 +260,7 @@ fn prefill(o: &Options, peak: f64, res: &mut Results) {
             .iter()
             .map(|c| Attention::new(freqs.clone(), Layout::Half, c.1))
             .collect();
-        let mut runs: Vec<(usize, Box<dyn FnMut() + '_>)> = cases
+        let mut runs: Vec<Run<'_>> = cases
             .iter()
             .zip(&atts)
             .map(|(&(_, _, two_pass), att)| {
@@ -313,7 +327,7 @@ fn tune(o: &Options, peak: f64) {
         Attention::new(freqs.clone(), Layout::Half, PositionMap::Rope),
         Attention::new(freqs.clone(), Layout::Half, PositionMap::rerope(w).unwrap()),
     ];
-    let mut runs: Vec<(usize, Box<dyn FnMut() + '_>)> = Vec::new();
+    let mut runs: Vec<Run<'_>> = Vec::new();
     for tiles in &o.tune {
         for att in &atts {
             let (q, k, v, pos) = (&q, &k, &v, &pos);
@@ -383,21 +397,26 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
             res.decode.push((len, name, ms, gbs));
         };
         let reps = o.reps.max(5);
-        for (name, map) in [
-            ("rope", PositionMap::Rope),
-            ("rerope_cache", PositionMap::rerope(w).unwrap()),
-            ("leaky_cache", PositionMap::leaky_rerope(w, LEAK).unwrap()),
-        ] {
-            let cache = filled(
+        let names = [
+            "rope",
+            "rerope_cache",
+            "leaky_cache",
+            "rerope_rerotating (Su)",
+        ];
+        let caches: Vec<KvCache> = [
+            PositionMap::Rope,
+            PositionMap::rerope(w).unwrap(),
+            PositionMap::leaky_rerope(w, LEAK).unwrap(),
+        ]
+        .into_iter()
+        .map(|map| {
+            filled(
                 KvCache::new(config(), Layout::Half, map, HEADS, HEAD_DIM, HEAD_DIM).unwrap(),
                 &k,
                 &v,
-            );
-            let t = median_time(reps, || {
-                std::hint::black_box(cache.attend(q.view(), &step).expect("attend"));
-            });
-            record(name, t, res);
-        }
+            )
+        })
+        .collect();
         let su = filled(
             KvCacheRerotating::new(
                 config(),
@@ -411,10 +430,28 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
             &k,
             &v,
         );
-        let t = median_time(o.reps.min(3), || {
-            std::hint::black_box(su.attend(q.view(), &step).expect("attend"));
-        });
-        record("rerope_rerotating (Su)", t, res);
+        let (q, step) = (&q, &step);
+        let mut runs: Vec<Run<'_>> = caches
+            .iter()
+            .map(|cache| -> Run<'_> {
+                (
+                    reps,
+                    Box::new(move || {
+                        std::hint::black_box(cache.attend(q.view(), step).expect("attend"));
+                    }),
+                )
+            })
+            .collect();
+        runs.push((
+            o.reps.min(3),
+            Box::new(|| {
+                std::hint::black_box(su.attend(q.view(), step).expect("attend"));
+            }),
+        ));
+        let times = interleaved_medians(&mut runs);
+        for (name, t) in names.into_iter().zip(times) {
+            record(name, t, res);
+        }
     }
 }
 
@@ -427,15 +464,16 @@ fn fma_peak() -> f64 {
     Kernels::active().fma_peak_gflops(Duration::from_secs(1))
 }
 
-/// Streaming read bandwidth in GB/s: sum of a 1 GiB buffer, best of 5 passes.
+/// Streaming read bandwidth in GB/s: sum of a 1 GiB buffer, best of 5 passes (timed
+/// like the cases).
 fn read_bandwidth() -> f64 {
     let buf = vec![1.0f32; 1 << 28];
     let mut best = 0f64;
     for _ in 0..5 {
-        let t = Instant::now();
-        let s = sum(&buf);
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
+        let secs = time_once(&mut || {
+            std::hint::black_box(sum(&buf));
+        })
+        .as_secs_f64();
         best = best.max((buf.len() * 4) as f64 / secs / 1e9);
     }
     best

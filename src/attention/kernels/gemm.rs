@@ -456,32 +456,37 @@ unsafe fn qk_dot_block<S: Simd, const G: usize, const R: usize>(
     let mut acc = [[s.zero(); R]; G];
     let tail = s.mask(rem);
     // One step of `LANES` head dims at offset `off`, masked to `tail` for the last.
-    let step = |acc: &mut [[S::V; R]; G], off: usize, masked: bool| {
-        let mut kv = [s.zero(); R];
-        // SAFETY: `off + LANES <= full * LANES` (unmasked) or the `rem` lanes after
-        // `full * LANES` (masked) lie inside the rows the caller guarantees.
-        unsafe {
-            for (r, x) in kv.iter_mut().enumerate() {
-                let pk = k.add(r * ldk + off);
-                *x = if masked {
-                    s.load_masked(pk, tail)
-                } else {
-                    s.load(pk)
-                };
-            }
-            for (gq, row) in acc.iter_mut().enumerate() {
-                let pq = q.add(gq * ldq + off);
-                let qv = if masked {
-                    s.load_masked(pq, tail)
-                } else {
-                    s.load(pq)
-                };
-                for (x, kr) in row.iter_mut().zip(kv) {
-                    *x = s.fma(qv, kr, *x);
+    // `inline(always)`: a closure does not inherit the entry point's target features,
+    // so unless it is inlined there its intrinsics become calls.
+    let step = std::convert::identity(
+        #[inline(always)]
+        |acc: &mut [[S::V; R]; G], off: usize, masked: bool| {
+            let mut kv = [s.zero(); R];
+            // SAFETY: `off + LANES <= full * LANES` (unmasked) or the `rem` lanes after
+            // `full * LANES` (masked) lie inside the rows the caller guarantees.
+            unsafe {
+                for (r, x) in kv.iter_mut().enumerate() {
+                    let pk = k.add(r * ldk + off);
+                    *x = if masked {
+                        s.load_masked(pk, tail)
+                    } else {
+                        s.load(pk)
+                    };
+                }
+                for (gq, row) in acc.iter_mut().enumerate() {
+                    let pq = q.add(gq * ldq + off);
+                    let qv = if masked {
+                        s.load_masked(pq, tail)
+                    } else {
+                        s.load(pq)
+                    };
+                    for (x, kr) in row.iter_mut().zip(kv) {
+                        *x = s.fma(qv, kr, *x);
+                    }
                 }
             }
-        }
-    };
+        },
+    );
     for c in 0..full {
         step(&mut acc, c * S::LANES, false);
     }

@@ -646,8 +646,10 @@ mod x86 {
                     while k + 16 <= kc {
                         // SAFETY: rows `j .. j + 16 <= rows`, columns `k .. k + 16 <= kc`
                         // are inside the caller's readable block.
-                        let r: [__m512; 16] =
-                            std::array::from_fn(|i| unsafe { self.load(b.add((j + i) * ldb + k)) });
+                        let r: [__m512; 16] = std::array::from_fn(
+                            #[inline(always)]
+                            |i| unsafe { self.load(b.add((j + i) * ldb + k)) },
+                        );
                         let t = transpose16(self, r);
                         for (kk, tk) in t.into_iter().enumerate() {
                             // SAFETY: `(k + kk) * nr + j + 16 <= kc * nr`: in the panel.
