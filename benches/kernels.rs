@@ -5,13 +5,17 @@
 //! taskset -c 0 cargo bench --bench kernels
 //! ```
 //!
+//! `qk_tile_.../packed_per_call` packs the keys inside every call (`qk_tile`);
+//! `prepacked` scores against keys packed once (`qk_tile_packed`), as a flash loop
+//! that packs each head's keys once sees it.
+//!
 //! Throughput units: for `fma_peak`, `qk_tile` and `pv_tile`, criterion's "elem/s" are
 //! f32 flop/s (2 per multiply-add), so `Gelem/s` reads as GFLOP/s. For `gemv` and
 //! `stream`, bytes/s are the bytes of K or V read (n x d x 4). For `exp`, elem/s are
 //! exponentials per second.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ropex::attention::kernels::{Kernels, MatMut, MatRef};
+use ropex::attention::kernels::{Kernels, MatMut, MatRef, PackedKeys};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -55,11 +59,26 @@ fn tiles(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("qk_tile_{m}x{n}x{d}"));
         g.throughput(Throughput::Elements((2 * m * n * d) as u64));
         for k in kernels() {
-            g.bench_function(k.isa().name(), |b| {
+            g.bench_function(BenchmarkId::new("packed_per_call", k.isa().name()), |b| {
                 b.iter(|| {
                     k.qk_tile(
                         MatRef::contiguous(black_box(&a), m, d).unwrap(),
                         MatRef::contiguous(black_box(&bm), n, d).unwrap(),
+                        MatMut::contiguous(&mut s, m, n).unwrap(),
+                        0.088,
+                    )
+                    .unwrap();
+                })
+            });
+            // Keys packed once outside the loop (a flash loop packs each head once).
+            let mut packed = PackedKeys::new();
+            k.pack_keys(MatRef::contiguous(&bm, n, d).unwrap(), &mut packed);
+            g.bench_function(BenchmarkId::new("prepacked", k.isa().name()), |b| {
+                b.iter(|| {
+                    k.qk_tile_packed(
+                        MatRef::contiguous(black_box(&a), m, d).unwrap(),
+                        black_box(&packed),
+                        0,
                         MatMut::contiguous(&mut s, m, n).unwrap(),
                         0.088,
                     )

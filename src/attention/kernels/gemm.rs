@@ -455,48 +455,73 @@ unsafe fn qk_dot_block<S: Simd, const G: usize, const R: usize>(
 ) {
     let mut acc = [[s.zero(); R]; G];
     let tail = s.mask(rem);
-    // One step of `LANES` head dims at offset `off`, masked to `tail` for the last.
-    // `inline(always)`: a closure does not inherit the entry point's target features,
-    // so unless it is inlined there its intrinsics become calls.
-    let step = std::convert::identity(
-        #[inline(always)]
-        |acc: &mut [[S::V; R]; G], off: usize, masked: bool| {
-            let mut kv = [s.zero(); R];
-            // SAFETY: `off + LANES <= full * LANES` (unmasked) or the `rem` lanes after
-            // `full * LANES` (masked) lie inside the rows the caller guarantees.
-            unsafe {
-                for (r, x) in kv.iter_mut().enumerate() {
-                    let pk = k.add(r * ldk + off);
-                    *x = if masked {
-                        s.load_masked(pk, tail)
-                    } else {
-                        s.load(pk)
-                    };
-                }
-                for (gq, row) in acc.iter_mut().enumerate() {
-                    let pq = q.add(gq * ldq + off);
-                    let qv = if masked {
-                        s.load_masked(pq, tail)
-                    } else {
-                        s.load(pq)
-                    };
-                    for (x, kr) in row.iter_mut().zip(kv) {
-                        *x = s.fma(qv, kr, *x);
-                    }
-                }
-            }
-        },
-    );
-    for c in 0..full {
-        step(&mut acc, c * S::LANES, false);
+    // SAFETY: `c * LANES + LANES <= full * LANES` (whole steps) and the `rem` lanes
+    // after `full * LANES` (the masked step) lie inside the caller's rows.
+    unsafe {
+        for c in 0..full {
+            dot_step::<S, G, R>(s, &mut acc, q, ldq, k, ldk, c * S::LANES, None);
+        }
+        if rem > 0 {
+            dot_step::<S, G, R>(s, &mut acc, q, ldq, k, ldk, full * S::LANES, Some(tail));
+        }
     }
-    if rem > 0 {
-        step(&mut acc, full * S::LANES, true);
-    }
-    for (gq, row) in acc.iter().enumerate() {
-        for (r, &x) in row.iter().enumerate() {
+    // Horizontal sums, LANES accumulators at a time (accumulator `f` is query `f / R`,
+    // key `f % R`), zero-padded to whole groups.
+    let l = S::LANES;
+    let sc = s.splat(scale);
+    let mut f0 = 0;
+    while f0 < G * R {
+        let mut group = [s.zero(); 16];
+        for (x, f) in group.iter_mut().take(l).zip(f0..G * R) {
+            *x = acc[f / R][f % R];
+        }
+        let mut sums = [0f32; 16];
+        // SAFETY: `sums` holds 16 >= LANES f32.
+        unsafe { s.store(sums.as_mut_ptr(), s.mul(s.transpose_sum(&group[..l]), sc)) };
+        for (f, &x) in (f0..G * R).zip(&sums[..l]) {
             // SAFETY: `out` is writable at `gq * ldo + r` for `gq < G`, `r < R`.
-            unsafe { *out.add(gq * ldo + r) = s.hsum(x) * scale };
+            unsafe { *out.add((f / R) * ldo + f % R) = x };
+        }
+        f0 += l;
+    }
+}
+
+/// One step of `qk_dot_block`: `LANES` head dims at offset `off`, masked if `mask`.
+///
+/// # Safety
+/// `q` (`G` rows) and `k` (`R` rows) readable at `off .. off + LANES` (or the lanes of
+/// `mask`) of each row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_step<S: Simd, const G: usize, const R: usize>(
+    s: S,
+    acc: &mut [[S::V; R]; G],
+    q: *const f32,
+    ldq: usize,
+    k: *const f32,
+    ldk: usize,
+    off: usize,
+    mask: Option<S::M>,
+) {
+    let mut kv = [s.zero(); R];
+    // SAFETY: forwarded contract.
+    unsafe {
+        for (r, x) in kv.iter_mut().enumerate() {
+            let pk = k.add(r * ldk + off);
+            *x = match mask {
+                Some(m) => s.load_masked(pk, m),
+                None => s.load(pk),
+            };
+        }
+        for (gq, row) in acc.iter_mut().enumerate() {
+            let pq = q.add(gq * ldq + off);
+            let qv = match mask {
+                Some(m) => s.load_masked(pq, m),
+                None => s.load(pq),
+            };
+            for (x, kr) in row.iter_mut().zip(kv) {
+                *x = s.fma(qv, kr, *x);
+            }
         }
     }
 }

@@ -7,6 +7,9 @@
 //! generic functions marked `#[inline(always)]`; each instruction set gets a thin
 //! `#[target_feature]` entry point that calls the generic body with its token, so the
 //! whole body, intrinsics included, is compiled for that instruction set.
+//!
+//! No closure may call a token method: a closure is a function of its own, compiled
+//! without the entry point's target features, so its intrinsics would become calls.
 
 /// One SIMD instruction set: a vector of `LANES` f32 and the operations kernels use.
 ///
@@ -68,6 +71,19 @@ pub(crate) trait Simd: Copy {
     fn hmax(self, v: Self::V) -> f32;
     /// Lane-wise `e^x`.
     fn exp(self, x: Self::V) -> Self::V;
+
+    /// Lane `t` of the result is the sum of the lanes of `v[t]` (`v.len() == LANES`):
+    /// `LANES` horizontal sums at once.
+    #[inline(always)]
+    fn transpose_sum(self, v: &[Self::V]) -> Self::V {
+        debug_assert_eq!(v.len(), Self::LANES);
+        let mut sums = [0f32; 16];
+        for (x, &vt) in sums.iter_mut().zip(v) {
+            *x = self.hsum(vt);
+        }
+        // SAFETY: `sums` holds 16 >= LANES f32.
+        unsafe { self.load(sums.as_ptr()) }
+    }
 
     /// Packs `rows <= nr` rows of a row-major block, transposed: for `kk < kc`,
     /// `panel[kk * nr + jj] = b[jj * ldb + kk]` for `jj < rows` and `0` for
@@ -429,6 +445,37 @@ mod x86 {
         }
 
         #[inline(always)]
+        fn transpose_sum(self, v: &[__m256]) -> __m256 {
+            debug_assert_eq!(v.len(), 8);
+            // A tree of pairwise folds; the final lane order is fixed by feeding vector
+            // `4 (s % 2) + s / 2` into slot `s`.
+            let x: [__m256; 8] = [v[0], v[4], v[1], v[5], v[2], v[6], v[3], v[7]];
+            // SAFETY: token => AVX available.
+            unsafe {
+                let mut w = [_mm256_setzero_ps(); 4];
+                for (i, wi) in w.iter_mut().enumerate() {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    *wi = _mm256_add_ps(
+                        _mm256_permute2f128_ps::<0x20>(a, b),
+                        _mm256_permute2f128_ps::<0x31>(a, b),
+                    );
+                }
+                let mut y = [_mm256_setzero_ps(); 2];
+                for (i, yi) in y.iter_mut().enumerate() {
+                    let (a, b) = (w[2 * i], w[2 * i + 1]);
+                    *yi = _mm256_add_ps(
+                        _mm256_shuffle_ps::<0x44>(a, b),
+                        _mm256_shuffle_ps::<0xEE>(a, b),
+                    );
+                }
+                _mm256_add_ps(
+                    _mm256_shuffle_ps::<0x88>(y[0], y[1]),
+                    _mm256_shuffle_ps::<0xDD>(y[0], y[1]),
+                )
+            }
+        }
+
+        #[inline(always)]
         unsafe fn pack_bt(
             self,
             b: *const f32,
@@ -627,6 +674,50 @@ mod x86 {
         }
 
         #[inline(always)]
+        fn transpose_sum(self, v: &[__m512]) -> __m512 {
+            debug_assert_eq!(v.len(), 16);
+            // A tree of pairwise folds (128-bit lanes twice, then elements twice) leaves
+            // the sum of slot `4e + j` at lane `4j + e`: feed slot `4e + j` with vector
+            // `4j + e` so lane `t` holds the sum of `v[t]`.
+            #[rustfmt::skip]
+            let x: [__m512; 16] = [
+                v[0], v[4], v[8], v[12], v[1], v[5], v[9], v[13],
+                v[2], v[6], v[10], v[14], v[3], v[7], v[11], v[15],
+            ];
+            // SAFETY: token => AVX-512F available.
+            unsafe {
+                let mut w = [_mm512_setzero_ps(); 8];
+                for (i, wi) in w.iter_mut().enumerate() {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    *wi = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x44>(a, b),
+                        _mm512_shuffle_f32x4::<0xEE>(a, b),
+                    );
+                }
+                let mut y = [_mm512_setzero_ps(); 4];
+                for (i, yi) in y.iter_mut().enumerate() {
+                    let (a, b) = (w[2 * i], w[2 * i + 1]);
+                    *yi = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x88>(a, b),
+                        _mm512_shuffle_f32x4::<0xDD>(a, b),
+                    );
+                }
+                let mut z = [_mm512_setzero_ps(); 2];
+                for (i, zi) in z.iter_mut().enumerate() {
+                    let (a, b) = (y[2 * i], y[2 * i + 1]);
+                    *zi = _mm512_add_ps(
+                        _mm512_shuffle_ps::<0x44>(a, b),
+                        _mm512_shuffle_ps::<0xEE>(a, b),
+                    );
+                }
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x88>(z[0], z[1]),
+                    _mm512_shuffle_ps::<0xDD>(z[0], z[1]),
+                )
+            }
+        }
+
+        #[inline(always)]
         unsafe fn pack_bt(
             self,
             b: *const f32,
@@ -644,12 +735,12 @@ mod x86 {
                 if nrows == 16 {
                     // Whole blocks: straight-line loads, transpose, stores.
                     while k + 16 <= kc {
-                        // SAFETY: rows `j .. j + 16 <= rows`, columns `k .. k + 16 <= kc`
-                        // are inside the caller's readable block.
-                        let r: [__m512; 16] = std::array::from_fn(
-                            #[inline(always)]
-                            |i| unsafe { self.load(b.add((j + i) * ldb + k)) },
-                        );
+                        let mut r = [self.zero(); 16];
+                        for (i, ri) in r.iter_mut().enumerate() {
+                            // SAFETY: rows `j .. j + 16 <= rows`, columns `k .. k + 16 <=
+                            // kc` are inside the caller's readable block.
+                            *ri = unsafe { self.load(b.add((j + i) * ldb + k)) };
+                        }
                         let t = transpose16(self, r);
                         for (kk, tk) in t.into_iter().enumerate() {
                             // SAFETY: `(k + kk) * nr + j + 16 <= kc * nr`: in the panel.

@@ -10,37 +10,40 @@ use super::simd::Simd;
 /// Largest `LANES` of any instruction set (the tail buffer size).
 const MAX_LANES: usize = 16;
 
-/// Applies `f` to every `LANES`-wide chunk of `x` (the tail padded with `pad`, and only
-/// its real lanes written back).
-#[inline(always)]
-fn for_chunks<S: Simd>(s: S, x: &mut [f32], pad: f32, mut f: impl FnMut(S::V) -> S::V) {
-    let l = S::LANES;
-    debug_assert!(l <= MAX_LANES);
-    let mut chunks = x.chunks_exact_mut(l);
-    for c in &mut chunks {
-        // SAFETY: `c` holds exactly LANES f32.
-        unsafe { s.store(c.as_mut_ptr(), f(s.load(c.as_ptr()))) };
-    }
-    let rest = chunks.into_remainder();
-    if !rest.is_empty() {
-        let mut buf = [pad; MAX_LANES];
-        buf[..rest.len()].copy_from_slice(rest);
-        // SAFETY: `buf` holds MAX_LANES >= LANES f32.
-        unsafe { s.store(buf.as_mut_ptr(), f(s.load(buf.as_ptr()))) };
-        rest.copy_from_slice(&buf[..rest.len()]);
-    }
+/// Runs `$body` (an expression of the vector `$v`, giving a vector) over every
+/// `LANES`-wide chunk of the slice `$x`, storing the results back; the tail is padded
+/// with `$pad` and only its real lanes are written back. A macro, not a function taking
+/// a closure: a closure would be compiled without the caller's target features.
+macro_rules! map_chunks {
+    ($s:expr, $x:expr, $pad:expr, |$v:ident| $body:expr) => {{
+        let l = S::LANES;
+        debug_assert!(l <= MAX_LANES);
+        let mut chunks = $x.chunks_exact_mut(l);
+        for c in &mut chunks {
+            // SAFETY: `c` holds exactly LANES f32.
+            let $v = unsafe { $s.load(c.as_ptr()) };
+            let y = $body;
+            // SAFETY: as above.
+            unsafe { $s.store(c.as_mut_ptr(), y) };
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut buf = [$pad; MAX_LANES];
+            buf[..rest.len()].copy_from_slice(rest);
+            // SAFETY: `buf` holds MAX_LANES >= LANES f32.
+            let $v = unsafe { $s.load(buf.as_ptr()) };
+            let y = $body;
+            // SAFETY: as above.
+            unsafe { $s.store(buf.as_mut_ptr(), y) };
+            rest.copy_from_slice(&buf[..rest.len()]);
+        }
+    }};
 }
 
 /// `x[i] = exp(x[i])`.
 #[inline(always)]
 pub(crate) fn exp<S: Simd>(s: S, x: &mut [f32]) {
-    for_chunks(
-        s,
-        x,
-        f32::NEG_INFINITY,
-        #[inline(always)]
-        |v| s.exp(v),
-    );
+    map_chunks!(s, x, f32::NEG_INFINITY, |v| s.exp(v));
 }
 
 /// `x[i] = exp(x[i] - max)`, returning the sum of the new `x`. A `max` of `-inf` (a row
@@ -52,19 +55,11 @@ pub(crate) fn exp_sub_sum<S: Simd>(s: S, x: &mut [f32], max: f32) -> f32 {
     let mut sum = s.zero();
     // The tail pads with -inf: exp(-inf - max) = 0 adds nothing (max is never +inf
     // here unless the caller passes it, and then every lane is NaN or 0 anyway).
-    // `inline(always)`: a closure does not inherit the caller's target features, so
-    // unless it is inlined into the entry point its intrinsics become calls.
-    for_chunks(
-        s,
-        x,
-        f32::NEG_INFINITY,
-        #[inline(always)]
-        |v| {
-            let e = s.exp(s.sub(v, m));
-            sum = s.add(sum, e);
-            e
-        },
-    );
+    map_chunks!(s, x, f32::NEG_INFINITY, |v| {
+        let e = s.exp(s.sub(v, m));
+        sum = s.add(sum, e);
+        e
+    });
     s.hsum(sum)
 }
 
@@ -101,11 +96,5 @@ pub(crate) fn row_max<S: Simd>(s: S, x: &[f32]) -> f32 {
 #[inline(always)]
 pub(crate) fn scale<S: Simd>(s: S, x: &mut [f32], alpha: f32) {
     let a = s.splat(alpha);
-    for_chunks(
-        s,
-        x,
-        0.0,
-        #[inline(always)]
-        |v| s.mul(v, a),
-    );
+    map_chunks!(s, x, 0.0, |v| s.mul(v, a));
 }

@@ -291,6 +291,33 @@ fn qk_packed_key_ranges_and_portable_layout() {
 }
 
 #[test]
+fn packed_keys_append_matches_pack() {
+    let mut rng = Rng(17);
+    for (n, d) in [(0, 5), (1, 1), (31, 7), (32, 8), (33, 128), (100, 65)] {
+        let b = Buf::new(&mut rng, n, d, 2);
+        let mut whole = PackedKeys::new();
+        Kernels::active().pack_keys(b.r(), &mut whole);
+        // Appended in uneven chunks: 1, 2, 3, ... rows.
+        let mut grown = PackedKeys::new();
+        let (mut r, mut chunk) = (0, 1);
+        while r < n {
+            let len = chunk.min(n - r);
+            grown.append(b.r().sub_rows(r, len)).unwrap();
+            r += len;
+            chunk += 1;
+        }
+        if n == 0 {
+            grown.append(b.r()).unwrap();
+        }
+        assert_eq!(grown, whole, "n {n}, d {d}");
+        let other = Buf::new(&mut rng, 1, d + 1, 0);
+        assert_eq!(grown.append(other.r()).is_err(), n > 0);
+        grown.clear();
+        assert!(grown.is_empty());
+    }
+}
+
+#[test]
 fn qk_empty_dims() {
     for k in Kernels::all_supported() {
         // d = 0: scores are zero.
