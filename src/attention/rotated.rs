@@ -392,6 +392,128 @@ impl Attention {
     }
 }
 
+/// What the tiled kernel prepares once per call: each piece's keys rotated and packed
+/// per kv head, the trigonometry of each piece's queries, and the validated inputs.
+/// Queries are rotated inside each task, one query block at a time (each query row is
+/// used by exactly one task, so this is the same work as rotating them all up front,
+/// without an `n x H x d` buffer per piece).
+pub(crate) struct TiledPrep<'a> {
+    /// Validated sizes.
+    pub dims: Dims,
+    /// The band width of two-piece maps (see [`Prepared::window`]).
+    pub window: Option<usize>,
+    /// The near piece, then the far piece for two-piece maps.
+    pub pieces: Vec<TiledPiece>,
+    /// Values, `[H_kv][n_k][d_v]` (the input itself when in standard layout).
+    pub v: HeadMajor<'a>,
+    q: ArrayView3<'a, f32>,
+    q_factor: Vec<f64>,
+    layout: Layout,
+}
+
+/// One piece of a [`TiledPrep`].
+pub(crate) struct TiledPiece {
+    /// Trigonometry of the keys (and of the queries when `q_trig` is `None`).
+    k_trig: Trig,
+    q_trig: Option<Trig>,
+    /// Head-major rotated keys ([`KeyForm::HeadMajor`]).
+    pub k: Option<HeadMajor<'static>>,
+    /// Packed rotated keys per kv head ([`KeyForm::Packed`]).
+    pub packed: Vec<PackedKeys>,
+}
+
+impl TiledPrep<'_> {
+    /// Index of the piece serving query position `qp` and key position `kp`.
+    #[inline]
+    pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
+        match self.window {
+            Some(w) if qp.abs_diff(kp) >= w => 1,
+            _ => 0,
+        }
+    }
+
+    /// Rotated, scaled query rows `rows` of every head for piece `p`, written to `out`
+    /// as `[H_q][rows.len()][d]`.
+    pub(crate) fn rotate_queries(&self, p: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let piece = &self.pieces[p];
+        let trig = piece.q_trig.as_ref().unwrap_or(&piece.k_trig);
+        let (_, heads, d) = self.q.dim();
+        let bq = rows.len();
+        let flat = self.q.to_slice();
+        let mut rot = Rotator::new(trig, &self.q_factor, self.layout);
+        let mut buf = Vec::new();
+        for (a, t) in rows.enumerate() {
+            rot.token(t);
+            for h in 0..heads {
+                let at = (h * bq + a) * d;
+                rot.row(
+                    t,
+                    src_row(&self.q, flat, t, h, &mut buf),
+                    &mut out[at..at + d],
+                );
+            }
+        }
+    }
+}
+
+impl Attention {
+    /// Validates the inputs, packs (or rotates) every piece's keys once and prepares the
+    /// queries' trigonometry for [`TiledPrep::rotate_queries`].
+    pub(crate) fn prepare_tiled<'a>(
+        &self,
+        q: ArrayView3<'a, f32>,
+        k: ArrayView3<f32>,
+        v: ArrayView3<'a, f32>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        keys: KeyForm,
+    ) -> Result<TiledPrep<'a>> {
+        let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
+        let map_pieces = self.map().pieces();
+        let scale = self.scale_for(dims.head_dim);
+        let q_factor: Vec<f64> = q_pos
+            .iter()
+            .map(|&p| scale * self.query_factor(p))
+            .collect();
+        let ones = vec![1.0; k_pos.len()];
+        let mut list = vec![map_pieces.near];
+        if let Some((_, far)) = map_pieces.far {
+            list.push(far);
+        }
+        let inv = self.frequencies().inv_freq();
+        let same_positions = q_pos == k_pos;
+        let pieces = list
+            .iter()
+            .map(|piece: &Piece| {
+                let k_trig = Trig::new(inv, piece.key, k_pos);
+                // Prefill: queries and keys share positions, so a piece with the same
+                // query and key map shares its table.
+                let q_trig = (!(same_positions && piece.key == piece.query))
+                    .then(|| Trig::new(inv, piece.query, q_pos));
+                let (k_rot, packed) = match keys {
+                    KeyForm::HeadMajor => (Some(self.rotate_all(&k, &k_trig, &ones)), Vec::new()),
+                    KeyForm::Packed(kern) => (None, self.rotate_packed(&k, &k_trig, &ones, kern)),
+                };
+                TiledPiece {
+                    k_trig,
+                    q_trig,
+                    k: k_rot,
+                    packed,
+                }
+            })
+            .collect();
+        Ok(TiledPrep {
+            dims,
+            window: map_pieces.far.map(|(w, _)| w),
+            pieces,
+            v: HeadMajor::from_view(&v),
+            q,
+            q_factor,
+            layout: self.layout(),
+        })
+    }
+}
+
 /// `out[a * n_b + b] = A[a] . B[b]` for row-major `A` (`n_a x d`) and `B` (`n_b x d`):
 /// the tile product `A B^T`. Summation runs over `d` in a fixed order, so results do not
 /// depend on threads or tiling of the other axes. This is the hook a GEMM micro-kernel

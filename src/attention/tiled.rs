@@ -42,7 +42,7 @@ use ndarray::{Array3, ArrayView3};
 
 use super::Attention;
 use super::kernels::{Kernels, MatMut, MatRef, PackedKeys};
-use super::rotated::{KeyForm, Prepared, axpy};
+use super::rotated::{KeyForm, TiledPrep, axpy};
 use crate::error::{Result, RopeError};
 
 /// Tile sizes for [`Attention::tiled_with`]: `block_q` query rows by `block_k` key
@@ -329,7 +329,7 @@ fn blocks(pos: &[usize], size: usize) -> Vec<Block> {
 /// One tiled call: the prepared pieces and the block partition.
 struct Plan<'a> {
     att: &'a Attention,
-    prep: Prepared<'a>,
+    prep: TiledPrep<'a>,
     q_pos: &'a [usize],
     k_pos: &'a [usize],
     q_blocks: Vec<Block>,
@@ -370,72 +370,87 @@ fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<
 }
 
 impl Plan<'_> {
-    /// Output rows of query block `qb` for query head `h` (`[rows, d_v]`) and its tile
-    /// counts. Key blocks are visited in order, so the result does not depend on how
-    /// tasks are scheduled.
-    fn run(&self, h: usize, qb: Block) -> (Vec<f32>, TileStats) {
+    /// Query block `qb` for every query head: rotates its query rows once per piece,
+    /// then runs the tiles of each head, writing output rows `qb` (`out`, `[rows, H_q,
+    /// d_v]`) and returning the tile counts. Key blocks are visited in order, so the
+    /// result does not depend on how tasks are scheduled.
+    fn run_block(&self, qb: Block, out: &mut [f32]) -> TileStats {
         let dims = self.prep.dims;
-        let g = h / dims.group();
-        let dv = dims.value_dim;
+        let (d, dv, heads) = (dims.head_dim, dims.value_dim, dims.heads_q);
         let causal = self.att.causal();
         let bq = qb.end - qb.start;
         let mut stats = TileStats::default();
+        let n_pieces = self.prep.pieces.len();
+        let mut q_rot = vec![0f32; n_pieces * heads * bq * d];
+        for (p, buf) in q_rot.chunks_mut((heads * bq * d).max(1)).enumerate() {
+            self.prep.rotate_queries(p, qb.start..qb.end, buf);
+        }
         let mut state = RowState::new(bq, dv);
-        let two_piece = self.prep.pieces.len() > 1;
         let mut scratch = Scratch {
             scores: vec![0f32; bq * self.block_k],
-            far: vec![0f32; if two_piece { bq * self.block_k } else { 0 }],
+            far: vec![0f32; if n_pieces > 1 { bq * self.block_k } else { 0 }],
             visible: vec![0; bq],
         };
         let q_pos = &self.q_pos[qb.start..qb.end];
-        for &kb in &self.k_blocks {
-            let bounds = TileBounds {
-                q_min: qb.min,
-                q_max: qb.max,
-                k_min: kb.min,
-                k_max: kb.max,
+        for h in 0..heads {
+            let g = h / dims.group();
+            state.reset();
+            // This head's rotated query rows of each piece, `[bq, d]`.
+            let q_head = |p: usize| {
+                let at = (p * heads + h) * bq * d;
+                &q_rot[at..at + bq * d]
             };
-            let class = bounds.classify(self.prep.window, causal);
-            stats.record(class);
-            if class == TileClass::Skipped {
-                continue;
+            for &kb in &self.k_blocks {
+                let bounds = TileBounds {
+                    q_min: qb.min,
+                    q_max: qb.max,
+                    k_min: kb.min,
+                    k_max: kb.max,
+                };
+                let class = bounds.classify(self.prep.window, causal);
+                stats.record(class);
+                if class == TileClass::Skipped {
+                    continue;
+                }
+                let bk = kb.end - kb.start;
+                let k_pos = &self.k_pos[kb.start..kb.end];
+                self.tile_scores(class, &q_head, g, qb, kb, &mut scratch, &mut stats);
+                let s = &mut scratch.scores[..bq * bk];
+                let mask = if bounds.needs_causal_mask(causal) {
+                    stats.masked += 1;
+                    apply_causal_mask(s, bk, q_pos, k_pos, &mut scratch.visible)
+                } else {
+                    Mask::None
+                };
+                let v = self.prep.v.mat(g, kb.start..kb.end);
+                state.update(self.kern, s, bk, mask, &scratch.visible, q_pos, k_pos, v);
+                stats.pv_products += 1;
             }
-            let bk = kb.end - kb.start;
-            let k_pos = &self.k_pos[kb.start..kb.end];
-            self.tile_scores(class, h, qb, kb, &mut scratch, &mut stats);
-            let s = &mut scratch.scores[..bq * bk];
-            let mask = if bounds.needs_causal_mask(causal) {
-                stats.masked += 1;
-                apply_causal_mask(s, bk, q_pos, k_pos, &mut scratch.visible)
-            } else {
-                Mask::None
-            };
-            let v = self.prep.v.mat(g, kb.start..kb.end);
-            state.update(self.kern, s, bk, mask, &scratch.visible, q_pos, k_pos, v);
-            stats.pv_products += 1;
+            state.finish_into(out, h, heads);
         }
-        (state.finish(), stats)
+        stats
     }
 
     /// The scores of tile `(qb, kb)` for query head `h` into `scratch.scores`
     /// (`[rows, cols]`): one tile product for near or far tiles; for straddling tiles
     /// both, then entry `(i, j)` keeps the far score iff `|q_pos[i] - k_pos[j]| >= w`.
-    fn tile_scores(
+    #[allow(clippy::too_many_arguments)]
+    fn tile_scores<'q>(
         &self,
         class: TileClass,
-        h: usize,
+        q_head: &impl Fn(usize) -> &'q [f32],
+        g: usize,
         qb: Block,
         kb: Block,
         scratch: &mut Scratch,
         stats: &mut TileStats,
     ) {
         let d = self.prep.dims.head_dim;
-        let g = h / self.prep.dims.group();
         let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
         let (bq, bk) = (rows.len(), cols.len());
         let mut product = |piece: usize, out: &mut [f32]| {
             let p = &self.prep.pieces[piece];
-            let a = mat(p.q.rows(h, rows.clone()), bq, d, d);
+            let a = mat(q_head(piece), bq, d, d);
             let s = mat_mut(&mut out[..bq * bk], bq, bk, bk);
             match &p.k {
                 // Keys packed once per call (key blocks start at panel multiples).
@@ -617,17 +632,36 @@ impl RowState {
         }
     }
 
-    /// `acc / l` per row; rows that never saw a key stay zero.
-    fn finish(mut self) -> Vec<f32> {
+    /// Back to the initial state (`m = -inf`, `l = 0`, `acc = 0`, nothing seen).
+    fn reset(&mut self) {
+        self.m.fill(f32::NEG_INFINITY);
+        self.l.fill(0.0);
+        self.seen.fill(false);
+        self.acc.fill(0.0);
+    }
+
+    /// `acc / l` per row into head `h` of the output rows `out` (`[rows, heads, d_v]`);
+    /// rows that never saw a key get zeros.
+    fn finish_into(&self, out: &mut [f32], h: usize, heads: usize) {
         let dv = self.dv;
-        for (a, (&seen, &l)) in self.seen.iter().zip(&self.l).enumerate() {
+        if dv == 0 {
+            return;
+        }
+        for (a, (acc, (&seen, &l))) in self
+            .acc
+            .chunks_exact(dv)
+            .zip(self.seen.iter().zip(&self.l))
+            .enumerate()
+        {
+            let o = &mut out[(a * heads + h) * dv..(a * heads + h + 1) * dv];
             if seen {
-                self.acc[a * dv..(a + 1) * dv]
-                    .iter_mut()
-                    .for_each(|x| *x /= l);
+                for (o, &x) in o.iter_mut().zip(acc) {
+                    *o = x / l;
+                }
+            } else {
+                o.fill(0.0);
             }
         }
-        self.acc
     }
 }
 
@@ -694,7 +728,7 @@ impl Attention {
         } else {
             KeyForm::HeadMajor
         };
-        let prep = self.prepare(q, k, v, q_pos, k_pos, keys)?;
+        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys)?;
         let dims = prep.dims;
         let plan = Plan {
             att: self,
@@ -706,34 +740,32 @@ impl Attention {
             block_k: tiles.block_k,
             kern,
         };
-        let n_blocks = plan.q_blocks.len();
-        let task = |t: usize| plan.run(t / n_blocks, plan.q_blocks[t % n_blocks]);
-        let tasks = dims.heads_q * n_blocks;
-        #[cfg(feature = "rayon")]
-        let results: Vec<(Vec<f32>, TileStats)> = {
-            use rayon::prelude::*;
-            (0..tasks).into_par_iter().map(task).collect()
-        };
-        #[cfg(not(feature = "rayon"))]
-        let results: Vec<(Vec<f32>, TileStats)> = (0..tasks).map(task).collect();
-
         let (dv, heads) = (dims.value_dim, dims.heads_q);
         let mut out = Array3::<f32>::zeros((dims.n_q, heads, dv));
         let out_slice = out
             .as_slice_mut()
             .expect("a new array is in standard layout");
-        let mut stats = TileStats::default();
-        for (t, (block_out, block_stats)) in results.into_iter().enumerate() {
-            stats = stats.add(block_stats);
-            let (h, qb) = (t / n_blocks, plan.q_blocks[t % n_blocks]);
-            if dv == 0 {
-                continue;
-            }
-            for (i, row) in (qb.start..qb.end).zip(block_out.chunks_exact(dv)) {
-                let at = (i * heads + h) * dv;
-                out_slice[at..at + dv].copy_from_slice(row);
-            }
-        }
+        // One task per query block (all heads), writing its own output rows.
+        let rows_per_block = (tiles.block_q * heads * dv).max(1);
+        let blocks_out = plan.q_blocks.iter().zip(
+            out_slice
+                .chunks_mut(rows_per_block)
+                .chain(std::iter::repeat_with(|| &mut [][..])),
+        );
+        let task = |(qb, rows): (&Block, &mut [f32])| plan.run_block(*qb, rows);
+        #[cfg(feature = "rayon")]
+        let stats = {
+            use rayon::prelude::*;
+            blocks_out
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(task)
+                .reduce(TileStats::default, TileStats::add)
+        };
+        #[cfg(not(feature = "rayon"))]
+        let stats = blocks_out
+            .map(task)
+            .fold(TileStats::default(), TileStats::add);
         Ok((out, stats))
     }
 }
