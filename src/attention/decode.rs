@@ -193,6 +193,25 @@ impl Trig {
 
 use super::rotated::dot;
 
+/// Appends row `(t, g)` of `x` (`[c, H, d]`) to `buf`: one slice copy when the row is
+/// contiguous (amortised `Vec` growth, no per-element push).
+fn extend_row(buf: &mut Vec<f32>, x: &ArrayView3<f32>, t: usize, g: usize) {
+    let row = x.slice(s![t, g, ..]);
+    match row.as_slice() {
+        Some(r) => buf.extend_from_slice(r),
+        None => buf.extend(row.iter()),
+    }
+}
+
+/// Appends head `g` of every token of `x` (`[c, H, d]`) to `buf`.
+fn extend_head(buf: &mut Vec<f32>, x: &ArrayView3<f32>, g: usize) {
+    let (c, _, d) = x.dim();
+    buf.reserve(c * d);
+    for t in 0..c {
+        extend_row(buf, x, t, g);
+    }
+}
+
 /// Softmax of each `n`-long row of `scores` (one row per query head of a group) with
 /// the row maximum subtracted, in f32, then `sum_j p_j v_j` into `out` (`[rows, d_v]`),
 /// with the vectorised exp and one streaming pass over the values
@@ -454,7 +473,7 @@ impl Core {
 
     fn push_values(&mut self, v: &ArrayView3<f32>) {
         for (g, buf) in self.values.iter_mut().enumerate() {
-            buf.extend(v.slice(s![.., g, ..]).iter());
+            extend_head(buf, v, g);
         }
     }
 
@@ -741,6 +760,11 @@ impl KvCache {
                 ring.resize(new_len.min(w) * d, 0.0);
             }
         }
+        // Room for the chunk up front (amortised growth: a chunk never copies the cache
+        // more than once, and a token-by-token decode only at capacity doublings).
+        for buf in self.main.iter_mut().chain(self.raw.iter_mut().flatten()) {
+            buf.reserve(c * d);
+        }
         for t in 0..c {
             let j = start + t;
             if !self.main_is_raw {
@@ -748,14 +772,14 @@ impl KvCache {
             }
             for (g, main) in self.main.iter_mut().enumerate() {
                 let at = main.len();
-                main.extend(k.slice(s![t, g, ..]).iter());
+                extend_row(main, &k, t, g);
                 if !self.main_is_raw {
                     trig.rotate(&mut main[at..], layout);
                 }
             }
             if let Some(raw) = &mut self.raw {
                 for (g, raw) in raw.iter_mut().enumerate() {
-                    raw.extend(k.slice(s![t, g, ..]).iter());
+                    extend_row(raw, &k, t, g);
                 }
             }
             if let Some((w, near)) = self.band {
@@ -1075,7 +1099,7 @@ impl KvCacheRerotating {
             return Ok(());
         }
         for (g, keys) in self.keys.iter_mut().enumerate() {
-            keys.extend(k.slice(s![.., g, ..]).iter());
+            extend_head(keys, &k, g);
         }
         self.core.push_values(&v);
         self.core.len += c;
