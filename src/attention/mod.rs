@@ -18,7 +18,7 @@
 //! query) gets a zero output row. NaN or infinity in an input row propagates only to the
 //! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
 //!
-//! [`reference`] is the slow, obviously-correct oracle every other kernel is tested
+//! [`reference`](mod@reference) is the slow, obviously-correct oracle every other kernel is tested
 //! against; [`kernels`] holds the low-level SIMD primitives (tile GEMMs, decode GEMVs,
 //! vectorised exp) the fast kernels are built from.
 
