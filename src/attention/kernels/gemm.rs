@@ -1,9 +1,9 @@
 //! Tile GEMMs and decode GEMVs, written once against [`Simd`].
 //!
-//! - `qk`: `S = scale * A B^T`. B is packed, transposed, into a panel of `NV` vectors
-//!   (`nr = NV * LANES` key columns) by `KC` head dims on the stack; an `MR x NV`
-//!   register block of S accumulates `A[i, k] * panel[k, :]` (A broadcast, panel
-//!   loaded).
+//! - `qk`: `S = scale * A B^T`. B is packed, transposed, into panels of [`PANEL`] keys
+//!   by up to `PANEL_KC` head dims (on the stack, or once for all keys with
+//!   `pack_keys`); an `MR x NV` register block of S (`NV` vectors of `LANES` keys)
+//!   accumulates `A[i, k] * panel[k, :]` (A broadcast from memory, panel loaded).
 //! - `pv`: `O += P V`. V rows are already "k-major", so V is read in place; an
 //!   `MR x NV` block of O is loaded, accumulated over `k` and stored.
 //! - `qk_dot`: `S = scale * Q K^T` for a handful of queries (decode): dot products along
@@ -255,7 +255,7 @@ unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
 }
 
 /// Rows of K per `pv` k-block: keeps the V block hot across column panels.
-pub(crate) const PV_KC: usize = 256;
+const PV_KC: usize = 256;
 
 /// `O += P V` with an `MR x (NV * LANES)` register block (`MR <= 8`).
 #[inline(always)]
