@@ -383,6 +383,28 @@ enum Mask {
     Entries,
 }
 
+/// A task's reusable buffers (one per rayon worker split, reused across query blocks):
+/// rotated query rows of the block, online-softmax state, score tiles.
+struct Work {
+    q_rot: Vec<f32>,
+    state: RowState,
+    scratch: Scratch,
+}
+
+impl Work {
+    fn new() -> Self {
+        Work {
+            q_rot: Vec::new(),
+            state: RowState::new(0, 0),
+            scratch: Scratch {
+                scores: Vec::new(),
+                far: Vec::new(),
+                visible: Vec::new(),
+            },
+        }
+    }
+}
+
 /// Rows per group in the P V product of a diagonal tile: one register block.
 const PV_GROUP: usize = 8;
 
@@ -399,27 +421,33 @@ impl Plan<'_> {
     /// then runs the tiles of each head, writing output rows `qb` (`out`, `[rows, H_q,
     /// d_v]`) and returning the tile counts. Key blocks are visited in order, so the
     /// result does not depend on how tasks are scheduled.
-    fn run_block(&self, qb: Block, out: &mut [f32]) -> TileStats {
+    fn run_block(&self, qb: Block, out: &mut [f32], work: &mut Work) -> TileStats {
         let dims = self.prep.dims;
         let (d, dv, heads) = (dims.head_dim, dims.value_dim, dims.heads_q);
         let causal = self.att.causal();
         let bq = qb.end - qb.start;
         let mut stats = TileStats::default();
         let n_pieces = self.prep.pieces.len();
-        let mut q_rot = vec![0f32; n_pieces * heads * bq * d];
+        let Work {
+            q_rot,
+            state,
+            scratch,
+        } = work;
+        q_rot.clear();
+        q_rot.resize(n_pieces * heads * bq * d, 0.0);
         for (p, buf) in q_rot.chunks_mut((heads * bq * d).max(1)).enumerate() {
             self.prep.rotate_queries(p, qb.start..qb.end, buf);
         }
-        let mut state = RowState::new(bq, dv);
-        let mut scratch = Scratch {
-            scores: vec![0f32; bq * self.block_k],
-            far: vec![0f32; if n_pieces > 1 { bq * self.block_k } else { 0 }],
-            visible: vec![0; bq],
-        };
+        let q_rot = &q_rot[..];
+        scratch.scores.resize(bq * self.block_k, 0.0);
+        if n_pieces > 1 {
+            scratch.far.resize(bq * self.block_k, 0.0);
+        }
+        scratch.visible.resize(bq, 0);
         let q_pos = &self.q_pos[qb.start..qb.end];
         for h in 0..heads {
             let g = h / dims.group();
-            state.reset();
+            state.reset(bq, dv);
             // This head's rotated query rows of each piece, `[bq, d]`.
             let q_head = |p: usize| {
                 let at = (p * heads + h) * bq * d;
@@ -439,7 +467,7 @@ impl Plan<'_> {
                 }
                 let bk = kb.end - kb.start;
                 let k_pos = &self.k_pos[kb.start..kb.end];
-                self.tile_scores(class, &q_head, g, qb, kb, &mut scratch, &mut stats);
+                self.tile_scores(class, &q_head, g, qb, kb, scratch, &mut stats);
                 let s = &mut scratch.scores[..bq * bk];
                 let mask = if bounds.needs_causal_mask(causal) {
                     stats.masked += 1;
@@ -657,12 +685,18 @@ impl RowState {
         }
     }
 
-    /// Back to the initial state (`m = -inf`, `l = 0`, `acc = 0`, nothing seen).
-    fn reset(&mut self) {
-        self.m.fill(f32::NEG_INFINITY);
-        self.l.fill(0.0);
-        self.seen.fill(false);
-        self.acc.fill(0.0);
+    /// The initial state (`m = -inf`, `l = 0`, `acc = 0`, nothing seen) for `rows` rows
+    /// of width `dv`, reusing the buffers.
+    fn reset(&mut self, rows: usize, dv: usize) {
+        self.dv = dv;
+        for (v, x) in [(&mut self.m, f32::NEG_INFINITY), (&mut self.l, 0.0)] {
+            v.clear();
+            v.resize(rows, x);
+        }
+        self.seen.clear();
+        self.seen.resize(rows, false);
+        self.acc.clear();
+        self.acc.resize(rows * dv, 0.0);
     }
 
     /// `acc / l` per row into head `h` of the output rows `out` (`[rows, heads, d_v]`);
@@ -777,20 +811,24 @@ impl Attention {
                 .chunks_mut(rows_per_block)
                 .chain(std::iter::repeat_with(|| &mut [][..])),
         );
-        let task = |(qb, rows): (&Block, &mut [f32])| plan.run_block(*qb, rows);
+        let task =
+            |work: &mut Work, (qb, rows): (&Block, &mut [f32])| plan.run_block(*qb, rows, work);
         #[cfg(feature = "rayon")]
         let stats = {
             use rayon::prelude::*;
             blocks_out
                 .collect::<Vec<_>>()
                 .into_par_iter()
-                .map(task)
+                .map_init(Work::new, task)
                 .reduce(TileStats::default, TileStats::add)
         };
         #[cfg(not(feature = "rayon"))]
-        let stats = blocks_out
-            .map(task)
-            .fold(TileStats::default(), TileStats::add);
+        let stats = {
+            let mut work = Work::new();
+            blocks_out
+                .map(|b| task(&mut work, b))
+                .fold(TileStats::default(), TileStats::add)
+        };
         Ok((out, stats))
     }
 }
