@@ -481,8 +481,10 @@ impl TiledPrep<'_> {
 }
 
 impl Attention {
-    /// Validates the inputs, packs (or rotates) every piece's keys once and prepares the
-    /// queries' trigonometry for [`TiledPrep::rotate_queries`].
+    /// Validates the inputs, packs (or rotates) the keys of every piece some tile needs
+    /// (`needed[piece]`) once and prepares the queries' trigonometry for
+    /// [`TiledPrep::rotate_queries`].
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare_tiled<'a>(
         &self,
         q: ArrayView3<'a, f32>,
@@ -491,6 +493,7 @@ impl Attention {
         q_pos: &[usize],
         k_pos: &[usize],
         keys: KeyForm,
+        needed: [bool; 2],
     ) -> Result<TiledPrep<'a>> {
         let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
         let map_pieces = self.map().pieces();
@@ -508,7 +511,17 @@ impl Attention {
         let same_positions = q_pos == k_pos;
         let pieces = list
             .iter()
-            .map(|piece: &Piece| {
+            .zip(needed)
+            .map(|(piece, needed): (&Piece, bool)| {
+                if !needed {
+                    // No tile uses this piece (e.g. a window covering every pair).
+                    return TiledPiece {
+                        k_trig: Trig::new(inv, piece.key, &[]),
+                        q_trig: None,
+                        k: None,
+                        packed: Vec::new(),
+                    };
+                }
                 let k_trig = Trig::new(inv, piece.key, k_pos);
                 // Prefill: queries and keys share positions, so a piece with the same
                 // query and key map shares its table.

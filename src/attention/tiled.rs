@@ -435,8 +435,13 @@ impl Plan<'_> {
         } = work;
         q_rot.clear();
         q_rot.resize(n_pieces * heads * bq * d, 0.0);
+        // Only the pieces this block row's tiles use (no far piece before the band
+        // edge, none at all when the window covers every pair).
+        let needed = pieces_needed(&qb, &self.k_blocks, self.prep.window, causal);
         for (p, buf) in q_rot.chunks_mut((heads * bq * d).max(1)).enumerate() {
-            self.prep.rotate_queries(p, qb.start..qb.end, buf);
+            if needed[p] {
+                self.prep.rotate_queries(p, qb.start..qb.end, buf);
+            }
         }
         let q_rot = &q_rot[..];
         scratch.scores.resize(bq * self.block_k, 0.0);
@@ -535,6 +540,26 @@ impl Plan<'_> {
             }
         }
     }
+}
+
+/// Which pieces (near, far) the tiles of query block `qb` use.
+fn pieces_needed(qb: &Block, k_blocks: &[Block], window: Option<usize>, causal: bool) -> [bool; 2] {
+    let mut needed = [false; 2];
+    for kb in k_blocks {
+        let bounds = TileBounds {
+            q_min: qb.min,
+            q_max: qb.max,
+            k_min: kb.min,
+            k_max: kb.max,
+        };
+        match bounds.classify(window, causal) {
+            TileClass::Near => needed[0] = true,
+            TileClass::Far => needed[1] = true,
+            TileClass::Straddling => needed = [true, true],
+            TileClass::Skipped => {}
+        }
+    }
+    needed
 }
 
 /// Sets the scores of keys after their query to `-inf` and counts each row's visible
@@ -787,15 +812,22 @@ impl Attention {
         } else {
             KeyForm::HeadMajor
         };
-        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys)?;
+        let q_blocks = blocks(q_pos, tiles.block_q);
+        let k_blocks = blocks(k_pos, tiles.block_k);
+        let window = self.map().pieces().far.map(|(w, _)| w);
+        let needed = q_blocks.iter().fold([false; 2], |acc, qb| {
+            let row = pieces_needed(qb, &k_blocks, window, self.causal());
+            [acc[0] || row[0], acc[1] || row[1]]
+        });
+        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, needed)?;
         let dims = prep.dims;
         let plan = Plan {
             att: self,
             prep,
             q_pos,
             k_pos,
-            q_blocks: blocks(q_pos, tiles.block_q),
-            k_blocks: blocks(k_pos, tiles.block_k),
+            q_blocks,
+            k_blocks,
             block_k: tiles.block_k,
             kern,
         };
