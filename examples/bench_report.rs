@@ -17,9 +17,9 @@
 //! the targets, each marked met or not.
 //!
 //! Flags: `--ns a,b,c` prefill lengths (default 1024,2048,4096), `--ls a,b` decode
-//! lengths (default 4096,32768), `--reps k` timed runs per case (default 5, 3 for the
-//! slow two-pass cases), `--quick` (n = 1024 and 2048, L = 4096, 3 runs, two-pass only
-//! at the smallest n), `--no-two-pass`, `--tiles BQxBK` (tile size of the tiled rows),
+//! lengths (default 4096,32768), `--reps k` timed runs per prefill case (default 5, 3 for
+//! the slow two-pass cases; decode cases run `max(4 k, 20)` times), `--quick` (n = 1024
+//! and 2048, L = 4096, 3 runs, two-pass only at the smallest n), `--no-two-pass`, `--tiles BQxBK` (tile size of the tiled rows),
 //! `--tune 64x64,128x128,..` (only a tile-size table: rope_tiled and rerope_tiled at the
 //! largest n per size), `--wall`.
 
@@ -396,7 +396,8 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
             });
             res.decode.push((len, name, ms, gbs));
         };
-        let reps = o.reps.max(5);
+        // Decode steps are short and memory-bound: more runs for a stable median.
+        let reps = (4 * o.reps).max(20);
         let names = [
             "rope",
             "rerope_cache",
