@@ -47,12 +47,17 @@
 //! prefix plus each row's short remainder, and masked values are never read.
 //!
 //! ## Tile size
-//! The default 64 x 64 was chosen by measurement (single thread, H = 8, d = 128, causal,
-//! AVX-512, `cargo run --release --example bench_report -- --tune ...`): 64 x 64,
-//! 128 x 64, 64 x 128, 128 x 128 and 256 x 128 were within a few percent of each other at
-//! n = 2048 and 4096 (the GEMMs dominate, and a 64 x 128 query block plus a 64 x 64
-//! score tile stay in L1/L2), while smaller tiles pay more per-call and per-row softmax
-//! overhead and larger ones more straddling work for ReRoPE (`2 B` wide band edge).
+//! Measured single-threaded (H = 8, d = 128, causal, AVX-512; interleaved runs of
+//! `cargo run --release --example bench_report -- --ns 4096 --tune 64x64,128x128,..`),
+//! n = 4096, rope_tiled / rerope_tiled (w = 512) in GFLOP/s: 32 x 32: 99 / 95;
+//! 64 x 64: 122-128 / 118-120; 128 x 64: 136 / 127; 64 x 128: 132 / 125;
+//! 128 x 128: 138-145 / 133-134; 256 x 128: 149 / 135; 128 x 256: 144 / 132. Larger
+//! tiles amortise the per-row softmax calls and the per-call GEMM overhead; ReRoPE's
+//! extra work grows with them (the band edge costs a second product over a `B`-wide
+//! strip: `1 + B / n`-ish), so its ratio to RoPE rises from ~1.02-1.04 (64 x 64) to
+//! ~1.04-1.08 (128 x 128) and ~1.1 (256 x 128). The default stays 64 x 64 (the tests
+//! pin it); `TileConfig::square(128)` is about 10% faster in absolute time for both
+//! maps on this machine.
 //!
 //! ## Parallelism and memory
 //! Work is split into one task per query block (all query heads), run in parallel with
