@@ -213,6 +213,17 @@ fn every_isa_is_listed_and_portable_always_exists() {
 }
 
 #[test]
+fn env_override_caps_the_active_isa() {
+    // Whatever the environment: a known ROPEX_KERNELS caps the choice, anything else
+    // leaves the best one. (CI can run the suite with ROPEX_KERNELS=portable.)
+    let cap = std::env::var(ISA_ENV)
+        .ok()
+        .and_then(|v| Isa::ALL.into_iter().find(|i| i.name() == v.trim()));
+    let want = cap.map_or(Isa::best(), |c| c.min(Isa::best()));
+    assert_eq!(Kernels::active().isa(), want);
+}
+
+#[test]
 fn qk_odd_sizes() {
     let mut seed = 1;
     for &m in &SIZES {
