@@ -599,7 +599,7 @@ impl RopeConfig {
             ));
         }
         let dim = (self.head_dim as f64 * factor) as usize;
-        if dim == 0 || dim % 2 == 0 {
+        if dim == 0 || dim.is_multiple_of(2) {
             return self.with_rotary_dim(dim);
         }
         let rotary_dim = dim + 1;

@@ -454,13 +454,14 @@ pub fn evaluate(
             loss[si][li] = run_loss[ri];
             ms[si][li] = run_ms[ri];
             tiles[si][li] = run_tiles[ri];
-            if setup.per_position_len == Some(len) && schemes[si].per_position {
-                if let Some(c) = &run_curve[ri] {
-                    curves.push(Curve {
-                        scheme: si,
-                        loss: c.clone(),
-                    });
-                }
+            if setup.per_position_len == Some(len)
+                && schemes[si].per_position
+                && let Some(c) = &run_curve[ri]
+            {
+                curves.push(Curve {
+                    scheme: si,
+                    loss: c.clone(),
+                });
             }
         }
         seconds.push(t0.elapsed().as_secs_f64());

@@ -155,7 +155,7 @@ pub fn loss_vs_length(
         .y_desc("loss on the last bytes of each window (nats/byte)")
         .x_label_formatter(&|v| {
             let x = v.round() as usize;
-            if x % train_len == 0 {
+            if x.is_multiple_of(train_len) {
                 format!("{x} ({}x)", x / train_len)
             } else {
                 format!("{x}")

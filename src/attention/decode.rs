@@ -75,6 +75,7 @@
 use ndarray::{Array3, ArrayView3, s};
 
 use super::Attention;
+use super::kernels::{Kernels, MatMut, MatRef};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::{Piece, PositionMap};
@@ -190,16 +191,40 @@ impl Trig {
     }
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+use super::rotated::dot;
+
+/// Appends row `(t, g)` of `x` (`[c, H, d]`) to `buf`: one slice copy when the row is
+/// contiguous (amortised `Vec` growth, no per-element push).
+fn extend_row(buf: &mut Vec<f32>, x: &ArrayView3<f32>, t: usize, g: usize) {
+    let row = x.slice(s![t, g, ..]);
+    match row.as_slice() {
+        Some(r) => buf.extend_from_slice(r),
+        None => buf.extend(row.iter()),
+    }
+}
+
+/// Appends head `g` of every token of `x` (`[c, H, d]`) to `buf`.
+fn extend_head(buf: &mut Vec<f32>, x: &ArrayView3<f32>, g: usize) {
+    let (c, _, d) = x.dim();
+    buf.reserve(c * d);
+    for t in 0..c {
+        extend_row(buf, x, t, g);
+    }
 }
 
 /// Softmax of each `n`-long row of `scores` (one row per query head of a group) with
-/// the row maximum subtracted, in f32, then `sum_j p_j v_j` into `out` (`[rows, d_v]`).
-/// A NaN score makes its whole row NaN.
-fn softmax_times_values(scores: &mut [f32], n: usize, values: &[f32], dv: usize, out: &mut [f32]) {
-    let rows = scores.len() / n;
+/// the row maximum subtracted, in f32, then `sum_j p_j v_j` into `out` (`[rows, d_v]`),
+/// with the vectorised exp and one streaming pass over the values
+/// ([`Kernels::pv_gemv`]). A NaN score makes its whole row NaN.
+fn softmax_times_values(
+    kern: Kernels,
+    scores: &mut [f32],
+    n: usize,
+    values: &[f32],
+    dv: usize,
+    out: &mut [f32],
+) {
+    let rows = scores.len() / n.max(1);
     let mut denoms = [0f32; 16];
     let mut heap;
     let denoms: &mut [f32] = if rows <= denoms.len() {
@@ -208,45 +233,32 @@ fn softmax_times_values(scores: &mut [f32], n: usize, values: &[f32], dv: usize,
         heap = vec![0f32; rows];
         &mut heap
     };
-    for (row, denom) in scores.chunks_exact_mut(n).zip(denoms.iter_mut()) {
-        let mut max = f32::NEG_INFINITY;
-        let mut nan = false;
-        for &x in row.iter() {
-            if x.is_nan() {
-                nan = true;
-            } else if x > max {
-                max = x;
-            }
-        }
-        if nan {
-            row.fill(f32::NAN);
-            *denom = f32::NAN;
-            continue;
-        }
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        *denom = sum;
+    for (row, denom) in scores.chunks_exact_mut(n.max(1)).zip(denoms.iter_mut()) {
+        let max = kern.row_max(row);
+        // exp(NaN) stays NaN, so a NaN score makes the sum, and so the row, NaN.
+        *denom = kern.exp_sub_sum(row, max);
     }
     out.fill(0.0);
-    if dv == 0 {
+    if dv == 0 || n == 0 {
         return;
     }
-    for (j, vj) in values.chunks_exact(dv).take(n).enumerate() {
-        for (h, acc) in out.chunks_exact_mut(dv).enumerate() {
-            let p = scores[h * n + j];
-            for (o, &x) in acc.iter_mut().zip(vj) {
-                *o += p * x;
-            }
-        }
-    }
+    kern.pv_gemv(
+        mat(scores, rows, n, n),
+        mat(&values[..n * dv], n, dv, dv),
+        mat_mut(out, rows, dv, dv),
+    )
+    .expect("decode shapes are consistent");
     for (acc, &denom) in out.chunks_exact_mut(dv).zip(denoms.iter()) {
-        for o in acc {
-            *o /= denom;
-        }
+        kern.scale(acc, 1.0 / denom);
     }
+}
+
+fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_> {
+    MatRef::new(data, rows, cols, stride).expect("decode shapes are consistent")
+}
+
+fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<'_> {
+    MatMut::new(data, rows, cols, stride).expect("decode shapes are consistent")
 }
 
 /// State shared by both caches: the description, the frequencies in force, the values.
@@ -461,7 +473,7 @@ impl Core {
 
     fn push_values(&mut self, v: &ArrayView3<f32>) {
         for (g, buf) in self.values.iter_mut().enumerate() {
-            buf.extend(v.slice(s![.., g, ..]).iter());
+            extend_head(buf, v, g);
         }
     }
 
@@ -748,6 +760,11 @@ impl KvCache {
                 ring.resize(new_len.min(w) * d, 0.0);
             }
         }
+        // Room for the chunk up front (amortised growth: a chunk never copies the cache
+        // more than once, and a token-by-token decode only at capacity doublings).
+        for buf in self.main.iter_mut().chain(self.raw.iter_mut().flatten()) {
+            buf.reserve(c * d);
+        }
         for t in 0..c {
             let j = start + t;
             if !self.main_is_raw {
@@ -755,14 +772,14 @@ impl KvCache {
             }
             for (g, main) in self.main.iter_mut().enumerate() {
                 let at = main.len();
-                main.extend(k.slice(s![t, g, ..]).iter());
+                extend_row(main, &k, t, g);
                 if !self.main_is_raw {
                     trig.rotate(&mut main[at..], layout);
                 }
             }
             if let Some(raw) = &mut self.raw {
                 for (g, raw) in raw.iter_mut().enumerate() {
-                    raw.extend(k.slice(s![t, g, ..]).iter());
+                    extend_row(raw, &k, t, g);
                 }
             }
             if let Some((w, near)) = self.band {
@@ -864,6 +881,7 @@ impl KvCache {
         let mut trig = Trig::new(inv.len());
         let ring_start = self.ring_start();
         let rebuilt = self.rebuild_band(q_pos);
+        let kern = Kernels::active();
         let mut q_main = vec![0f32; heads_q * d];
         let mut q_near = vec![0f32; if self.band.is_some() { heads_q * d } else { 0 }];
         let mut scores = Vec::new();
@@ -897,32 +915,35 @@ impl KvCache {
             let per_head = self.main.iter().zip(&self.ring).zip(&self.core.values);
             for (g, ((main, ring), values)) in per_head.enumerate() {
                 let heads = g * group..(g + 1) * group;
-                let rebuilt: &[f32] = rebuilt.keys.get(g).map_or(&[], Vec::as_slice);
-                for (j, kj) in main.chunks_exact(d).take(band_lo).enumerate() {
-                    for (r, qh) in q_main[heads.start * d..heads.end * d]
-                        .chunks_exact(d)
-                        .enumerate()
-                    {
-                        scores[r * n + j] = dot(qh, kj);
+                // Scores of keys `lo..hi` (rows `at..` of `keys`) against `qs`.
+                let mut gemv = |qs: &[f32], keys: &[f32], at: usize, lo: usize, hi: usize| {
+                    if hi > lo && d > 0 {
+                        kern.qk_gemv(
+                            mat(&qs[heads.start * d..heads.end * d], group, d, d),
+                            mat(&keys[at * d..(at + hi - lo) * d], hi - lo, d, d),
+                            mat_mut(&mut scores[lo..], group, hi - lo, n),
+                            1.0,
+                        )
+                        .expect("decode shapes are consistent");
                     }
-                }
+                };
+                // Main keys, one streaming pass.
+                gemv(&q_main, main, 0, 0, band_lo);
                 if let Some((w, _)) = self.band {
-                    for j in band_lo..n {
-                        let kj = if j >= ring_start {
-                            &ring[(j % w) * d..(j % w + 1) * d]
-                        } else {
-                            let at = rebuilt_at + (j - band_lo);
-                            &rebuilt[at * d..(at + 1) * d]
-                        };
-                        for (r, qh) in q_near[heads.start * d..heads.end * d]
-                            .chunks_exact(d)
-                            .enumerate()
-                        {
-                            scores[r * n + j] = dot(qh, kj);
-                        }
+                    let rebuilt: &[f32] = rebuilt.keys.get(g).map_or(&[], Vec::as_slice);
+                    // Band keys that left the ring (older queries of a chunk).
+                    let split = ring_start.clamp(band_lo, n);
+                    gemv(&q_near, rebuilt, rebuilt_at, band_lo, split);
+                    // Band keys in the ring: at most two contiguous runs of slots.
+                    let mut j = split;
+                    while j < n {
+                        let slot = j % w;
+                        let end = n.min(j + (w - slot));
+                        gemv(&q_near, ring, slot, j, end);
+                        j = end;
                     }
                 }
-                softmax_times_values(&mut scores, n, values, dv, &mut acc);
+                softmax_times_values(kern, &mut scores, n, values, dv, &mut acc);
                 let at = (a * heads_q + heads.start) * dv;
                 out_slice[at..at + group * dv].copy_from_slice(&acc);
             }
@@ -1078,7 +1099,7 @@ impl KvCacheRerotating {
             return Ok(());
         }
         for (g, keys) in self.keys.iter_mut().enumerate() {
-            keys.extend(k.slice(s![.., g, ..]).iter());
+            extend_head(keys, &k, g);
         }
         self.core.push_values(&v);
         self.core.len += c;
@@ -1103,6 +1124,7 @@ impl KvCacheRerotating {
         let mut key = vec![0f32; d];
         let mut scores = Vec::new();
         let mut acc = vec![0f32; group * dv];
+        let kern = Kernels::active();
         let out_slice = out
             .as_slice_mut()
             .ok_or_else(|| RopeError::invalid("output", "non-contiguous", "internal"))?;
@@ -1126,7 +1148,7 @@ impl KvCacheRerotating {
             }
             for g in 0..hkv {
                 let rows = &mut scores[g * group * n..(g + 1) * group * n];
-                softmax_times_values(rows, n, &self.core.values[g], dv, &mut acc);
+                softmax_times_values(kern, rows, n, &self.core.values[g], dv, &mut acc);
                 let at = (a * heads_q + g * group) * dv;
                 out_slice[at..at + group * dv].copy_from_slice(&acc);
             }

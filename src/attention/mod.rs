@@ -27,8 +27,12 @@
 //!   with online softmax, parallel and memory-light; the default;
 //! - [`decode`]: decoding against a KV cache that stores each piece's keys once
 //!   ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
+//!
+//! [`kernels`] holds the low-level SIMD primitives (tile GEMMs, decode GEMVs, vectorised
+//! exp) the fast kernels are built from.
 
 pub mod decode;
+pub mod kernels;
 pub mod reference;
 mod rotated;
 pub mod tiled;

@@ -13,56 +13,93 @@
 //! exact up to that cast). The attention factor `m` is *not* multiplied into cos/sin
 //! here: it is part of the default scale `m^2 / sqrt(d)`, as in the reference kernel.
 
+use std::borrow::Cow;
+
 use ndarray::ArrayView3;
 
+use super::kernels::{Kernels, MatRef, PackedKeys};
 use super::{Attention, Dims};
 use crate::error::Result;
 use crate::position::{Affine, Piece};
 use crate::rotary::{Layout, cast, rotate_lane_with};
 
-/// `heads` contiguous row-major `[rows, width]` matrices, one after another.
+/// `heads` row-major `[rows, width]` matrices over one buffer: row `t` of head `h`
+/// starts at `h * head_stride + t * row_stride`. Owned head-major copies have
+/// `head_stride = rows * width`, `row_stride = width`; a borrowed standard-layout
+/// `[rows, heads, width]` input has `head_stride = width`, `row_stride = heads * width`.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct HeadMajor {
-    data: Vec<f32>,
-    heads: usize,
+pub(crate) struct HeadMajor<'a> {
+    data: Cow<'a, [f32]>,
     rows: usize,
     width: usize,
+    head_stride: usize,
+    row_stride: usize,
 }
 
-impl HeadMajor {
-    /// Copies `x` (`[rows, heads, width]`, any strides) into head-major order.
-    fn from_view(x: &ArrayView3<f32>) -> Self {
+impl<'a> HeadMajor<'a> {
+    /// `x` (`[rows, heads, width]`): borrowed in place when in standard layout, else
+    /// copied into head-major order.
+    fn from_view(x: &ArrayView3<'a, f32>) -> Self {
         let (rows, heads, width) = x.dim();
+        if let Some(src) = x.to_slice() {
+            return HeadMajor {
+                data: Cow::Borrowed(src),
+                rows,
+                width,
+                head_stride: width,
+                row_stride: heads * width,
+            };
+        }
         let mut data = Vec::with_capacity(rows * heads * width);
         for h in 0..heads {
             for t in 0..rows {
                 data.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
             }
         }
+        HeadMajor::owned(data, rows, width)
+    }
+
+    fn owned(data: Vec<f32>, rows: usize, width: usize) -> Self {
         HeadMajor {
-            data,
-            heads,
+            data: Cow::Owned(data),
             rows,
             width,
+            head_stride: rows * width,
+            row_stride: width,
         }
     }
 
-    /// Rows `rows` of head `h`, as one contiguous row-major `[rows.len(), width]` slice.
+    /// Rows `rows` of head `h` as a matrix (row stride [`HeadMajor::stride`]).
+    #[inline]
+    pub(crate) fn mat(&self, h: usize, rows: std::ops::Range<usize>) -> MatRef<'_> {
+        let start = h * self.head_stride + rows.start * self.row_stride;
+        let len = match rows.len() {
+            0 => 0,
+            r => (r - 1) * self.row_stride + self.width,
+        };
+        MatRef::new(
+            &self.data[start..start + len],
+            rows.len(),
+            self.width,
+            self.row_stride,
+        )
+        .expect("rows inside the buffer")
+    }
+
+    /// Rows `rows` of head `h`, as one contiguous row-major `[rows.len(), width]` slice
+    /// (owned head-major buffers only).
     #[inline]
     pub(crate) fn rows(&self, h: usize, rows: std::ops::Range<usize>) -> &[f32] {
-        let base = h * self.rows * self.width;
+        debug_assert_eq!(self.row_stride, self.width);
+        let base = h * self.head_stride;
         &self.data[base + rows.start * self.width..base + rows.end * self.width]
     }
 
     /// Row `t` of head `h`.
     #[inline]
     pub(crate) fn row(&self, h: usize, t: usize) -> &[f32] {
-        self.rows(h, t..t + 1)
-    }
-
-    fn row_mut(&mut self, h: usize, t: usize) -> &mut [f32] {
-        let start = (h * self.rows + t) * self.width;
-        &mut self.data[start..start + self.width]
+        let start = h * self.head_stride + t * self.row_stride;
+        &self.data[start..start + self.width]
     }
 }
 
@@ -70,14 +107,26 @@ impl HeadMajor {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct RotatedPiece {
     /// `[H_q][n_q][d]`.
-    pub q: HeadMajor,
-    /// `[H_kv][n_k][d]`.
-    pub k: HeadMajor,
+    pub q: HeadMajor<'static>,
+    /// `[H_kv][n_k][d]` ([`KeyForm::HeadMajor`]).
+    pub k: Option<HeadMajor<'static>>,
+    /// One packed key matrix per kv head ([`KeyForm::Packed`]).
+    pub packed: Vec<PackedKeys>,
+}
+
+/// How [`Attention::prepare`] stores each piece's rotated keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyForm {
+    /// Head-major `[H_kv][n_k][d]` rows.
+    HeadMajor,
+    /// Packed per kv head for [`Kernels::qk_tile_packed`], rotated one head at a time
+    /// into a reused scratch (no full rotated copy).
+    Packed(Kernels),
 }
 
 /// Everything a fast kernel needs, computed once per call.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Prepared {
+pub(crate) struct Prepared<'a> {
     /// Validated sizes.
     pub dims: Dims,
     /// The near piece, then the far piece for two-piece maps.
@@ -85,11 +134,11 @@ pub(crate) struct Prepared {
     /// The band width `w` of two-piece maps: entry `(i, j)` uses the near piece iff
     /// `|q_pos[i] - k_pos[j]| < w`.
     pub window: Option<usize>,
-    /// Values, `[H_kv][n_k][d_v]`.
-    pub v: HeadMajor,
+    /// Values, `[H_kv][n_k][d_v]` (the input itself when in standard layout).
+    pub v: HeadMajor<'a>,
 }
 
-impl Prepared {
+impl Prepared<'_> {
     /// Index of the piece serving query position `qp` and key position `kp`.
     #[inline]
     pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
@@ -100,16 +149,171 @@ impl Prepared {
     }
 }
 
+/// Tokens between exact `sin_cos` evaluations in a [`Trig`] table of consecutive
+/// positions.
+const TRIG_ANCHOR: usize = 32;
+
+/// `sin`/`cos` of `pos(p) * inv_freq_t` in f64 for every position `p` of a list, `pairs`
+/// values per position; a constant map is evaluated once, and runs of consecutive
+/// positions by angle addition (one exact evaluation every [`TRIG_ANCHOR`] tokens).
+struct Trig {
+    sin: Vec<f64>,
+    cos: Vec<f64>,
+    pairs: usize,
+    constant: bool,
+}
+
+impl Trig {
+    fn new(inv: &[f64], pos: Affine, positions: &[usize]) -> Self {
+        let constant = pos.is_constant();
+        let pairs = inv.len();
+        if constant {
+            let (sin, cos) = inv.iter().map(|&w| (pos.at(0.0) * w).sin_cos()).unzip();
+            return Trig {
+                sin,
+                cos,
+                pairs,
+                constant,
+            };
+        }
+        let mut sin = vec![0f64; positions.len() * pairs];
+        let mut cos = vec![0f64; positions.len() * pairs];
+        // Angle steps of consecutive positions: `pos(p + 1) * w = pos(p) * w + scale * w`.
+        let step: Vec<(f64, f64)> = inv.iter().map(|&w| (pos.scale * w).sin_cos()).collect();
+        for (t, &p) in positions.iter().enumerate() {
+            let r = t * pairs..(t + 1) * pairs;
+            let consecutive = t % TRIG_ANCHOR != 0 && p == positions[t - 1].wrapping_add(1);
+            if consecutive {
+                // Angle addition from the previous token (re-anchored every
+                // TRIG_ANCHOR tokens: the f64 error stays ~1e-15, far below f32).
+                let prev = (t - 1) * pairs;
+                for (i, &(sd, cd)) in step.iter().enumerate() {
+                    let (s0, c0) = (sin[prev + i], cos[prev + i]);
+                    sin[r.start + i] = s0 * cd + c0 * sd;
+                    cos[r.start + i] = c0 * cd - s0 * sd;
+                }
+            } else {
+                let x = pos.at(p as f64);
+                for ((s, c), &w) in sin[r.clone()].iter_mut().zip(&mut cos[r]).zip(inv) {
+                    (*s, *c) = (x * w).sin_cos();
+                }
+            }
+        }
+        Trig {
+            sin,
+            cos,
+            pairs,
+            constant,
+        }
+    }
+
+    /// `(sin, cos)` of token `t`.
+    fn token(&self, t: usize) -> (&[f64], &[f64]) {
+        let t = if self.constant { 0 } else { t };
+        let r = t * self.pairs..(t + 1) * self.pairs;
+        (&self.sin[r.clone()], &self.cos[r])
+    }
+
+    /// Whether every angle is 0 (the identity rotation, e.g. ReRoPE's far keys).
+    fn is_identity(&self) -> bool {
+        self.sin.iter().all(|&s| s == 0.0) && self.cos.iter().all(|&c| c == 1.0)
+    }
+}
+
+/// Rotates token rows: `out = factor[t] * R(trig[t]) x[t, h]`.
+struct Rotator<'t> {
+    trig: &'t Trig,
+    factor: &'t [f64],
+    layout: Layout,
+    identity: bool,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl<'t> Rotator<'t> {
+    fn new(trig: &'t Trig, factor: &'t [f64], layout: Layout) -> Self {
+        Rotator {
+            trig,
+            factor,
+            layout,
+            identity: trig.is_identity(),
+            cos: vec![0.0; trig.pairs],
+            sin: vec![0.0; trig.pairs],
+        }
+    }
+
+    /// Prepares the f32 cos/sin of token `t` (times its factor).
+    fn token(&mut self, t: usize) {
+        if self.identity {
+            return;
+        }
+        let c = self.factor[t];
+        let (s64, c64) = self.trig.token(t);
+        for (((co, si), &cv), &sv) in self
+            .cos
+            .iter_mut()
+            .zip(self.sin.iter_mut())
+            .zip(c64)
+            .zip(s64)
+        {
+            *co = cast(cv * c);
+            *si = cast(sv * c);
+        }
+    }
+
+    /// Writes the rotated row `src` of token `t` (after [`Rotator::token`]) into `dst`.
+    fn row(&self, t: usize, src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+        let c = self.factor[t];
+        let c32: f32 = cast(c);
+        if self.identity {
+            if c != 1.0 {
+                dst.iter_mut().for_each(|x| *x *= c32);
+            }
+            return;
+        }
+        rotate_lane_with(dst, &self.cos, &self.sin, self.layout);
+        if c != 1.0 {
+            // Pass-through dims (partial rotary) still carry the scale.
+            for x in &mut dst[2 * self.trig.pairs..] {
+                *x *= c32;
+            }
+        }
+    }
+}
+
+/// Row `(t, h)` of `x` (`[rows, heads, width]`): a slice of the standard-layout buffer,
+/// or copied into `buf`.
+fn src_row<'s>(
+    x: &'s ArrayView3<f32>,
+    flat: Option<&'s [f32]>,
+    t: usize,
+    h: usize,
+    buf: &'s mut Vec<f32>,
+) -> &'s [f32] {
+    let (_, heads, width) = x.dim();
+    match flat {
+        Some(f) => &f[(t * heads + h) * width..(t * heads + h + 1) * width],
+        None => {
+            buf.clear();
+            buf.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
+            buf
+        }
+    }
+}
+
 impl Attention {
-    /// Validates the inputs and rotates every piece's Q and K once.
-    pub(crate) fn prepare(
+    /// Validates the inputs and rotates every piece's Q and K once (keys stored as
+    /// `keys` says); values are borrowed when in standard layout.
+    pub(crate) fn prepare<'a>(
         &self,
         q: ArrayView3<f32>,
         k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        v: ArrayView3<'a, f32>,
         q_pos: &[usize],
         k_pos: &[usize],
-    ) -> Result<Prepared> {
+        keys: KeyForm,
+    ) -> Result<Prepared<'a>> {
         let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
         let pieces = self.map().pieces();
         let scale = self.scale_for(dims.head_dim);
@@ -118,17 +322,38 @@ impl Attention {
             .map(|&p| scale * self.query_factor(p))
             .collect();
         let ones = vec![1.0; k_pos.len()];
-        let q_raw = HeadMajor::from_view(&q);
-        let k_raw = HeadMajor::from_view(&k);
         let mut list = vec![pieces.near];
         if let Some((_, far)) = pieces.far {
             list.push(far);
         }
+        let inv = self.frequencies().inv_freq();
+        let same_positions = q_pos == k_pos;
         let rotated = list
             .iter()
-            .map(|piece: &Piece| RotatedPiece {
-                q: self.rotate(&q_raw, piece.query, q_pos, &q_factor),
-                k: self.rotate(&k_raw, piece.key, k_pos, &ones),
+            .map(|piece: &Piece| {
+                let q_trig = Trig::new(inv, piece.query, q_pos);
+                // Prefill: queries and keys share positions, so a piece with the same
+                // query and key map shares its table.
+                let k_own;
+                let k_trig = if same_positions && piece.key == piece.query {
+                    &q_trig
+                } else {
+                    k_own = Trig::new(inv, piece.key, k_pos);
+                    &k_own
+                };
+                let q_rot = self.rotate_all(&q, &q_trig, &q_factor);
+                match keys {
+                    KeyForm::HeadMajor => RotatedPiece {
+                        q: q_rot,
+                        k: Some(self.rotate_all(&k, k_trig, &ones)),
+                        packed: Vec::new(),
+                    },
+                    KeyForm::Packed(kern) => RotatedPiece {
+                        q: q_rot,
+                        k: None,
+                        packed: self.rotate_packed(&k, k_trig, &ones, kern),
+                    },
+                }
             })
             .collect();
         Ok(Prepared {
@@ -139,41 +364,190 @@ impl Attention {
         })
     }
 
-    /// `factor[t] * R(pos(positions[t])) x[t, h]` for every token and head.
-    fn rotate(
-        &self,
-        raw: &HeadMajor,
-        pos: Affine,
-        positions: &[usize],
-        factor: &[f64],
-    ) -> HeadMajor {
-        let mut out = raw.clone();
-        let heads = raw.heads;
-        let inv = self.frequencies().inv_freq();
-        let pairs = inv.len();
-        let layout: Layout = self.layout();
-        let mut cos = vec![0f32; pairs];
-        let mut sin = vec![0f32; pairs];
-        for (t, (&p, &c)) in positions.iter().zip(factor).enumerate() {
-            let angle_pos = pos.at(p as f64);
-            for (pair, &w) in inv.iter().enumerate() {
-                let (s, co) = (angle_pos * w).sin_cos();
-                cos[pair] = cast(co * c);
-                sin[pair] = cast(s * c);
-            }
-            let c32: f32 = cast(c);
+    /// `factor[t] * R(trig[t]) x[t, h]` for every token and head, head-major.
+    fn rotate_all(&self, x: &ArrayView3<f32>, trig: &Trig, factor: &[f64]) -> HeadMajor<'static> {
+        let (rows, heads, width) = x.dim();
+        let mut out = vec![0f32; rows * heads * width];
+        let flat = x.to_slice();
+        let mut rot = Rotator::new(trig, factor, self.layout());
+        let mut buf = Vec::new();
+        for t in 0..rows {
+            rot.token(t);
             for h in 0..heads {
-                let lane = out.row_mut(h, t);
-                rotate_lane_with(lane, &cos, &sin, layout);
-                if c != 1.0 {
-                    // Pass-through dims (partial rotary) still carry the scale.
-                    for x in &mut lane[2 * pairs..] {
-                        *x *= c32;
-                    }
-                }
+                let at = (h * rows + t) * width;
+                rot.row(
+                    t,
+                    src_row(x, flat, t, h, &mut buf),
+                    &mut out[at..at + width],
+                );
             }
         }
-        out
+        HeadMajor::owned(out, rows, width)
+    }
+
+    /// The rotated keys of each head, packed: one head at a time through a scratch.
+    fn rotate_packed(
+        &self,
+        x: &ArrayView3<f32>,
+        trig: &Trig,
+        factor: &[f64],
+        kern: Kernels,
+    ) -> Vec<PackedKeys> {
+        let (rows, heads, width) = x.dim();
+        let flat = x.to_slice();
+        let mut rot = Rotator::new(trig, factor, self.layout());
+        let mut buf = Vec::new();
+        let mut scratch = vec![0f32; rows * width];
+        (0..heads)
+            .map(|h| {
+                for t in 0..rows {
+                    rot.token(t);
+                    let src = src_row(x, flat, t, h, &mut buf);
+                    rot.row(t, src, &mut scratch[t * width..(t + 1) * width]);
+                }
+                let mut packed = PackedKeys::new();
+                kern.pack_keys(
+                    MatRef::new(&scratch, rows, width, width).expect("scratch holds the keys"),
+                    &mut packed,
+                );
+                packed
+            })
+            .collect()
+    }
+}
+
+/// What the tiled kernel prepares once per call: each piece's keys rotated and packed
+/// per kv head, the trigonometry of each piece's queries, and the validated inputs.
+/// Queries are rotated inside each task, one query block at a time (each query row is
+/// used by exactly one task, so this is the same work as rotating them all up front,
+/// without an `n x H x d` buffer per piece).
+pub(crate) struct TiledPrep<'a> {
+    /// Validated sizes.
+    pub dims: Dims,
+    /// The band width of two-piece maps (see [`Prepared::window`]).
+    pub window: Option<usize>,
+    /// The near piece, then the far piece for two-piece maps.
+    pub pieces: Vec<TiledPiece>,
+    /// Values, `[H_kv][n_k][d_v]` (the input itself when in standard layout).
+    pub v: HeadMajor<'a>,
+    q: ArrayView3<'a, f32>,
+    q_factor: Vec<f64>,
+    layout: Layout,
+}
+
+/// One piece of a [`TiledPrep`].
+pub(crate) struct TiledPiece {
+    /// Trigonometry of the keys (and of the queries when `q_trig` is `None`).
+    k_trig: Trig,
+    q_trig: Option<Trig>,
+    /// Head-major rotated keys ([`KeyForm::HeadMajor`]).
+    pub k: Option<HeadMajor<'static>>,
+    /// Packed rotated keys per kv head ([`KeyForm::Packed`]).
+    pub packed: Vec<PackedKeys>,
+}
+
+impl TiledPrep<'_> {
+    /// Index of the piece serving query position `qp` and key position `kp`.
+    #[inline]
+    pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
+        match self.window {
+            Some(w) if qp.abs_diff(kp) >= w => 1,
+            _ => 0,
+        }
+    }
+
+    /// Rotated, scaled query rows `rows` of every head for piece `p`, written to `out`
+    /// as `[H_q][rows.len()][d]`.
+    pub(crate) fn rotate_queries(&self, p: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let piece = &self.pieces[p];
+        let trig = piece.q_trig.as_ref().unwrap_or(&piece.k_trig);
+        let (_, heads, d) = self.q.dim();
+        let bq = rows.len();
+        let flat = self.q.to_slice();
+        let mut rot = Rotator::new(trig, &self.q_factor, self.layout);
+        let mut buf = Vec::new();
+        for (a, t) in rows.enumerate() {
+            rot.token(t);
+            for h in 0..heads {
+                let at = (h * bq + a) * d;
+                rot.row(
+                    t,
+                    src_row(&self.q, flat, t, h, &mut buf),
+                    &mut out[at..at + d],
+                );
+            }
+        }
+    }
+}
+
+impl Attention {
+    /// Validates the inputs, packs (or rotates) the keys of every piece some tile needs
+    /// (`needed[piece]`) once and prepares the queries' trigonometry for
+    /// [`TiledPrep::rotate_queries`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn prepare_tiled<'a>(
+        &self,
+        q: ArrayView3<'a, f32>,
+        k: ArrayView3<f32>,
+        v: ArrayView3<'a, f32>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        keys: KeyForm,
+        needed: [bool; 2],
+    ) -> Result<TiledPrep<'a>> {
+        let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
+        let map_pieces = self.map().pieces();
+        let scale = self.scale_for(dims.head_dim);
+        let q_factor: Vec<f64> = q_pos
+            .iter()
+            .map(|&p| scale * self.query_factor(p))
+            .collect();
+        let ones = vec![1.0; k_pos.len()];
+        let mut list = vec![map_pieces.near];
+        if let Some((_, far)) = map_pieces.far {
+            list.push(far);
+        }
+        let inv = self.frequencies().inv_freq();
+        let same_positions = q_pos == k_pos;
+        let pieces = list
+            .iter()
+            .zip(needed)
+            .map(|(piece, needed): (&Piece, bool)| {
+                if !needed {
+                    // No tile uses this piece (e.g. a window covering every pair).
+                    return TiledPiece {
+                        k_trig: Trig::new(inv, piece.key, &[]),
+                        q_trig: None,
+                        k: None,
+                        packed: Vec::new(),
+                    };
+                }
+                let k_trig = Trig::new(inv, piece.key, k_pos);
+                // Prefill: queries and keys share positions, so a piece with the same
+                // query and key map shares its table.
+                let q_trig = (!(same_positions && piece.key == piece.query))
+                    .then(|| Trig::new(inv, piece.query, q_pos));
+                let (k_rot, packed) = match keys {
+                    KeyForm::HeadMajor => (Some(self.rotate_all(&k, &k_trig, &ones)), Vec::new()),
+                    KeyForm::Packed(kern) => (None, self.rotate_packed(&k, &k_trig, &ones, kern)),
+                };
+                TiledPiece {
+                    k_trig,
+                    q_trig,
+                    k: k_rot,
+                    packed,
+                }
+            })
+            .collect();
+        Ok(TiledPrep {
+            dims,
+            window: map_pieces.far.map(|(w, _)| w),
+            pieces,
+            v: HeadMajor::from_view(&v),
+            q,
+            q_factor,
+            layout: self.layout(),
+        })
     }
 }
 
@@ -219,5 +593,43 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub(crate) fn axpy(acc: &mut [f32], p: f32, x: &[f32]) {
     for (a, &v) in acc.iter_mut().zip(x) {
         *a += p * v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Angle addition over runs of consecutive positions stays within 1e-9 of exact
+    /// `sin_cos` (far below the f32 the tables are cast to; at angles ~1e5 rad the f64
+    /// rounding of the argument alone is ~1e-11).
+    #[test]
+    fn trig_recurrence_matches_exact() {
+        let inv: Vec<f64> = (0..64)
+            .map(|i| 10_000f64.powf(-(i as f64) / 64.0))
+            .collect();
+        let mut positions: Vec<usize> = (0..5000).collect();
+        positions.extend([7, 8, 9, 100_000, 100_001, 3]);
+        for pos in [
+            Affine::IDENTITY,
+            Affine {
+                scale: 1.0 / 16.0,
+                offset: 512.0 - 512.0 / 16.0,
+            },
+            Affine {
+                scale: 0.25,
+                offset: 0.0,
+            },
+        ] {
+            let t = Trig::new(&inv, pos, &positions);
+            for (k, &p) in positions.iter().enumerate() {
+                let (s, c) = t.token(k);
+                for (i, &w) in inv.iter().enumerate() {
+                    let (se, ce) = (pos.at(p as f64) * w).sin_cos();
+                    assert!((s[i] - se).abs() < 1e-9, "{pos:?} p={p} pair {i}");
+                    assert!((c[i] - ce).abs() < 1e-9, "{pos:?} p={p} pair {i}");
+                }
+            }
+        }
     }
 }

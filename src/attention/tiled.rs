@@ -2,9 +2,12 @@
 //! each tile classified against the band `|i - j| < w` of the position map
 //! (ROPE_MATH.md section 4; lmdeploy's ReRoPE kernel and Su's post 16 describe the idea).
 //!
-//! Each piece's rotated queries and keys are computed once per call, in a head-major
-//! layout (every head a contiguous `[tokens, d]` matrix); then, per query head and query
-//! block, the key blocks are visited in order and every tile is classified from the
+//! Each piece's keys are rotated once per call and packed per kv head for the tile GEMM
+//! ([`Kernels::qk_tile_packed`](super::kernels::Kernels::qk_tile_packed), when `block_k`
+//! is a multiple of the 32-key panel; otherwise each tile packs its own keys); each
+//! piece's queries are rotated once, block by block, inside the task that owns the
+//! block. Then, per query head and query block, the key blocks are visited in order and
+//! every tile is classified from the
 //! positions of its rows and columns (`i0..=i1` = min/max query position in the tile,
 //! `j0..=j1` = min/max key position, so arbitrary positions and offsets work):
 //!
@@ -32,16 +35,44 @@
 //! Masked entries are skipped, never multiplied by 0, so a NaN in `v_j` stays out of rows
 //! that cannot see `j`.
 //!
-//! Work is split into one task per `(query head, query block)`, run in parallel with
+//! ## Compute
+//! Per tile: `Q K^T` with the SIMD tile GEMM (one per piece the tile needs, so
+//! `near + far + 2 straddling` products, counted in [`TileStats::qk_products`]); the
+//! band select and the causal mask only in the tiles that need them (straddling and
+//! diagonal tiles); row max and `exp(s - m)` with its sum vectorised
+//! ([`Kernels::row_max`](super::kernels::Kernels::row_max),
+//! [`Kernels::exp_sub_sum`](super::kernels::Kernels::exp_sub_sum)); `P V` with the tile
+//! GEMM ([`TileStats::pv_products`], one per computed tile). In diagonal tiles each row
+//! sees a prefix of the columns, so `P V` runs on groups of 8 rows over their common
+//! prefix plus each row's short remainder, and masked values are never read.
+//!
+//! ## Tile size
+//! Measured single-threaded (H = 8, d = 128, causal, AVX-512; interleaved runs of
+//! `cargo run --release --example bench_report -- --ns 4096 --tune 64x64,128x128,..`),
+//! n = 4096, rope_tiled / rerope_tiled (w = 512) in GFLOP/s: 32 x 32: 99 / 95;
+//! 64 x 64: 122-128 / 118-120; 128 x 64: 136 / 127; 64 x 128: 132 / 125;
+//! 128 x 128: 138-145 / 133-134; 256 x 128: 149 / 135; 128 x 256: 144 / 132. Larger
+//! tiles amortise the per-row softmax calls and the per-call GEMM overhead; ReRoPE's
+//! extra work grows with them (the band edge costs a second product over a `B`-wide
+//! strip: `1 + B / n`-ish), so its ratio to RoPE rises from ~1.02-1.04 (64 x 64) to
+//! ~1.04-1.08 (128 x 128) and ~1.1 (256 x 128). The default stays 64 x 64 (the tests
+//! pin it); `TileConfig::square(128)` is about 10% faster in absolute time for both
+//! maps on this machine.
+//!
+//! ## Parallelism and memory
+//! Work is split into one task per query block (all query heads), run in parallel with
 //! rayon (feature `rayon`, on by default) or serially; every task visits its tiles in the
-//! same fixed order, so the output is bit-identical for any thread count. Memory beyond
-//! the inputs: the rotated copies (`O((n_q H_q + n_k H_kv) d)` per piece) and one or two
-//! `block_q x block_k` score tiles per task; never an `n_q x n_k` buffer.
+//! same fixed order and writes its own output rows, so the output is bit-identical for
+//! any thread count. Memory beyond the inputs and the output: each piece's packed keys
+//! (`O(n_k H_kv d)`) and trigonometry tables (`O(n d)`), and per task its rotated query
+//! rows (`pieces x H_q x block_q x d`) and one or two `block_q x block_k` score tiles;
+//! never an `n_q x n_k` buffer (tests/alloc.rs checks this with a counting allocator).
 
 use ndarray::{Array3, ArrayView3};
 
 use super::Attention;
-use super::rotated::{Prepared, axpy, scores_into};
+use super::kernels::{Kernels, MatMut, MatRef, PackedKeys};
+use super::rotated::{KeyForm, TiledPrep, axpy};
 use crate::error::{Result, RopeError};
 
 /// Tile sizes for [`Attention::tiled_with`]: `block_q` query rows by `block_k` key
@@ -172,6 +203,13 @@ pub struct TileStats {
     pub skipped: usize,
     /// Computed tiles that also needed the per-entry causal mask (diagonal tiles).
     pub masked: usize,
+    /// Tile score products `Q K^T` actually run (GEMM calls): must equal
+    /// [`TileStats::dot_products`], `near + far + 2 straddling`.
+    pub qk_products: usize,
+    /// Tile value products `P V` actually run (one per computed tile; a diagonal tile's
+    /// product may be split into row groups but counts once): must equal
+    /// [`TileStats::computed`].
+    pub pv_products: usize,
 }
 
 impl TileStats {
@@ -213,6 +251,8 @@ impl TileStats {
         self.straddling += other.straddling;
         self.skipped += other.skipped;
         self.masked += other.masked;
+        self.qk_products += other.qk_products;
+        self.pv_products += other.pv_products;
         self
     }
 }
@@ -285,7 +325,7 @@ pub fn expected_straddling_tiles(
 ///
 /// Returns `None` when `b = 0`, `w = 0` or `b` does not divide `n`.
 pub fn straddling_tiles_square(n: usize, window: usize, b: usize) -> Option<usize> {
-    if b == 0 || window == 0 || n % b != 0 {
+    if b == 0 || window == 0 || !n.is_multiple_of(b) {
         return None;
     }
     if window >= n || b == 1 {
@@ -319,91 +359,179 @@ fn blocks(pos: &[usize], size: usize) -> Vec<Block> {
 /// One tiled call: the prepared pieces and the block partition.
 struct Plan<'a> {
     att: &'a Attention,
-    prep: Prepared,
+    prep: TiledPrep<'a>,
     q_pos: &'a [usize],
     k_pos: &'a [usize],
     q_blocks: Vec<Block>,
     k_blocks: Vec<Block>,
     block_k: usize,
+    kern: Kernels,
+}
+
+/// Per-task scratch: the score tile(s) and, for tiles on the causal diagonal, the
+/// number of visible keys of each row.
+struct Scratch {
+    scores: Vec<f32>,
+    far: Vec<f32>,
+    visible: Vec<usize>,
+}
+
+/// Which entries of a computed tile a row may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mask {
+    /// Every entry is visible.
+    None,
+    /// Row `a` sees exactly its first `visible[a]` columns (the causal diagonal with
+    /// sorted key positions).
+    Prefix,
+    /// Row `a` sees the columns `c` with `k_pos[c] <= q_pos[a]` (any positions).
+    Entries,
+}
+
+/// A task's reusable buffers (one per rayon worker split, reused across query blocks):
+/// rotated query rows of the block, online-softmax state, score tiles.
+struct Work {
+    q_rot: Vec<f32>,
+    state: RowState,
+    scratch: Scratch,
+}
+
+impl Work {
+    fn new() -> Self {
+        Work {
+            q_rot: Vec::new(),
+            state: RowState::new(0, 0),
+            scratch: Scratch {
+                scores: Vec::new(),
+                far: Vec::new(),
+                visible: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Rows per group in the P V product of a diagonal tile: one register block.
+const PV_GROUP: usize = 8;
+
+fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_> {
+    MatRef::new(data, rows, cols, stride).expect("tile shapes are consistent")
+}
+
+fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<'_> {
+    MatMut::new(data, rows, cols, stride).expect("tile shapes are consistent")
 }
 
 impl Plan<'_> {
-    /// Output rows of query block `qb` for query head `h` (`[rows, d_v]`) and its tile
-    /// counts. Key blocks are visited in order, so the result does not depend on how
-    /// tasks are scheduled.
-    fn run(&self, h: usize, qb: Block) -> (Vec<f32>, TileStats) {
+    /// Query block `qb` for every query head: rotates its query rows once per piece,
+    /// then runs the tiles of each head, writing output rows `qb` (`out`, `[rows, H_q,
+    /// d_v]`) and returning the tile counts. Key blocks are visited in order, so the
+    /// result does not depend on how tasks are scheduled.
+    fn run_block(&self, qb: Block, out: &mut [f32], work: &mut Work) -> TileStats {
         let dims = self.prep.dims;
-        let g = h / dims.group();
+        let (d, dv, heads) = (dims.head_dim, dims.value_dim, dims.heads_q);
         let causal = self.att.causal();
         let bq = qb.end - qb.start;
         let mut stats = TileStats::default();
-        let mut state = RowState::new(bq, dims.value_dim);
-        let mut scores = vec![0f32; bq * self.block_k];
-        let mut far_scores = vec![
-            0f32;
-            if self.prep.pieces.len() > 1 {
-                bq * self.block_k
-            } else {
-                0
+        let n_pieces = self.prep.pieces.len();
+        let Work {
+            q_rot,
+            state,
+            scratch,
+        } = work;
+        q_rot.clear();
+        q_rot.resize(n_pieces * heads * bq * d, 0.0);
+        // Only the pieces this block row's tiles use (no far piece before the band
+        // edge, none at all when the window covers every pair).
+        let needed = pieces_needed(&qb, &self.k_blocks, self.prep.window, causal);
+        for (p, buf) in q_rot.chunks_mut((heads * bq * d).max(1)).enumerate() {
+            if needed[p] {
+                self.prep.rotate_queries(p, qb.start..qb.end, buf);
             }
-        ];
-        for &kb in &self.k_blocks {
-            let bounds = TileBounds {
-                q_min: qb.min,
-                q_max: qb.max,
-                k_min: kb.min,
-                k_max: kb.max,
-            };
-            let class = bounds.classify(self.prep.window, causal);
-            stats.record(class);
-            if class == TileClass::Skipped {
-                continue;
-            }
-            let bk = kb.end - kb.start;
-            let s = &mut scores[..bq * bk];
-            self.tile_scores(class, h, qb, kb, s, &mut far_scores);
-            let masked = bounds.needs_causal_mask(causal);
-            stats.masked += usize::from(masked);
-            let q_pos = &self.q_pos[qb.start..qb.end];
-            let k_pos = &self.k_pos[kb.start..kb.end];
-            state.update(
-                s,
-                bk,
-                |a, c| !masked || k_pos[c] <= q_pos[a],
-                |c| self.prep.v.row(g, kb.start + c),
-            );
         }
-        (state.finish(), stats)
+        let q_rot = &q_rot[..];
+        scratch.scores.resize(bq * self.block_k, 0.0);
+        if n_pieces > 1 {
+            scratch.far.resize(bq * self.block_k, 0.0);
+        }
+        scratch.visible.resize(bq, 0);
+        let q_pos = &self.q_pos[qb.start..qb.end];
+        for h in 0..heads {
+            let g = h / dims.group();
+            state.reset(bq, dv);
+            // This head's rotated query rows of each piece, `[bq, d]`.
+            let q_head = |p: usize| {
+                let at = (p * heads + h) * bq * d;
+                &q_rot[at..at + bq * d]
+            };
+            for &kb in &self.k_blocks {
+                let bounds = TileBounds {
+                    q_min: qb.min,
+                    q_max: qb.max,
+                    k_min: kb.min,
+                    k_max: kb.max,
+                };
+                let class = bounds.classify(self.prep.window, causal);
+                stats.record(class);
+                if class == TileClass::Skipped {
+                    continue;
+                }
+                let bk = kb.end - kb.start;
+                let k_pos = &self.k_pos[kb.start..kb.end];
+                self.tile_scores(class, &q_head, g, qb, kb, scratch, &mut stats);
+                let s = &mut scratch.scores[..bq * bk];
+                let mask = if bounds.needs_causal_mask(causal) {
+                    stats.masked += 1;
+                    apply_causal_mask(s, bk, q_pos, k_pos, &mut scratch.visible)
+                } else {
+                    Mask::None
+                };
+                let v = self.prep.v.mat(g, kb.start..kb.end);
+                state.update(self.kern, s, bk, mask, &scratch.visible, q_pos, k_pos, v);
+                stats.pv_products += 1;
+            }
+            state.finish_into(out, h, heads);
+        }
+        stats
     }
 
-    /// The scores of tile `(qb, kb)` for query head `h` into `s`
+    /// The scores of tile `(qb, kb)` for query head `h` into `scratch.scores`
     /// (`[rows, cols]`): one tile product for near or far tiles; for straddling tiles
     /// both, then entry `(i, j)` keeps the far score iff `|q_pos[i] - k_pos[j]| >= w`.
-    fn tile_scores(
+    #[allow(clippy::too_many_arguments)]
+    fn tile_scores<'q>(
         &self,
         class: TileClass,
-        h: usize,
+        q_head: &impl Fn(usize) -> &'q [f32],
+        g: usize,
         qb: Block,
         kb: Block,
-        s: &mut [f32],
-        far_scratch: &mut [f32],
+        scratch: &mut Scratch,
+        stats: &mut TileStats,
     ) {
         let d = self.prep.dims.head_dim;
-        let g = h / self.prep.dims.group();
         let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
-        let product = |piece: usize, out: &mut [f32]| {
+        let (bq, bk) = (rows.len(), cols.len());
+        let mut product = |piece: usize, out: &mut [f32]| {
             let p = &self.prep.pieces[piece];
-            scores_into(p.q.rows(h, rows.clone()), p.k.rows(g, cols.clone()), d, out);
+            let a = mat(q_head(piece), bq, d, d);
+            let s = mat_mut(&mut out[..bq * bk], bq, bk, bk);
+            match &p.k {
+                // Keys packed once per call (key blocks start at panel multiples).
+                None => self.kern.qk_tile_packed(a, &p.packed[g], kb.start, s, 1.0),
+                Some(k) => self.kern.qk_tile(a, k.mat(g, cols.clone()), s, 1.0),
+            }
+            .expect("tile shapes are consistent");
+            stats.qk_products += 1;
         };
         match class {
             TileClass::Skipped => {}
-            TileClass::Near => product(0, s),
-            TileClass::Far => product(1, s),
+            TileClass::Near => product(0, &mut scratch.scores),
+            TileClass::Far => product(1, &mut scratch.scores),
             TileClass::Straddling => {
-                let bk = cols.len();
-                let s2 = &mut far_scratch[..s.len()];
-                product(0, s);
-                product(1, s2);
+                product(0, &mut scratch.scores);
+                product(1, &mut scratch.far);
+                let s = &mut scratch.scores[..bq * bk];
+                let s2 = &scratch.far[..bq * bk];
                 let k_pos = &self.k_pos[cols];
                 for ((srow, s2row), &qp) in
                     s.chunks_mut(bk).zip(s2.chunks(bk)).zip(&self.q_pos[rows])
@@ -417,6 +545,54 @@ impl Plan<'_> {
             }
         }
     }
+}
+
+/// Which pieces (near, far) the tiles of query block `qb` use.
+fn pieces_needed(qb: &Block, k_blocks: &[Block], window: Option<usize>, causal: bool) -> [bool; 2] {
+    let mut needed = [false; 2];
+    for kb in k_blocks {
+        let bounds = TileBounds {
+            q_min: qb.min,
+            q_max: qb.max,
+            k_min: kb.min,
+            k_max: kb.max,
+        };
+        match bounds.classify(window, causal) {
+            TileClass::Near => needed[0] = true,
+            TileClass::Far => needed[1] = true,
+            TileClass::Straddling => needed = [true, true],
+            TileClass::Skipped => {}
+        }
+    }
+    needed
+}
+
+/// Sets the scores of keys after their query to `-inf` and counts each row's visible
+/// keys into `visible`; returns [`Mask::Prefix`] when every row sees a prefix of the
+/// columns (sorted key positions), else [`Mask::Entries`].
+fn apply_causal_mask(
+    s: &mut [f32],
+    bk: usize,
+    q_pos: &[usize],
+    k_pos: &[usize],
+    visible: &mut [usize],
+) -> Mask {
+    let mut prefix = true;
+    for ((row, &qp), vis) in s.chunks_mut(bk).zip(q_pos).zip(visible.iter_mut()) {
+        let mut count = 0;
+        let mut end = 0;
+        for (c, (x, &kp)) in row.iter_mut().zip(k_pos).enumerate() {
+            if kp <= qp {
+                count += 1;
+                end = c + 1;
+            } else {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        *vis = count;
+        prefix &= end == count;
+    }
+    if prefix { Mask::Prefix } else { Mask::Entries }
 }
 
 /// Online-softmax state of a block of query rows: running max `m`, running sum `l`,
@@ -440,34 +616,38 @@ impl RowState {
         }
     }
 
-    /// Folds one tile of scores `s` (`[rows, bk]`) into the state: for row `a`, over the
-    /// entries with `visible(a, c)`, `m' = max(m, max_c s)`, `l' = l e^(m - m') +
-    /// sum_c e^(s_c - m')`, `acc' = acc e^(m - m') + sum_c e^(s_c - m') v(c)`. Rows with
-    /// no visible entry are left untouched; masked entries are never multiplied.
-    fn update<'v>(
+    /// Folds one tile of scores `s` (`[rows, bk]`, masked entries already `-inf`) and
+    /// its values `v` (`[bk, dv]`) into the state: for row `a`, over its visible
+    /// entries, `m' = max(m, max_c s)`, `l' = l e^(m - m') + sum_c e^(s_c - m')`,
+    /// `acc' = acc e^(m - m') + sum_c e^(s_c - m') v_c`. Rows with no visible entry are
+    /// left untouched, and masked entries are never multiplied (so a NaN in `v_c`
+    /// stays out of rows that cannot see `c`): P V is one tile GEMM when every entry is
+    /// visible, row prefixes on the diagonal, entry by entry otherwise. `s` is
+    /// overwritten with the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
         &mut self,
-        s: &[f32],
+        kern: Kernels,
+        s: &mut [f32],
         bk: usize,
-        visible: impl Fn(usize, usize) -> bool,
-        v: impl Fn(usize) -> &'v [f32],
+        mask: Mask,
+        visible: &[usize],
+        q_pos: &[usize],
+        k_pos: &[usize],
+        v: MatRef<'_>,
     ) {
         let dv = self.dv;
-        for (a, srow) in s.chunks(bk).enumerate() {
-            let mut any = false;
-            let mut tile_max = f32::NEG_INFINITY;
-            for (c, &x) in srow.iter().enumerate() {
-                if visible(a, c) {
-                    any = true;
-                    tile_max = tile_max.max(x); // NaN-ignoring; a NaN still poisons l and acc
-                }
-            }
-            if !any {
+        let rows = s.len() / bk.max(1);
+        for (a, srow) in s.chunks_mut(bk).enumerate() {
+            if mask != Mask::None && visible[a] == 0 {
                 continue;
             }
             self.seen[a] = true;
-            let m_new = self.m[a].max(tile_max);
-            // All visible scores -inf (only from infinite inputs): use 0 as the base so no
-            // -inf - -inf appears.
+            // NaN-ignoring max over the visible entries (masked ones are -inf); a NaN
+            // still poisons l and acc through exp.
+            let m_new = self.m[a].max(kern.row_max(srow));
+            // All visible scores -inf (only from infinite inputs): use 0 as the base so
+            // no -inf - -inf appears.
             let base = if m_new == f32::NEG_INFINITY {
                 0.0
             } else {
@@ -475,32 +655,102 @@ impl RowState {
             };
             let corr = (self.m[a] - base).exp();
             self.m[a] = m_new;
-            let acc = &mut self.acc[a * dv..(a + 1) * dv];
             if corr != 1.0 {
-                acc.iter_mut().for_each(|x| *x *= corr);
+                kern.scale(&mut self.acc[a * dv..(a + 1) * dv], corr);
                 self.l[a] *= corr;
             }
-            for (c, &x) in srow.iter().enumerate() {
-                if visible(a, c) {
-                    let p = (x - base).exp();
-                    self.l[a] += p;
-                    axpy(acc, p, v(c));
+            self.l[a] += kern.exp_sub_sum(srow, base);
+        }
+        if dv == 0 || rows == 0 {
+            return;
+        }
+        let pv = |p: &[f32], prow: usize, cols: usize, v: MatRef<'_>, acc: &mut [f32]| {
+            kern.pv_tile(
+                mat(p, prow, cols, bk),
+                v.sub_rows(0, cols),
+                mat_mut(acc, prow, dv, dv),
+            )
+            .expect("tile shapes are consistent");
+        };
+        match mask {
+            Mask::None => pv(s, rows, bk, v, &mut self.acc),
+            Mask::Prefix => {
+                // Groups of rows: the columns all of them see in one product, then each
+                // row's remaining visible columns.
+                for a0 in (0..rows).step_by(PV_GROUP) {
+                    let a1 = (a0 + PV_GROUP).min(rows);
+                    let common = visible[a0..a1].iter().copied().min().unwrap_or(0);
+                    if common > 0 {
+                        pv(
+                            &s[a0 * bk..],
+                            a1 - a0,
+                            common,
+                            v,
+                            &mut self.acc[a0 * dv..a1 * dv],
+                        );
+                    }
+                    for a in a0..a1 {
+                        if visible[a] > common {
+                            pv(
+                                &s[a * bk + common..],
+                                1,
+                                visible[a] - common,
+                                v.sub_rows(common, visible[a] - common),
+                                &mut self.acc[a * dv..(a + 1) * dv],
+                            );
+                        }
+                    }
+                }
+            }
+            Mask::Entries => {
+                for (a, (prow, &qp)) in s.chunks(bk).zip(q_pos).enumerate() {
+                    let acc = &mut self.acc[a * dv..(a + 1) * dv];
+                    for (c, (&p, &kp)) in prow.iter().zip(k_pos).enumerate() {
+                        if kp <= qp {
+                            axpy(acc, p, v.row(c));
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// `acc / l` per row; rows that never saw a key stay zero.
-    fn finish(mut self) -> Vec<f32> {
+    /// The initial state (`m = -inf`, `l = 0`, `acc = 0`, nothing seen) for `rows` rows
+    /// of width `dv`, reusing the buffers.
+    fn reset(&mut self, rows: usize, dv: usize) {
+        self.dv = dv;
+        for (v, x) in [(&mut self.m, f32::NEG_INFINITY), (&mut self.l, 0.0)] {
+            v.clear();
+            v.resize(rows, x);
+        }
+        self.seen.clear();
+        self.seen.resize(rows, false);
+        self.acc.clear();
+        self.acc.resize(rows * dv, 0.0);
+    }
+
+    /// `acc / l` per row into head `h` of the output rows `out` (`[rows, heads, d_v]`);
+    /// rows that never saw a key get zeros.
+    fn finish_into(&self, out: &mut [f32], h: usize, heads: usize) {
         let dv = self.dv;
-        for (a, (&seen, &l)) in self.seen.iter().zip(&self.l).enumerate() {
+        if dv == 0 {
+            return;
+        }
+        for (a, (acc, (&seen, &l))) in self
+            .acc
+            .chunks_exact(dv)
+            .zip(self.seen.iter().zip(&self.l))
+            .enumerate()
+        {
+            let o = &mut out[(a * heads + h) * dv..(a * heads + h + 1) * dv];
             if seen {
-                self.acc[a * dv..(a + 1) * dv]
-                    .iter_mut()
-                    .for_each(|x| *x /= l);
+                for (o, &x) in o.iter_mut().zip(acc) {
+                    *o = x / l;
+                }
+            } else {
+                o.fill(0.0);
             }
         }
-        self.acc
     }
 }
 
@@ -560,44 +810,62 @@ impl Attention {
         tiles: &TileConfig,
     ) -> Result<(Array3<f32>, TileStats)> {
         tiles.validate()?;
-        let prep = self.prepare(q, k, v, q_pos, k_pos)?;
+        let kern = Kernels::active();
+        // Keys are packed once per call when key blocks start at panel multiples.
+        let keys = if tiles.block_k.is_multiple_of(PackedKeys::PANEL) {
+            KeyForm::Packed(kern)
+        } else {
+            KeyForm::HeadMajor
+        };
+        let q_blocks = blocks(q_pos, tiles.block_q);
+        let k_blocks = blocks(k_pos, tiles.block_k);
+        let window = self.map().pieces().far.map(|(w, _)| w);
+        let needed = q_blocks.iter().fold([false; 2], |acc, qb| {
+            let row = pieces_needed(qb, &k_blocks, window, self.causal());
+            [acc[0] || row[0], acc[1] || row[1]]
+        });
+        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, needed)?;
         let dims = prep.dims;
         let plan = Plan {
             att: self,
             prep,
             q_pos,
             k_pos,
-            q_blocks: blocks(q_pos, tiles.block_q),
-            k_blocks: blocks(k_pos, tiles.block_k),
+            q_blocks,
+            k_blocks,
             block_k: tiles.block_k,
+            kern,
         };
-        let n_blocks = plan.q_blocks.len();
-        let task = |t: usize| plan.run(t / n_blocks, plan.q_blocks[t % n_blocks]);
-        let tasks = dims.heads_q * n_blocks;
+        let (dv, heads) = (dims.value_dim, dims.heads_q);
+        let mut out = Array3::<f32>::zeros((dims.n_q, heads, dv));
+        let out_slice = out
+            .as_slice_mut()
+            .expect("a new array is in standard layout");
+        // One task per query block (all heads), writing its own output rows.
+        let rows_per_block = (tiles.block_q * heads * dv).max(1);
+        let blocks_out = plan.q_blocks.iter().zip(
+            out_slice
+                .chunks_mut(rows_per_block)
+                .chain(std::iter::repeat_with(|| &mut [][..])),
+        );
+        let task =
+            |work: &mut Work, (qb, rows): (&Block, &mut [f32])| plan.run_block(*qb, rows, work);
         #[cfg(feature = "rayon")]
-        let results: Vec<(Vec<f32>, TileStats)> = {
+        let stats = {
             use rayon::prelude::*;
-            (0..tasks).into_par_iter().map(task).collect()
+            blocks_out
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map_init(Work::new, task)
+                .reduce(TileStats::default, TileStats::add)
         };
         #[cfg(not(feature = "rayon"))]
-        let results: Vec<(Vec<f32>, TileStats)> = (0..tasks).map(task).collect();
-
-        let dv = dims.value_dim;
-        let mut out = Array3::<f32>::zeros((dims.n_q, dims.heads_q, dv));
-        let mut stats = TileStats::default();
-        for (t, (block_out, block_stats)) in results.into_iter().enumerate() {
-            stats = stats.add(block_stats);
-            let (h, qb) = (t / n_blocks, plan.q_blocks[t % n_blocks]);
-            for (a, i) in (qb.start..qb.end).enumerate() {
-                for (o, &x) in out
-                    .slice_mut(ndarray::s![i, h, ..])
-                    .iter_mut()
-                    .zip(&block_out[a * dv..(a + 1) * dv])
-                {
-                    *o = x;
-                }
-            }
-        }
+        let stats = {
+            let mut work = Work::new();
+            blocks_out
+                .map(|b| task(&mut work, b))
+                .fold(TileStats::default(), TileStats::add)
+        };
         Ok((out, stats))
     }
 }

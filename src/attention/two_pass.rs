@@ -24,7 +24,7 @@
 use ndarray::{Array3, ArrayView3};
 
 use super::Attention;
-use super::rotated::{Prepared, axpy, scores_into};
+use super::rotated::{KeyForm, Prepared, axpy, scores_into};
 use crate::error::Result;
 
 impl Attention {
@@ -53,7 +53,7 @@ impl Attention {
         q_pos: &[usize],
         k_pos: &[usize],
     ) -> Result<Array3<f32>> {
-        let prep = self.prepare(q, k, v, q_pos, k_pos)?;
+        let prep = self.prepare(q, k, v, q_pos, k_pos, KeyForm::HeadMajor)?;
         let dims = prep.dims;
         let heads: Vec<Vec<f32>> = {
             let run = |h: usize| self.two_pass_head(&prep, h, q_pos, k_pos);
@@ -100,7 +100,8 @@ impl Attention {
             .iter()
             .map(|piece| {
                 let mut s = vec![0f32; n_q * n_k];
-                scores_into(piece.q.rows(h, 0..n_q), piece.k.rows(g, 0..n_k), d, &mut s);
+                let k = piece.k.as_ref().expect("head-major keys");
+                scores_into(piece.q.rows(h, 0..n_q), k.rows(g, 0..n_k), d, &mut s);
                 s
             })
             .collect();

@@ -1,0 +1,82 @@
+//! Runs one attention case in a loop, for profilers (`perf record`, `valgrind --tool=callgrind`).
+//!
+//! ```text
+//! cargo run --release --example profile_attention -- tiled rerope 4096 3 [BQxBK]
+//! cargo run --release --example profile_attention -- decode rope 32768 10
+//! valgrind --tool=callgrind target/release/examples/profile_attention tiled rope 1024 1
+//! ```
+//!
+//! Arguments: kernel (`tiled`, `two_pass`, `decode`), map (`rope`, `rerope`, `leaky`;
+//! window 512, leak 16), n (prefill length or cache length), repetitions, and for `tiled`
+//! an optional tile size. H = 8, d = 128, one rayon thread.
+
+use ndarray::Array3;
+use ropex::attention::decode::KvCache;
+use ropex::attention::{Attention, TileConfig};
+use ropex::{Layout, PositionMap, RopeConfig};
+
+fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Array3::from_shape_fn(shape, |_| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or(default.to_string());
+    let kernel = arg(0, "tiled");
+    let n: usize = arg(2, "2048").parse().expect("n");
+    let reps: usize = arg(3, "3").parse().expect("repetitions");
+    let tiles = match args.get(4) {
+        Some(t) => {
+            let (a, b) = t.split_once('x').expect("BQxBK");
+            TileConfig::new(a.parse().expect("BQ"), b.parse().expect("BK")).expect("tiles")
+        }
+        None => TileConfig::DEFAULT,
+    };
+    let w = 512.min(n.saturating_sub(1)).max(1);
+    let map = match arg(1, "rope").as_str() {
+        "rope" => PositionMap::Rope,
+        "rerope" => PositionMap::rerope(w).expect("window"),
+        "leaky" => PositionMap::leaky_rerope(w, 16.0).expect("window"),
+        other => panic!("unknown map {other}"),
+    };
+    let (h, d) = (8, 128);
+    let cfg = RopeConfig::new(d, 10_000.0).expect("config");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    pool.install(|| match kernel.as_str() {
+        "decode" => {
+            let k = rand3((n, h, d), 4);
+            let v = rand3((n, h, d), 5);
+            let q = rand3((1, h, d), 6);
+            let mut cache = KvCache::new(cfg, Layout::Half, map, h, d, d).expect("cache");
+            cache.append(k.view(), v.view()).expect("append");
+            for _ in 0..reps {
+                std::hint::black_box(cache.attend(q.view(), &[n - 1]).expect("attend"));
+            }
+        }
+        _ => {
+            let q = rand3((n, h, d), 1);
+            let k = rand3((n, h, d), 2);
+            let v = rand3((n, h, d), 3);
+            let pos: Vec<usize> = (0..n).collect();
+            let att = Attention::new(cfg.frequencies(), Layout::Half, map);
+            for _ in 0..reps {
+                let out = if kernel == "two_pass" {
+                    att.two_pass(q.view(), k.view(), v.view(), &pos, &pos)
+                } else {
+                    att.tiled_with(q.view(), k.view(), v.view(), &pos, &pos, &tiles)
+                        .map(|(o, _)| o)
+                };
+                std::hint::black_box(out.expect("attention"));
+            }
+        }
+    });
+}

@@ -1,0 +1,527 @@
+//! Tile GEMMs and decode GEMVs, written once against [`Simd`].
+//!
+//! - `qk`: `S = scale * A B^T`. B is packed, transposed, into panels of [`PANEL`] keys
+//!   by up to `PANEL_KC` head dims (on the stack, or once for all keys with
+//!   `pack_keys`); an `MR x NV` register block of S (`NV` vectors of `LANES` keys)
+//!   accumulates `A[i, k] * panel[k, :]` (A broadcast from memory, panel loaded).
+//! - `pv`: `O += P V`. V rows are already "k-major", so V is read in place; an
+//!   `MR x NV` block of O is loaded, accumulated over `k` and stored.
+//! - `qk_dot`: `S = scale * Q K^T` for a handful of queries (decode): dot products along
+//!   the head dim, `G` queries by `R` keys per block, no packing, so K is streamed once.
+
+use std::mem::MaybeUninit;
+
+use super::simd::Simd;
+use super::{MatMut, MatRef};
+
+/// Keys per packed panel, on every instruction set (so packed keys are portable
+/// between them): a panel is `kc x PANEL` f32, key `jj` of head dim `kk` at
+/// `kk * PANEL + jj`.
+pub(crate) const PANEL: usize = 32;
+
+/// f32 in the stack panel of `qk` (32 KiB): up to `PANEL_KC` head dims.
+const PANEL_FLOATS: usize = 8192;
+/// Head dims per stack panel.
+const PANEL_KC: usize = PANEL_FLOATS / PANEL;
+
+/// A cache-line aligned, uninitialised panel.
+#[repr(C, align(64))]
+struct Panel(MaybeUninit<[f32; PANEL_FLOATS]>);
+
+/// Calls `$f::<S, R, ...>` with the run-time row count `$rows` (1..=8) as the const `R`.
+macro_rules! by_rows {
+    ($rows:expr, $f:ident::<$s:ty, _ $(, $c:tt)*>($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $f::<$s, 1 $(, $c)*>($($arg),*),
+            2 => $f::<$s, 2 $(, $c)*>($($arg),*),
+            3 => $f::<$s, 3 $(, $c)*>($($arg),*),
+            4 => $f::<$s, 4 $(, $c)*>($($arg),*),
+            5 => $f::<$s, 5 $(, $c)*>($($arg),*),
+            6 => $f::<$s, 6 $(, $c)*>($($arg),*),
+            7 => $f::<$s, 7 $(, $c)*>($($arg),*),
+            8 => $f::<$s, 8 $(, $c)*>($($arg),*),
+            _ => unreachable!("register blocks have 1 to 8 rows"),
+        }
+    };
+}
+
+/// `S = scale * A B^T` with an `MR x (NV * LANES)` register block (`MR <= 8`,
+/// `NV * LANES` dividing [`PANEL`]); B is packed one panel at a time on the stack.
+#[inline(always)]
+pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    mut c: MatMut<'_>,
+    scale: f32,
+) {
+    let (m, n, d) = (a.rows(), b.rows(), a.cols());
+    debug_assert!(b.cols() == d && c.rows() == m && c.cols() == n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if d == 0 {
+        zero_rows(&mut c);
+        return;
+    }
+    let mut panel = Panel(MaybeUninit::uninit());
+    let pp = panel.0.as_mut_ptr().cast::<f32>();
+    let (bp, ldb) = (b.as_ptr(), b.stride());
+    for j0 in (0..n).step_by(PANEL) {
+        let ncols = PANEL.min(n - j0);
+        let mut k0 = 0;
+        while k0 < d {
+            let kc = PANEL_KC.min(d - k0);
+            // SAFETY: rows `j0 .. j0 + ncols <= n` and columns `k0 .. k0 + kc <= d` of B
+            // are inside `b` (MatRef checked `(rows - 1) * stride + cols <= len`); the
+            // panel holds `PANEL_KC * PANEL >= kc * PANEL` f32.
+            unsafe { s.pack_bt(bp.add(j0 * ldb + k0), ldb, ncols, kc, pp, PANEL) };
+            // SAFETY: the panel's first `kc * PANEL` f32 were just written; the column
+            // range `j0 .. j0 + ncols` and head dims `k0 .. k0 + kc` are in bounds.
+            unsafe {
+                qk_panel::<S, MR, NV>(
+                    s,
+                    &a,
+                    &mut c,
+                    pp.cast_const(),
+                    (k0, kc),
+                    (j0, ncols),
+                    (k0 > 0, (k0 + kc == d).then_some(scale)),
+                )
+            };
+            k0 += kc;
+        }
+    }
+}
+
+/// Packs all of `k` (`[n, d]`) into `out`: `ceil(n / PANEL)` panels of `d x PANEL`,
+/// zero-padded; `out` must hold exactly that many f32.
+#[inline(always)]
+pub(crate) fn pack_keys<S: Simd>(s: S, k: MatRef<'_>, out: &mut [f32]) {
+    let (n, d) = (k.rows(), k.cols());
+    assert_eq!(out.len(), n.div_ceil(PANEL) * PANEL * d);
+    let (kp, ldk) = (k.as_ptr(), k.stride());
+    for (p, panel) in out.chunks_exact_mut(PANEL * d).enumerate() {
+        let j0 = p * PANEL;
+        let rows = PANEL.min(n - j0);
+        // SAFETY: rows `j0 .. j0 + rows <= n` with `d` columns are inside `k`; `panel`
+        // holds `d * PANEL` f32.
+        unsafe { s.pack_bt(kp.add(j0 * ldk), ldk, rows, d, panel.as_mut_ptr(), PANEL) };
+    }
+}
+
+/// `S = scale * A K^T` for the keys of packed panels `panels` (`d x PANEL` each, the
+/// first one holding key column 0 of `c`).
+#[inline(always)]
+pub(crate) fn qk_packed<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    a: MatRef<'_>,
+    panels: &[f32],
+    mut c: MatMut<'_>,
+    scale: f32,
+) {
+    let (m, n, d) = (a.rows(), c.cols(), a.cols());
+    assert!(panels.len() >= n.div_ceil(PANEL) * PANEL * d);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if d == 0 {
+        zero_rows(&mut c);
+        return;
+    }
+    for j0 in (0..n).step_by(PANEL) {
+        let ncols = PANEL.min(n - j0);
+        // SAFETY: panel `j0 / PANEL` (`d * PANEL` f32) is inside `panels` (asserted);
+        // columns `j0 .. j0 + ncols <= n` and all `d` head dims are in bounds.
+        unsafe {
+            qk_panel::<S, MR, NV>(
+                s,
+                &a,
+                &mut c,
+                panels.as_ptr().add(j0 * d),
+                (0, d),
+                (j0, ncols),
+                (false, Some(scale)),
+            )
+        };
+    }
+}
+
+fn zero_rows(c: &mut MatMut<'_>) {
+    for i in 0..c.rows() {
+        c.row_mut(i).fill(0.0);
+    }
+}
+
+/// `C[:, j0 .. j0 + ncols] (+)= A[:, k0 .. k0 + kc] panel`, then `*= scale` if given.
+///
+/// # Safety
+/// `panel` readable for `kc * PANEL` f32; `k0 + kc <= a.cols()`,
+/// `j0 + ncols <= c.cols()`, `ncols <= PANEL`.
+#[inline(always)]
+unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    a: &MatRef<'_>,
+    c: &mut MatMut<'_>,
+    panel: *const f32,
+    (k0, kc): (usize, usize),
+    (j0, ncols): (usize, usize),
+    mode: (bool, Option<f32>),
+) {
+    let nr = NV * S::LANES;
+    debug_assert!(MR <= 8 && PANEL.is_multiple_of(nr) && ncols <= PANEL);
+    let m = a.rows();
+    let (ap, lda) = (a.as_ptr(), a.stride());
+    let (cp, ldc) = (c.as_mut_ptr(), c.stride());
+    for sub in (0..ncols).step_by(nr) {
+        let mut masks = [s.mask(0); NV];
+        for (u, mk) in masks.iter_mut().enumerate() {
+            *mk = s.mask((ncols - sub).saturating_sub(u * S::LANES));
+        }
+        for i0 in (0..m).step_by(MR) {
+            let rows = MR.min(m - i0);
+            // SAFETY: rows `i0 .. i0 + rows <= m` of A (head dims `k0 .. k0 + kc`) and of
+            // C (columns `j0 + sub ..`, stores limited to `masks`, i.e. to
+            // `j0 + ncols`) are in bounds; the panel columns `sub .. sub + nr <= PANEL`
+            // of its `kc` rows are readable (caller).
+            unsafe {
+                by_rows!(
+                    rows,
+                    qk_micro::<S, _, NV>(
+                        s,
+                        ap.add(i0 * lda + k0),
+                        lda,
+                        panel.add(sub),
+                        kc,
+                        cp.add(i0 * ldc + j0 + sub),
+                        ldc,
+                        &masks,
+                        mode,
+                    )
+                )
+            };
+        }
+    }
+}
+
+/// One `R x (NV * LANES)` block of `C (+)= A panel`, then `C *= scale` if given.
+///
+/// # Safety
+/// `a` readable for `R` rows of `kc` (stride `lda`); `panel` for `kc` rows of
+/// `NV * LANES` (stride [`PANEL`]); `c` readable and writable for `R` rows at the lanes of `masks` (stride `ldc`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
+    s: S,
+    a: *const f32,
+    lda: usize,
+    panel: *const f32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    masks: &[S::M; NV],
+    (accumulate, scale): (bool, Option<f32>),
+) {
+    let mut acc = [[s.zero(); NV]; R];
+    // SAFETY: every pointer offset stays inside the ranges the caller guarantees.
+    unsafe {
+        for k in 0..kc {
+            let bk = panel.add(k * PANEL);
+            let mut bv = [s.zero(); NV];
+            for (u, b) in bv.iter_mut().enumerate() {
+                *b = s.load(bk.add(u * S::LANES));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = s.splat(*a.add(i * lda + k));
+                for (x, b) in row.iter_mut().zip(bv) {
+                    *x = s.fma(ai, b, *x);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (u, (&x, &m)) in row.iter().zip(masks).enumerate() {
+                let p = c.add(i * ldc + u * S::LANES);
+                let mut y = x;
+                if accumulate {
+                    y = s.add(y, s.load_masked(p, m));
+                }
+                if let Some(sc) = scale {
+                    y = s.mul(y, s.splat(sc));
+                }
+                s.store_masked(p, y, m);
+            }
+        }
+    }
+}
+
+/// Rows of K per `pv` k-block: keeps the V block hot across column panels.
+const PV_KC: usize = 256;
+
+/// `O += P V` with an `MR x (NV * LANES)` register block (`MR <= 8`).
+#[inline(always)]
+pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    p: MatRef<'_>,
+    v: MatRef<'_>,
+    mut o: MatMut<'_>,
+) {
+    let (m, kd, n) = (p.rows(), p.cols(), v.cols());
+    debug_assert!(MR <= 8 && v.rows() == kd && o.rows() == m && o.cols() == n);
+    if m == 0 || n == 0 || kd == 0 {
+        return;
+    }
+    let nr = NV * S::LANES;
+    let (pp, ldp) = (p.as_ptr(), p.stride());
+    let (vp, ldv) = (v.as_ptr(), v.stride());
+    let (op, ldo) = (o.as_mut_ptr(), o.stride());
+    for k0 in (0..kd).step_by(PV_KC) {
+        let kc = PV_KC.min(kd - k0);
+        for j0 in (0..n).step_by(nr) {
+            let ncols = nr.min(n - j0);
+            let mut masks = [s.mask(0); NV];
+            for (u, mk) in masks.iter_mut().enumerate() {
+                *mk = s.mask(ncols.saturating_sub(u * S::LANES));
+            }
+            for i0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - i0);
+                let args = (
+                    // SAFETY (all three): rows `i0 .. i0 + rows <= m` of P (columns
+                    // `k0 .. k0 + kc <= kd`) and of O (columns `j0 .. j0 + ncols <= n`),
+                    // rows `k0 .. k0 + kc` of V (same columns) are in bounds by the
+                    // MatRef / MatMut checks.
+                    unsafe { pp.add(i0 * ldp + k0) },
+                    unsafe { vp.add(k0 * ldv + j0) },
+                    unsafe { op.add(i0 * ldo + j0) },
+                );
+                // SAFETY: as above; when `ncols < nr` the partial kernel touches only
+                // the `ncols` columns selected by `masks`.
+                unsafe {
+                    if ncols == nr {
+                        by_rows!(
+                            rows,
+                            pv_micro::<S, _, NV, true>(
+                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, &masks
+                            )
+                        )
+                    } else {
+                        by_rows!(
+                            rows,
+                            pv_micro::<S, _, NV, false>(
+                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, &masks
+                            )
+                        )
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One `R x (NV * LANES)` block of `O += P V`. With `FULL`, all `NV` vectors are
+/// whole; otherwise only the lanes of `masks` are read and written.
+///
+/// # Safety
+/// `p` readable for `R` rows of `kc` (stride `ldp`); `v` for `kc` rows (stride `ldv`)
+/// and `o` readable and writable for `R` rows (stride `ldo`), each at `NV * LANES`
+/// columns (`FULL`) or the lanes of `masks`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
+    s: S,
+    p: *const f32,
+    ldp: usize,
+    v: *const f32,
+    ldv: usize,
+    kc: usize,
+    o: *mut f32,
+    ldo: usize,
+    masks: &[S::M; NV],
+) {
+    let mut acc = [[s.zero(); NV]; R];
+    // SAFETY: every pointer offset stays inside the ranges the caller guarantees.
+    unsafe {
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (u, x) in row.iter_mut().enumerate() {
+                let q = o.add(i * ldo + u * S::LANES);
+                *x = if FULL {
+                    s.load(q)
+                } else {
+                    s.load_masked(q, masks[u])
+                };
+            }
+        }
+        for k in 0..kc {
+            let vk = v.add(k * ldv);
+            let mut bv = [s.zero(); NV];
+            for (u, b) in bv.iter_mut().enumerate() {
+                *b = if FULL {
+                    s.load(vk.add(u * S::LANES))
+                } else {
+                    s.load_masked(vk.add(u * S::LANES), masks[u])
+                };
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let pi = s.splat(*p.add(i * ldp + k));
+                for (x, b) in row.iter_mut().zip(bv) {
+                    *x = s.fma(pi, b, *x);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (u, &x) in row.iter().enumerate() {
+                let q = o.add(i * ldo + u * S::LANES);
+                if FULL {
+                    s.store(q, x);
+                } else {
+                    s.store_masked(q, x, masks[u]);
+                }
+            }
+        }
+    }
+}
+
+/// `S = scale * Q K^T` by dot products along the head dim for exactly `G` queries
+/// (rows of Q), `R` keys (rows of K) at a time: `G * R` vector accumulators.
+#[inline(always)]
+pub(crate) fn qk_dot<S: Simd, const G: usize, const R: usize>(
+    s: S,
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    mut out: MatMut<'_>,
+    scale: f32,
+) {
+    let (n, d) = (k.rows(), q.cols());
+    debug_assert!(q.rows() == G && k.cols() == d && out.rows() == G && out.cols() == n);
+    let (qp, ldq) = (q.as_ptr(), q.stride());
+    let (kp, ldk) = (k.as_ptr(), k.stride());
+    let (op, ldo) = (out.as_mut_ptr(), out.stride());
+    let dims = (d / S::LANES, d % S::LANES);
+    let mut j = 0;
+    while j + R <= n {
+        // SAFETY: rows `j .. j + R <= n` of K and columns `j .. j + R` of the `G` rows
+        // of `out` are in bounds (MatRef / MatMut checks); Q has `G` rows of `d`.
+        unsafe {
+            qk_dot_block::<S, G, R>(
+                s,
+                qp,
+                ldq,
+                kp.add(j * ldk),
+                ldk,
+                dims,
+                op.add(j),
+                ldo,
+                scale,
+            )
+        };
+        j += R;
+    }
+    while j < n {
+        // SAFETY: as above, for the single row `j < n`.
+        unsafe {
+            qk_dot_block::<S, G, 1>(
+                s,
+                qp,
+                ldq,
+                kp.add(j * ldk),
+                ldk,
+                dims,
+                op.add(j),
+                ldo,
+                scale,
+            )
+        };
+        j += 1;
+    }
+}
+
+/// `out[gq, r] = scale * q[gq] . k[r]` for `G` queries and `R` keys; the head dim is
+/// `full` whole vectors plus `rem` more lanes (`dims = (full, rem)`).
+///
+/// # Safety
+/// `q` readable for `G` rows and `k` for `R` rows of `full * LANES + rem` f32 (strides
+/// `ldq`, `ldk`); `out` writable at `gq * ldo + r`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_dot_block<S: Simd, const G: usize, const R: usize>(
+    s: S,
+    q: *const f32,
+    ldq: usize,
+    k: *const f32,
+    ldk: usize,
+    (full, rem): (usize, usize),
+    out: *mut f32,
+    ldo: usize,
+    scale: f32,
+) {
+    let mut acc = [[s.zero(); R]; G];
+    let tail = s.mask(rem);
+    // SAFETY: `c * LANES + LANES <= full * LANES` (whole steps) and the `rem` lanes
+    // after `full * LANES` (the masked step) lie inside the caller's rows.
+    unsafe {
+        for c in 0..full {
+            dot_step::<S, G, R>(s, &mut acc, q, ldq, k, ldk, c * S::LANES, None);
+        }
+        if rem > 0 {
+            dot_step::<S, G, R>(s, &mut acc, q, ldq, k, ldk, full * S::LANES, Some(tail));
+        }
+    }
+    // Horizontal sums, LANES accumulators at a time (accumulator `f` is query `f / R`,
+    // key `f % R`), zero-padded to whole groups.
+    let l = S::LANES;
+    let sc = s.splat(scale);
+    let mut f0 = 0;
+    while f0 < G * R {
+        let mut group = [s.zero(); 16];
+        for (x, f) in group.iter_mut().take(l).zip(f0..G * R) {
+            *x = acc[f / R][f % R];
+        }
+        let mut sums = [0f32; 16];
+        // SAFETY: `sums` holds 16 >= LANES f32.
+        unsafe { s.store(sums.as_mut_ptr(), s.mul(s.transpose_sum(&group[..l]), sc)) };
+        for (f, &x) in (f0..G * R).zip(&sums[..l]) {
+            // SAFETY: `out` is writable at `gq * ldo + r` for `gq < G`, `r < R`.
+            unsafe { *out.add((f / R) * ldo + f % R) = x };
+        }
+        f0 += l;
+    }
+}
+
+/// One step of `qk_dot_block`: `LANES` head dims at offset `off`, masked if `mask`.
+///
+/// # Safety
+/// `q` (`G` rows) and `k` (`R` rows) readable at `off .. off + LANES` (or the lanes of
+/// `mask`) of each row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_step<S: Simd, const G: usize, const R: usize>(
+    s: S,
+    acc: &mut [[S::V; R]; G],
+    q: *const f32,
+    ldq: usize,
+    k: *const f32,
+    ldk: usize,
+    off: usize,
+    mask: Option<S::M>,
+) {
+    let mut kv = [s.zero(); R];
+    // SAFETY: forwarded contract.
+    unsafe {
+        for (r, x) in kv.iter_mut().enumerate() {
+            let pk = k.add(r * ldk + off);
+            *x = match mask {
+                Some(m) => s.load_masked(pk, m),
+                None => s.load(pk),
+            };
+        }
+        for (gq, row) in acc.iter_mut().enumerate() {
+            let pq = q.add(gq * ldq + off);
+            let qv = match mask {
+                Some(m) => s.load_masked(pq, m),
+                None => s.load(pq),
+            };
+            for (x, kr) in row.iter_mut().zip(kv) {
+                *x = s.fma(qv, kr, *x);
+            }
+        }
+    }
+}

@@ -1,0 +1,679 @@
+//! Unit tests: every instruction set against an f64 oracle and against the portable
+//! path, on odd sizes, strides and edge values.
+
+use super::simd::expc;
+use super::*;
+use proptest::prelude::*;
+
+/// The sizes the brief asks for: around every lane and block boundary.
+const SIZES: [usize; 7] = [1, 3, 17, 63, 65, 127, 129];
+
+/// A small deterministic generator (xorshift64*), values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        ((x >> 40) as f32) / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+/// Sentinel written around matrices to catch out-of-bounds writes.
+const GUARD: f32 = 1234.5;
+
+/// A strided buffer: `rows x cols` values in a buffer with row stride `stride` and
+/// `GUARD` everywhere else (padding and a tail).
+struct Buf {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl Buf {
+    fn new(rng: &mut Rng, rows: usize, cols: usize, pad: usize) -> Buf {
+        let stride = cols + pad;
+        let mut data = vec![GUARD; rows * stride + 7];
+        for i in 0..rows {
+            for j in 0..cols {
+                data[i * stride + j] = rng.next();
+            }
+        }
+        Buf {
+            data,
+            rows,
+            cols,
+            stride,
+        }
+    }
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.stride + j]
+    }
+    fn r(&self) -> MatRef<'_> {
+        MatRef::new(&self.data, self.rows, self.cols, self.stride).unwrap()
+    }
+    fn w(&mut self) -> MatMut<'_> {
+        MatMut::new(&mut self.data, self.rows, self.cols, self.stride).unwrap()
+    }
+    /// Every element outside the matrix still holds `GUARD`.
+    fn guards_intact(&self) -> bool {
+        self.data.iter().enumerate().all(|(x, &v)| {
+            let (i, j) = (x / self.stride, x % self.stride);
+            (i < self.rows && j < self.cols) || v == GUARD
+        })
+    }
+}
+
+/// Checks `got[i][j]` against `exact` within `tol(d) * sum_abs`.
+fn check_close(
+    what: &str,
+    isa: Isa,
+    got: &Buf,
+    exact: &[f64],
+    sum_abs: &[f64],
+    d: usize,
+) -> std::result::Result<(), String> {
+    let eps = f32::EPSILON as f64;
+    for i in 0..got.rows {
+        for j in 0..got.cols {
+            let e = exact[i * got.cols + j];
+            let g = got.at(i, j) as f64;
+            // Worst-case f32 summation bound, a little loose: (d + 2) eps sum |a b|.
+            let tol = (d as f64 + 2.0) * eps * sum_abs[i * got.cols + j] + 1e-30;
+            if (g - e).abs() > tol {
+                return Err(format!(
+                    "{what} {isa:?} [{i}, {j}]: got {g}, exact {e}, tol {tol}"
+                ));
+            }
+        }
+    }
+    if !got.guards_intact() {
+        return Err(format!("{what} {isa:?}: wrote outside the matrix"));
+    }
+    Ok(())
+}
+
+fn run_qk(
+    m: usize,
+    n: usize,
+    d: usize,
+    pads: (usize, usize, usize),
+    scale: f32,
+    seed: u64,
+) -> std::result::Result<(), String> {
+    let mut rng = Rng(seed | 1);
+    let a = Buf::new(&mut rng, m, d, pads.0);
+    let b = Buf::new(&mut rng, n, d, pads.1);
+    let mut exact = vec![0f64; m * n];
+    let mut sum_abs = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            for k in 0..d {
+                let p = a.at(i, k) as f64 * b.at(j, k) as f64;
+                exact[i * n + j] += p;
+                sum_abs[i * n + j] += p.abs();
+            }
+            exact[i * n + j] *= scale as f64;
+            sum_abs[i * n + j] *= (scale as f64).abs();
+        }
+    }
+    let mut outs = Vec::new();
+    let mut packed = PackedKeys::new();
+    for kern in Kernels::all_supported() {
+        kern.pack_keys(b.r(), &mut packed);
+        for (what, run) in [("qk_tile", 0), ("qk_gemv", 1), ("qk_tile_packed", 2)] {
+            let mut s = Buf::new(&mut rng, m, n, pads.2);
+            match run {
+                0 => kern.qk_tile(a.r(), b.r(), s.w(), scale).unwrap(),
+                1 => kern.qk_gemv(a.r(), b.r(), s.w(), scale).unwrap(),
+                _ => kern
+                    .qk_tile_packed(a.r(), &packed, 0, s.w(), scale)
+                    .unwrap(),
+            }
+            check_close(what, kern.isa(), &s, &exact, &sum_abs, d)
+                .map_err(|e| format!("{e} (m {m}, n {n}, d {d}, pads {pads:?})"))?;
+            outs.push(s);
+        }
+    }
+    // Every path agrees with the first (portable) one within twice the bound.
+    let twice: Vec<f64> = sum_abs.iter().map(|x| 2.0 * x).collect();
+    let portable: Vec<f64> = (0..m * n)
+        .map(|x| outs[0].at(x / n, x % n) as f64)
+        .collect();
+    for s in &outs[1..] {
+        check_close("vs portable", Isa::Portable, s, &portable, &twice, d)?;
+    }
+    Ok(())
+}
+
+fn run_pv(
+    m: usize,
+    k: usize,
+    n: usize,
+    pads: (usize, usize, usize),
+    seed: u64,
+) -> std::result::Result<(), String> {
+    let mut rng = Rng(seed | 1);
+    let p = Buf::new(&mut rng, m, k, pads.0);
+    let v = Buf::new(&mut rng, k, n, pads.1);
+    let o0 = Buf::new(&mut rng, m, n, pads.2);
+    let mut exact = vec![0f64; m * n];
+    let mut sum_abs = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let init = o0.at(i, j) as f64;
+            exact[i * n + j] = init;
+            sum_abs[i * n + j] = init.abs();
+            for x in 0..k {
+                let t = p.at(i, x) as f64 * v.at(x, j) as f64;
+                exact[i * n + j] += t;
+                sum_abs[i * n + j] += t.abs();
+            }
+        }
+    }
+    for kern in Kernels::all_supported() {
+        for gemv in [false, true] {
+            let mut o = Buf {
+                data: o0.data.clone(),
+                ..o0
+            };
+            if gemv {
+                kern.pv_gemv(p.r(), v.r(), o.w()).unwrap();
+            } else {
+                kern.pv_tile(p.r(), v.r(), o.w()).unwrap();
+            }
+            let what = if gemv { "pv_gemv" } else { "pv_tile" };
+            check_close(what, kern.isa(), &o, &exact, &sum_abs, k + 1)
+                .map_err(|e| format!("{e} (m {m}, k {k}, n {n}, pads {pads:?})"))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_isa_is_listed_and_portable_always_exists() {
+    let all = Kernels::all_supported();
+    assert_eq!(all[0].isa(), Isa::Portable);
+    assert!(all.iter().any(|k| k.isa() == Isa::best()));
+    assert!(Kernels::active().isa() <= Isa::best());
+    assert_eq!(
+        Kernels::portable(),
+        Kernels::with_isa(Isa::Portable).unwrap()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert_eq!(Isa::best(), Isa::Avx512);
+    }
+}
+
+#[test]
+fn env_override_caps_the_active_isa() {
+    // Whatever the environment: a known ROPEX_KERNELS caps the choice, anything else
+    // leaves the best one. (CI can run the suite with ROPEX_KERNELS=portable.)
+    let cap = std::env::var(ISA_ENV)
+        .ok()
+        .and_then(|v| Isa::ALL.into_iter().find(|i| i.name() == v.trim()));
+    let want = cap.map_or(Isa::best(), |c| c.min(Isa::best()));
+    assert_eq!(Kernels::active().isa(), want);
+}
+
+#[test]
+fn qk_odd_sizes() {
+    let mut seed = 1;
+    for &m in &SIZES {
+        for &n in &SIZES {
+            for &d in &SIZES {
+                seed += 1;
+                run_qk(m, n, d, (0, 0, 0), 0.125, seed).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn qk_strides_and_long_head_dim() {
+    // Strides, and a head dim longer than one packed panel (256 for 32-wide panels).
+    run_qk(9, 33, 300, (3, 1, 5), 1.0, 7).unwrap();
+    run_qk(64, 64, 128, (1, 17, 2), 0.088, 8).unwrap();
+    run_qk(128, 64, 128, (0, 0, 3), 1.0, 9).unwrap();
+    run_qk(17, 65, 513, (2, 2, 2), -0.5, 10).unwrap();
+    // Decode-like: few queries against many keys (qk_gemv splits > 8 queries).
+    for g in 1..=12 {
+        run_qk(g, 1000, 128, (0, 0, 0), 0.1, 11 + g as u64).unwrap();
+    }
+}
+
+#[test]
+fn qk_packed_key_ranges_and_portable_layout() {
+    let mut rng = Rng(5);
+    let (m, n, d) = (17, 200, 72);
+    let a = Buf::new(&mut rng, m, d, 3);
+    let b = Buf::new(&mut rng, n, d, 1);
+    let mut packed = PackedKeys::new();
+    let mut by_isa = Vec::new();
+    for kern in Kernels::all_supported() {
+        kern.pack_keys(b.r(), &mut packed);
+        assert_eq!((packed.len(), packed.head_dim()), (n, d));
+        by_isa.push(packed.clone());
+        for (start, len) in [(0, 200), (32, 64), (64, 1), (192, 8), (160, 33), (96, 0)] {
+            let mut s = Buf::new(&mut rng, m, len, 2);
+            kern.qk_tile_packed(a.r(), &packed, start, s.w(), 0.3)
+                .unwrap();
+            let keys = MatRef::new(&b.data[start * b.stride..], len, d, b.stride).unwrap();
+            let mut want = Buf::new(&mut rng, m, len, 2);
+            kern.qk_tile(a.r(), keys, want.w(), 0.3).unwrap();
+            // Same micro-kernel, same order of operations: bitwise equal.
+            assert_eq!(s.data, want.data, "{:?} keys {start}..+{len}", kern.isa());
+        }
+        let mut s = vec![0f32; m * 8];
+        let err = |start, cols: usize, s: &mut [f32]| {
+            kern.qk_tile_packed(
+                a.r(),
+                &packed,
+                start,
+                MatMut::contiguous(s, m, cols).unwrap(),
+                1.0,
+            )
+            .is_err()
+        };
+        assert!(err(1, 8, &mut s)); // not a panel boundary
+        assert!(err(224, 1, &mut s)); // past the end
+        assert!(err(192, 9, &mut vec![0f32; m * 9])); // 201 > 200 keys
+        let short = Buf::new(&mut rng, m, d + 1, 0);
+        assert!(
+            kern.qk_tile_packed(
+                short.r(),
+                &packed,
+                0,
+                MatMut::contiguous(&mut s, m, 8).unwrap(),
+                1.0
+            )
+            .is_err()
+        );
+    }
+    // The packed layout does not depend on the instruction set.
+    assert!(by_isa.windows(2).all(|w| w[0] == w[1]));
+}
+
+#[test]
+fn packed_keys_append_matches_pack() {
+    let mut rng = Rng(17);
+    for (n, d) in [(0, 5), (1, 1), (31, 7), (32, 8), (33, 128), (100, 65)] {
+        let b = Buf::new(&mut rng, n, d, 2);
+        let mut whole = PackedKeys::new();
+        Kernels::active().pack_keys(b.r(), &mut whole);
+        // Appended in uneven chunks: 1, 2, 3, ... rows.
+        let mut grown = PackedKeys::new();
+        let (mut r, mut chunk) = (0, 1);
+        while r < n {
+            let len = chunk.min(n - r);
+            grown.append(b.r().sub_rows(r, len)).unwrap();
+            r += len;
+            chunk += 1;
+        }
+        if n == 0 {
+            grown.append(b.r()).unwrap();
+        }
+        assert_eq!(grown, whole, "n {n}, d {d}");
+        let other = Buf::new(&mut rng, 1, d + 1, 0);
+        assert_eq!(grown.append(other.r()).is_err(), n > 0);
+        grown.clear();
+        assert!(grown.is_empty());
+    }
+}
+
+#[test]
+fn qk_empty_dims() {
+    for k in Kernels::all_supported() {
+        // d = 0: scores are zero.
+        let mut s = vec![GUARD; 6];
+        k.qk_tile(
+            MatRef::new(&[], 2, 0, 0).unwrap(),
+            MatRef::new(&[], 3, 0, 0).unwrap(),
+            MatMut::contiguous(&mut s, 2, 3).unwrap(),
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(s, vec![0.0; 6]);
+        // No rows or no keys: nothing to do, nothing touched.
+        let a = [1.0f32; 8];
+        k.qk_tile(
+            MatRef::new(&a, 0, 4, 4).unwrap(),
+            MatRef::new(&a, 2, 4, 4).unwrap(),
+            MatMut::new(&mut [], 0, 2, 2).unwrap(),
+            1.0,
+        )
+        .unwrap();
+        k.qk_gemv(
+            MatRef::new(&a, 2, 4, 4).unwrap(),
+            MatRef::new(&[], 0, 4, 4).unwrap(),
+            MatMut::new(&mut [], 2, 0, 0).unwrap(),
+            1.0,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn pv_odd_sizes() {
+    let mut seed = 100;
+    for &m in &SIZES {
+        for &k in &SIZES {
+            for &n in &SIZES {
+                seed += 1;
+                run_pv(m, k, n, (0, 0, 0), seed).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn pv_strides_long_k_and_decode_shapes() {
+    run_pv(9, 600, 33, (3, 1, 5), 1).unwrap();
+    run_pv(64, 64, 128, (1, 17, 2), 2).unwrap();
+    for g in 1..=10 {
+        run_pv(g, 1000, 128, (0, 0, 0), 3 + g as u64).unwrap();
+        run_pv(g, 300, 80, (2, 3, 1), 30 + g as u64).unwrap();
+    }
+    // k = 0 leaves O unchanged.
+    for kern in Kernels::all_supported() {
+        let mut o = vec![2.0f32; 4];
+        kern.pv_tile(
+            MatRef::new(&[], 2, 0, 0).unwrap(),
+            MatRef::new(&[], 0, 2, 2).unwrap(),
+            MatMut::contiguous(&mut o, 2, 2).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(o, vec![2.0; 4]);
+    }
+}
+
+#[test]
+fn shape_and_layout_errors() {
+    let d = vec![0f32; 16];
+    assert!(MatRef::new(&d, 4, 4, 4).is_ok());
+    assert!(MatRef::new(&d, 4, 4, 5).is_err()); // 3 * 5 + 4 > 16
+    assert!(MatRef::new(&d, 2, 4, 3).is_err()); // stride < cols
+    assert!(MatRef::new(&d, 1, 16, 0).is_ok()); // one row: stride unused
+    assert!(MatRef::new(&d, usize::MAX, 2, usize::MAX).is_err()); // overflow
+    let mut s = vec![0f32; 16];
+    let k = Kernels::active();
+    let a = MatRef::new(&d, 2, 4, 4).unwrap();
+    let b = MatRef::new(&d, 3, 4, 4).unwrap();
+    let b5 = MatRef::new(&d, 3, 5, 5).unwrap();
+    assert!(
+        k.qk_tile(a, b5, MatMut::contiguous(&mut s, 2, 3).unwrap(), 1.0)
+            .is_err()
+    );
+    assert!(
+        k.qk_tile(a, b, MatMut::contiguous(&mut s, 3, 2).unwrap(), 1.0)
+            .is_err()
+    );
+    assert!(
+        k.qk_gemv(a, b, MatMut::contiguous(&mut s, 2, 4).unwrap(), 1.0)
+            .is_err()
+    );
+    let v = MatRef::new(&d, 4, 3, 3).unwrap();
+    assert!(
+        k.pv_tile(a, v, MatMut::contiguous(&mut s, 2, 3).unwrap())
+            .is_ok()
+    );
+    assert!(
+        k.pv_tile(a, v, MatMut::contiguous(&mut s, 2, 4).unwrap())
+            .is_err()
+    );
+    assert!(
+        k.pv_gemv(a, b, MatMut::contiguous(&mut s, 2, 4).unwrap())
+            .is_err()
+    );
+}
+
+/// `exp` on `x` against f64, with the documented special cases.
+fn check_exp(isa: Isa, x: f32, got: f32) -> std::result::Result<(), String> {
+    let want = (x as f64).exp();
+    let ok = if x.is_nan() {
+        got.is_nan()
+    } else if x < expc::LO {
+        got == 0.0 && got.is_sign_positive()
+    } else if x > expc::HI {
+        got == f32::INFINITY
+    } else {
+        ((got as f64 - want) / want).abs() < 1e-6
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("exp {isa:?}: exp({x:e}) = {got:e}, want {want:e}"))
+    }
+}
+
+#[test]
+fn exp_thresholds_are_the_f32_limits() {
+    assert!((expc::LO as f64).exp() >= f32::MIN_POSITIVE as f64);
+    assert!(((expc::LO as f64) - 1e-5).exp() < f32::MIN_POSITIVE as f64);
+    assert!((expc::HI as f64).exp() <= f32::MAX as f64);
+    assert!((f32::from_bits(expc::HI.to_bits() + 1) as f64).exp() > f32::MAX as f64);
+}
+
+#[test]
+fn exp_is_accurate_on_a_dense_grid_and_edges() {
+    // Every 97th f32 in [-87.4, 88.8] (~ 300k values), plus the edges.
+    let mut xs: Vec<f32> = Vec::new();
+    let (lo, hi) = (-87.4f32, 88.8f32);
+    let mut bits = lo.to_bits();
+    while f32::from_bits(bits) < 0.0 {
+        xs.push(f32::from_bits(bits));
+        bits -= 97; // toward zero
+    }
+    let mut bits = 0u32;
+    while f32::from_bits(bits) < hi {
+        xs.push(f32::from_bits(bits));
+        bits += 97;
+    }
+    xs.extend([
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        expc::LO,
+        expc::HI,
+        f32::from_bits(expc::LO.to_bits() + 1),
+        f32::from_bits(expc::HI.to_bits() + 1),
+        -87.0,
+        -100.0,
+        -1e4,
+        -1e30,
+        100.0,
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        1e-30,
+        0.5 * std::f32::consts::LN_2,
+        -0.5 * std::f32::consts::LN_2,
+    ]);
+    for k in Kernels::all_supported() {
+        let mut y = xs.clone();
+        k.exp(&mut y);
+        for (&x, &g) in xs.iter().zip(&y) {
+            check_exp(k.isa(), x, g).unwrap();
+        }
+        // No subnormal output anywhere.
+        assert!(y.iter().all(|v| !v.is_subnormal()), "{:?}", k.isa());
+    }
+}
+
+#[test]
+fn exp_tails_every_length() {
+    for k in Kernels::all_supported() {
+        for len in 0..40 {
+            let xs: Vec<f32> = (0..len).map(|i| -(i as f32) * 0.37).collect();
+            let mut y = xs.clone();
+            k.exp(&mut y);
+            for (&x, &g) in xs.iter().zip(&y) {
+                check_exp(k.isa(), x, g).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn exp_sub_sum_and_row_max() {
+    let mut rng = Rng(99);
+    for k in Kernels::all_supported() {
+        for len in [
+            0, 1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 128, 129, 1000,
+        ] {
+            let xs: Vec<f32> = rng.vec(len).iter().map(|x| x * 30.0).collect();
+            let max = k.row_max(&xs);
+            let want = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(max, want, "{:?} len {len}", k.isa());
+            let mut y = xs.clone();
+            let sum = k.exp_sub_sum(&mut y, max);
+            let mut want_sum = 0f64;
+            for (&x, &g) in xs.iter().zip(&y) {
+                let e = (x as f64 - max as f64).exp();
+                want_sum += e;
+                // x - max is rounded in f32 first: allow that rounding too.
+                let tol = 1e-6 + (x - max).abs() as f64 * f32::EPSILON as f64;
+                assert!(
+                    ((g as f64 - e) / e).abs() < tol,
+                    "{:?} exp({x} - {max}) = {g}, want {e}",
+                    k.isa()
+                );
+            }
+            let tol = 1e-6 * want_sum.max(1.0) + (len as f64) * 1e-7 * want_sum;
+            assert!(
+                (sum as f64 - want_sum).abs() <= tol,
+                "{:?} len {len}: sum {sum}, want {want_sum}",
+                k.isa()
+            );
+        }
+    }
+}
+
+#[test]
+fn masked_rows_nan_and_infinities() {
+    for k in Kernels::all_supported() {
+        // A fully masked row: max -inf, exps zero, sum zero (never NaN).
+        let mut row = vec![f32::NEG_INFINITY; 37];
+        let m = k.row_max(&row);
+        assert_eq!(m, f32::NEG_INFINITY);
+        assert_eq!(k.exp_sub_sum(&mut row, m), 0.0);
+        assert!(row.iter().all(|&x| x == 0.0));
+        // Partly masked: masked entries exp to exactly 0.
+        let mut row: Vec<f32> = (0..37)
+            .map(|i| {
+                if i % 3 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    i as f32 * 0.1
+                }
+            })
+            .collect();
+        let m = k.row_max(&row);
+        assert_eq!(m, 3.5);
+        let sum = k.exp_sub_sum(&mut row, m);
+        assert!(sum.is_finite() && sum > 1.0);
+        assert!(row.iter().step_by(3).all(|&x| x == 0.0));
+        // NaN is ignored by the max but propagates through exp and the sum.
+        let mut row = vec![1.0f32; 20];
+        row[5] = f32::NAN;
+        row[19] = f32::NAN;
+        assert_eq!(k.row_max(&row), 1.0);
+        assert_eq!(k.row_max(&[f32::NAN; 5]), f32::NEG_INFINITY);
+        assert_eq!(k.row_max(&[]), f32::NEG_INFINITY);
+        assert!(k.exp_sub_sum(&mut row, 1.0).is_nan());
+        assert!(row[5].is_nan() && row[0] == 1.0);
+        // Huge finite logits: no NaN after max subtraction.
+        let mut row = vec![1e4f32, -1e4, 0.0, 1e4];
+        let m = k.row_max(&row);
+        let sum = k.exp_sub_sum(&mut row, m);
+        assert_eq!(sum, 2.0);
+        assert_eq!(row, vec![1.0, 0.0, 0.0, 1.0]);
+    }
+}
+
+#[test]
+fn scale_rows() {
+    for k in Kernels::all_supported() {
+        for len in [0, 1, 5, 16, 17, 100] {
+            let mut x: Vec<f32> = (0..len).map(|i| i as f32).collect();
+            k.scale(&mut x, 0.5);
+            assert!(x.iter().enumerate().all(|(i, &v)| v == i as f32 * 0.5));
+        }
+    }
+}
+
+#[test]
+fn fma_loop_counts_flops_and_stays_finite() {
+    for k in Kernels::all_supported() {
+        let v = k.fma_loop(10_000);
+        assert!(v.is_finite() && v > 0.0, "{:?}: {v}", k.isa());
+        let per_iter = k.fma_loop_flops(1);
+        assert!(per_iter >= 2 * k.isa().lanes() as u64);
+        assert_eq!(k.fma_loop_flops(10), 10 * per_iter);
+        assert!(k.fma_peak_gflops(Duration::from_millis(5)) > 0.0);
+    }
+}
+
+fn any_exp_input() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        -90.0f32..0.0,
+        -0.5f32..0.5,
+        0.0f32..90.0,
+        any::<f32>(),
+        Just(f32::NEG_INFINITY),
+        Just(f32::NAN),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn prop_qk_matches_f64(
+        m in 1usize..70, n in 1usize..70, d in 1usize..140,
+        pads in (0usize..4, 0usize..4, 0usize..4),
+        scale in -2.0f32..2.0, seed in any::<u64>(),
+    ) {
+        run_qk(m, n, d, pads, scale, seed).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn prop_pv_matches_f64(
+        m in 1usize..70, k in 1usize..140, n in 1usize..140,
+        pads in (0usize..4, 0usize..4, 0usize..4), seed in any::<u64>(),
+    ) {
+        run_pv(m, k, n, pads, seed).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn prop_exp_matches_f64(xs in proptest::collection::vec(any_exp_input(), 0..50)) {
+        for k in Kernels::all_supported() {
+            let mut y = xs.clone();
+            k.exp(&mut y);
+            for (&x, &g) in xs.iter().zip(&y) {
+                check_exp(k.isa(), x, g).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+
+    #[test]
+    fn prop_row_max_matches_fold(xs in proptest::collection::vec(any::<f32>(), 0..80)) {
+        let want = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for k in Kernels::all_supported() {
+            prop_assert!(k.row_max(&xs) == want, "{:?}", k.isa());
+        }
+    }
+}
