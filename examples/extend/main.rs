@@ -44,6 +44,8 @@ FLAGS:
   --long                  also 32x and 64x (about 15x the default run time;
                           combine with --schemes or --windows)
   --json                  print the results as JSON instead of the table
+  --check                 exit non-zero unless the 16x acceptance check holds (RoPE
+                          >= 1.5x its 1x loss, best ReRoPE/Leaky within +5%)
   --out-dir DIR           where the SVG plots go (default target/extend)
   --help                  this text
 
@@ -64,6 +66,7 @@ struct Args {
     quick: bool,
     long: bool,
     json: bool,
+    check: bool,
     out_dir: PathBuf,
 }
 
@@ -86,6 +89,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Cli, String> {
         quick: false,
         long: false,
         json: false,
+        check: false,
         out_dir: manifest("target/extend"),
     };
     let mut it = argv.into_iter();
@@ -126,12 +130,13 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Cli, String> {
                 }
                 args.windows = Some(n);
             }
-            "--quick" | "--long" | "--json" | "--help" | "-h" if inline.is_some() => {
+            "--quick" | "--long" | "--json" | "--check" | "--help" | "-h" if inline.is_some() => {
                 return Err(format!("{name} takes no value"));
             }
             "--quick" => args.quick = true,
             "--long" => args.long = true,
             "--json" => args.json = true,
+            "--check" => args.check = true,
             "--help" | "-h" => return Ok(Cli::Help),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
@@ -424,7 +429,8 @@ fn run(args: Args) -> Result<(), String> {
     for p in &written {
         eprintln!("wrote {}", p.display());
     }
-    for line in check_16x(&schemes, &lengths, train_len, &res) {
+    let checks = check_16x(&schemes, &lengths, train_len, &res);
+    for line in &checks {
         eprintln!("{line}");
     }
     eprintln!(
@@ -436,6 +442,17 @@ fn run(args: Args) -> Result<(), String> {
         eval_secs,
         t_start.elapsed().as_secs_f64()
     );
+    if args.check {
+        if checks.len() < 2 {
+            return Err(
+                "--check needs the 1x and 16x lengths and both RoPE and a ReRoPE/Leaky scheme"
+                    .into(),
+            );
+        }
+        if checks.iter().any(|l| l.ends_with("NOT MET")) {
+            return Err("the 16x acceptance check is not met (see the check lines above)".into());
+        }
+    }
     Ok(())
 }
 
