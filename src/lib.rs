@@ -17,7 +17,10 @@
 //!
 //! ## Data flow
 //! `config -> Scaling -> Frequencies -> RotaryTable -> rotated q/k`; see
-//! [`RopeConfig`], [`Frequencies`], [`RotaryTable`].
+//! [`RopeConfig`], [`Frequencies`], [`RotaryTable`]. Relative-position maps
+//! ([`PositionMap`]: RoPE, ReRoPE, Leaky ReRoPE) are consumed by the attention kernels in
+//! [`attention`]: [`Attention::reference`], [`Attention::two_pass`], [`Attention::tiled`]
+//! and decoding against a [`KvCache`].
 //!
 //! ```
 //! use ndarray::Array3;
@@ -49,6 +52,7 @@ pub mod position;
 pub mod rotary;
 pub mod scaling;
 
+pub use attention::{Attention, KvCache, KvCacheRerotating, RefreshPolicy, TileConfig, TileStats};
 pub use error::{Result, RopeError};
 pub use frequencies::{Frequencies, PairReport, Regime, beta, digits};
 pub use position::{Affine, Piece, Pieces, PositionMap};
