@@ -142,10 +142,7 @@ impl Prepared<'_> {
     /// Index of the piece serving query position `qp` and key position `kp`.
     #[inline]
     pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
-        match self.window {
-            Some(w) if qp.abs_diff(kp) >= w => 1,
-            _ => 0,
-        }
+        band_piece(self.window, qp, kp)
     }
 }
 
@@ -302,7 +299,54 @@ fn src_row<'s>(
     }
 }
 
+/// Which piece serves query position `qp` and key position `kp`: 0 (near) inside the
+/// band `|qp - kp| < w`, 1 (far) outside; always 0 for single-piece maps.
+fn band_piece(window: Option<usize>, qp: usize, kp: usize) -> usize {
+    match window {
+        Some(w) if qp.abs_diff(kp) >= w => 1,
+        _ => 0,
+    }
+}
+
+/// What both preparations start from.
+struct Setup {
+    /// Validated sizes.
+    dims: Dims,
+    /// The map's pieces in index order: near, then far (if any).
+    list: Vec<Piece>,
+    /// The band width of two-piece maps.
+    window: Option<usize>,
+    /// Per-query logit factor: scale times the log-n factor.
+    q_factor: Vec<f64>,
+}
+
 impl Attention {
+    /// Validates the inputs and lays out the map's pieces and the per-query factors.
+    fn setup(
+        &self,
+        q: &ArrayView3<f32>,
+        k: &ArrayView3<f32>,
+        v: &ArrayView3<f32>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Result<Setup> {
+        let dims = self.validate(q, k, v, q_pos, k_pos)?;
+        let pieces = self.map().pieces();
+        let scale = self.scale_for(dims.head_dim);
+        let q_factor = q_pos
+            .iter()
+            .map(|&p| scale * self.query_factor(p))
+            .collect();
+        let mut list = vec![pieces.near];
+        list.extend(pieces.far.map(|(_, far)| far));
+        Ok(Setup {
+            dims,
+            list,
+            window: pieces.far.map(|(w, _)| w),
+            q_factor,
+        })
+    }
+
     /// Validates the inputs and rotates every piece's Q and K once (keys stored as
     /// `keys` says); values are borrowed when in standard layout.
     pub(crate) fn prepare<'a>(
@@ -314,18 +358,13 @@ impl Attention {
         k_pos: &[usize],
         keys: KeyForm,
     ) -> Result<Prepared<'a>> {
-        let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
-        let pieces = self.map().pieces();
-        let scale = self.scale_for(dims.head_dim);
-        let q_factor: Vec<f64> = q_pos
-            .iter()
-            .map(|&p| scale * self.query_factor(p))
-            .collect();
+        let Setup {
+            dims,
+            list,
+            window,
+            q_factor,
+        } = self.setup(&q, &k, &v, q_pos, k_pos)?;
         let ones = vec![1.0; k_pos.len()];
-        let mut list = vec![pieces.near];
-        if let Some((_, far)) = pieces.far {
-            list.push(far);
-        }
         let inv = self.frequencies().inv_freq();
         let same_positions = q_pos == k_pos;
         let rotated = list
@@ -359,7 +398,7 @@ impl Attention {
         Ok(Prepared {
             dims,
             pieces: rotated,
-            window: pieces.far.map(|(w, _)| w),
+            window,
             v: HeadMajor::from_view(&v),
         })
     }
@@ -450,10 +489,7 @@ impl TiledPrep<'_> {
     /// Index of the piece serving query position `qp` and key position `kp`.
     #[inline]
     pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
-        match self.window {
-            Some(w) if qp.abs_diff(kp) >= w => 1,
-            _ => 0,
-        }
+        band_piece(self.window, qp, kp)
     }
 
     /// Rotated, scaled query rows `rows` of every head for piece `p`, written to `out`
@@ -495,18 +531,13 @@ impl Attention {
         keys: KeyForm,
         needed: [bool; 2],
     ) -> Result<TiledPrep<'a>> {
-        let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
-        let map_pieces = self.map().pieces();
-        let scale = self.scale_for(dims.head_dim);
-        let q_factor: Vec<f64> = q_pos
-            .iter()
-            .map(|&p| scale * self.query_factor(p))
-            .collect();
+        let Setup {
+            dims,
+            list,
+            window,
+            q_factor,
+        } = self.setup(&q, &k, &v, q_pos, k_pos)?;
         let ones = vec![1.0; k_pos.len()];
-        let mut list = vec![map_pieces.near];
-        if let Some((_, far)) = map_pieces.far {
-            list.push(far);
-        }
         let inv = self.frequencies().inv_freq();
         let same_positions = q_pos == k_pos;
         let pieces = list
@@ -541,7 +572,7 @@ impl Attention {
             .collect();
         Ok(TiledPrep {
             dims,
-            window: map_pieces.far.map(|(w, _)| w),
+            window,
             pieces,
             v: HeadMajor::from_view(&v),
             q,
