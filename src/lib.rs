@@ -3,7 +3,8 @@
 //! A model trained with rotary position embeddings (RoPE) at 4k tokens can read 32k
 //! without retraining if the rotation frequencies, or the relative positions they see,
 //! are changed the right way. ropex computes those frequencies under every common
-//! scheme, bit-for-bit with Hugging Face transformers, and rotates queries and keys.
+//! scheme in f64, within 1e-6 relative of Hugging Face transformers' (f32) values on every
+//! committed golden config, and rotates queries and keys.
 //!
 //! ## The beta-base view
 //! Su Jianlin's "Transformer upgrade road" (post 10) reads RoPE as a number system:
@@ -37,7 +38,9 @@
 //! ```
 //!
 //! ## Features
-//! - `serde` (default): read Hugging Face `config.json` and run the CLI.
+//! - `serde` (default): read Hugging Face `config.json` ([`config`]), run the CLI, and
+//!   `Serialize`/`Deserialize` for [`Scaling`] (tagged by `rope_type`), its parameter
+//!   structs, [`Checks`], [`RopeConfig`] and [`Frequencies`] (deserialising validates).
 //! - `rayon` (default): parallel attention kernels.
 //! - `half`: f16/bf16 rotation.
 #![deny(missing_docs)]
@@ -46,18 +49,24 @@ pub mod attention;
 #[cfg(feature = "serde")]
 pub mod config;
 pub mod error;
-pub mod frequencies;
+mod frequencies;
 pub mod npy;
 pub mod position;
 pub mod rotary;
-pub mod scaling;
+mod scheme;
+
+// The module path used before `scheme/` existed, for crate-internal imports.
+use scheme as scaling;
 
 pub use attention::{Attention, KvCache, KvCacheRerotating, RefreshPolicy, TileConfig, TileStats};
 pub use error::{Result, RopeError};
-pub use frequencies::{Frequencies, PairReport, Regime, beta, digits};
+pub use frequencies::Frequencies;
 pub use position::{Affine, Piece, Pieces, PositionMap};
 pub use rotary::{Layout, RotaryTable, apply_log_n, log_n_scale};
-pub use scaling::{Checks, Llama3, LongRope, RopeConfig, Scaling, Yarn};
+pub use scheme::{
+    Checks, Llama3, LongRope, MIN_DIVISOR, PairReport, Regime, RopeConfig, Scaling, Yarn, beta,
+    digits,
+};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,6 +1,7 @@
 use serde_json::{Value, json};
 
 use super::*;
+use crate::Scaling;
 
 fn llama(extra: Value) -> String {
     let mut base = json!({
@@ -422,4 +423,68 @@ fn from_path_reports_io_and_json_errors() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn context_len_of_the_committed_model_configs() {
+    // (file, max_position_embeddings, context_len): the larger of max_position_embeddings
+    // and factor x original_max_position_embeddings.
+    let cases = [
+        ("deepseek_v3.json", 163_840, 163_840), // 40 x 4096
+        ("gpt_oss_20b.json", 131_072, 131_072), // 32 x 4096
+        ("llama3_1_8b.json", 131_072, 131_072), // 8 x 8192 = 65536 < max_pos
+        ("phi3_mini_128k_instruct.json", 131_072, 131_072), // derived 131072 / 4096
+        ("qwen2_5_7b_instruct_yarn.json", 32_768, 131_072), // 4 x 32768
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/configs");
+    for (file, max_pos, want) in cases {
+        let r = ModelRope::from_path(dir.join(file), None).unwrap();
+        assert_eq!(r.max_position_embeddings, Some(max_pos), "{file}");
+        assert_eq!(r.context_len(), Some(want), "{file}");
+    }
+    // No original length named: max_position_embeddings.
+    let r = one(&llama(
+        json!({"rope_parameters": {"rope_type": "linear", "factor": 4.0}}),
+    ))
+    .unwrap();
+    assert_eq!(r.context_len(), Some(16384));
+    let r = one(&llama(
+        json!({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}),
+    ))
+    .unwrap();
+    assert_eq!(r.context_len(), Some(16384));
+    // A non-integral product is floored.
+    let r = one(&llama(
+        json!({"rope_parameters": {"rope_type": "yarn", "factor": 2.5,
+        "original_max_position_embeddings": 8193}}),
+    ))
+    .unwrap();
+    assert_eq!(r.context_len(), Some(20_482));
+}
+
+#[test]
+fn llama3_without_original_uses_max_position_embeddings_and_says_so() {
+    let band = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "rope_theta": 500000.0});
+    let r = one(&llama(json!({"rope_parameters": band}))).unwrap();
+    // transformers' standardize_rope_params fills in max_position_embeddings (16384).
+    let mut explicit = band.clone();
+    explicit["original_max_position_embeddings"] = json!(16384);
+    let e = one(&llama(json!({"rope_parameters": explicit}))).unwrap();
+    assert_eq!(r.config, e.config);
+    assert_eq!(r.original_max_position_embeddings, Some(16384));
+    assert!(matches!(r.config.scaling(),
+        Scaling::Llama3(l) if l.original_max_position_embeddings == 16384));
+    // One warning, about the missing key, not about a value the user never wrote.
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(r.warnings[0].contains("original_max_position_embeddings = missing"));
+    assert!(!r.warnings[0].contains("must be less than"));
+    // The explicit config gets transformers' own warning (16384 is not below 16384).
+    assert!(e.warnings[0].contains("must be less than max_position_embeddings"));
+    let strict = ModelRope::from_json_str_with(
+        &llama(json!({"rope_parameters": band})),
+        None,
+        &ParseOptions::strict(),
+    );
+    assert!(strict.is_err());
 }
