@@ -79,6 +79,17 @@ pub enum RopeError {
         /// What went wrong.
         message: String,
     },
+
+    /// A buffer sized by the input could not be allocated: the allocator refused it, or
+    /// its size does not even fit in the address space.
+    #[error("cannot allocate {what}: {bytes} bytes requested")]
+    Allocation {
+        /// Which buffer, with the sizes it was asked for (e.g. `rotary table cos (1000000000
+        /// rows x 64 pairs)`).
+        what: String,
+        /// Bytes requested (may exceed `usize::MAX` when the size itself overflowed).
+        bytes: u128,
+    },
 }
 
 impl RopeError {
@@ -141,5 +152,46 @@ pub(crate) fn check_factor(field: &str, value: f64) -> Result<f64> {
             value,
             "must be a finite number >= 1 (a context-extension factor)",
         ))
+    }
+}
+
+/// An empty `Vec` with room for `rows * cols` elements of `T`, or
+/// [`RopeError::Allocation`] naming `what` and the bytes when the product overflows or the
+/// allocator refuses (`try_reserve_exact`: no abort, whatever the size).
+pub(crate) fn try_vec<T>(what: &str, rows: usize, cols: usize) -> Result<Vec<T>> {
+    let bytes = (rows as u128)
+        .saturating_mul(cols as u128)
+        .saturating_mul(std::mem::size_of::<T>() as u128);
+    let fail = || RopeError::Allocation {
+        what: format!("{what} ({rows} x {cols})"),
+        bytes,
+    };
+    let n = rows.checked_mul(cols).ok_or_else(fail)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| fail())?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn try_vec_names_sizes_that_overflow_or_cannot_be_reserved() {
+        let v = try_vec::<f32>("small", 3, 4).unwrap();
+        assert!(v.is_empty() && v.capacity() >= 12);
+        // The element count overflows usize: the bytes are still stated exactly.
+        match try_vec::<f64>("huge", usize::MAX, 3) {
+            Err(RopeError::Allocation { what, bytes }) => {
+                assert_eq!(bytes, usize::MAX as u128 * 3 * 8);
+                assert!(what.contains("huge") && what.contains(&usize::MAX.to_string()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Fits usize, but not any address space (more than 2^60 bytes).
+        assert!(matches!(
+            try_vec::<u64>("big", 1 << 30, 1 << 30),
+            Err(RopeError::Allocation { bytes, .. }) if bytes == 1u128 << 63
+        ));
     }
 }

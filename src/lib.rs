@@ -62,10 +62,10 @@ pub use attention::{Attention, KvCache, KvCacheRerotating, RefreshPolicy, TileCo
 pub use error::{Result, RopeError};
 pub use frequencies::Frequencies;
 pub use position::{Affine, Piece, Pieces, PositionMap};
-pub use rotary::{Layout, RotaryTable, apply_log_n, log_n_scale};
+pub use rotary::{Layout, MAX_POSITION, RotaryTable, apply_log_n, log_n_scale};
 pub use scheme::{
-    Checks, Llama3, LongRope, MIN_DIVISOR, PairReport, Regime, RopeConfig, Scaling, Yarn, beta,
-    digits,
+    Checks, Llama3, LongRope, MAX_HEAD_DIM, MIN_DIVISOR, PairReport, Regime, RopeConfig, Scaling,
+    Yarn, beta, digits,
 };
 
 /// The README's code blocks, compiled and run as doctests.

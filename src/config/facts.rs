@@ -10,9 +10,7 @@ use super::json::{Obj, need_count, show, truthy};
 use super::parser::{Layer, Parser};
 use super::profile::{Convert, HeadDimRule, LayerRule, Profile};
 use crate::error::{Result, RopeError};
-
-/// The largest head dim ropex accepts from a config.
-const MAX_HEAD_DIM: usize = 1 << 16;
+use crate::scheme::MAX_HEAD_DIM;
 
 /// `head_dim` as the rope code sees the config attribute.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -74,7 +74,8 @@ impl TryFrom<RopeConfigData> for RopeConfig {
 }
 
 impl RopeConfig {
-    /// Plain RoPE over the whole head: `head_dim` must be even and non-zero, `base > 1`.
+    /// Plain RoPE over the whole head: `head_dim` must be even, non-zero and at most
+    /// [`MAX_HEAD_DIM`], `base > 1`.
     pub fn new(head_dim: usize, base: f64) -> Result<Self> {
         check_rotary_dim("head_dim", head_dim)?;
         if !(base.is_finite() && base > 1.0) {
@@ -231,12 +232,22 @@ impl RopeConfig {
     }
 }
 
+/// The largest head dim ropex accepts, `2^16` (real models use 64 to 512): every
+/// per-pair buffer then stays small, whatever a caller passes.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
 fn check_rotary_dim(field: &str, d: usize) -> Result<()> {
     if d == 0 || d % 2 == 1 {
         Err(RopeError::invalid(
             field,
             d,
             "must be even and > 0 (RoPE rotates pairs of dims)",
+        ))
+    } else if d > MAX_HEAD_DIM {
+        Err(RopeError::invalid(
+            field,
+            d,
+            format!("must be <= {MAX_HEAD_DIM} (ropex::MAX_HEAD_DIM)"),
         ))
     } else {
         Ok(())
@@ -288,6 +299,24 @@ mod tests {
             RopeConfig::new(128, 10_000.0)
                 .unwrap()
                 .with_partial_rotary_factor(0.0)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn head_dim_is_bounded_so_frequencies_never_overflow() {
+        for d in [1usize << 63, usize::MAX - 1, MAX_HEAD_DIM + 2] {
+            let e = RopeConfig::new(d, 10_000.0).unwrap_err();
+            assert!(e.to_string().contains("65536"), "{e}");
+        }
+        let cfg = RopeConfig::new(MAX_HEAD_DIM, 10_000.0).unwrap();
+        let f = cfg.frequencies();
+        assert_eq!(f.num_pairs(), MAX_HEAD_DIM / 2);
+        assert_eq!(f.inv_freq()[0], 1.0);
+        assert!(
+            RopeConfig::new(128, 10_000.0)
+                .unwrap()
+                .with_rotary_dim(1 << 62)
                 .is_err()
         );
     }

@@ -13,15 +13,30 @@
 //! sin) and `(a, b) = (j, j + d/2)` for [`Layout::Half`] or `(2j, 2j+1)` for
 //! [`Layout::Interleaved`]. Dims past the rotary dim `d` pass through untouched.
 //!
-//! Angles are computed in f64 and only the final cos/sin are cast to `T`: at position
-//! 1,048,576 an f32 product `p * inv_freq` is off by up to ~0.03 rad, the f64 path by
-//! less than 1e-7.
+//! Angles are computed in f64 and only the final cos/sin are cast to `T` (`trig`, the one
+//! cos/sin builder): at position 1,048,576 an f32 product `p * inv_freq` is off by up to
+//! ~0.03 rad, the f64 path by less than 1e-7.
+//!
+//! ## Limits
+//! Positions are at most [`MAX_POSITION`] `= 2^32` in magnitude: there the f64 angle
+//! `p w` of a pair turning at most 1 rad per token is still within `2^32 * 2^-53 ~ 5e-7`
+//! rad of exact, below the f32 rounding of its cos/sin. A table is allocated with
+//! `try_reserve`, so a table too large for memory is a [`RopeError::Allocation`] naming the
+//! size, never an abort.
+
+mod trig;
 
 use ndarray::ArrayViewMut3;
 use num_traits::Float;
 
-use crate::error::{Result, RopeError};
+use crate::error::{Result, RopeError, try_vec};
 use crate::frequencies::Frequencies;
+pub(crate) use trig::cast;
+use trig::push_cos_sin;
+
+/// The largest position magnitude a [`RotaryTable`] holds, `2^32` (see the
+/// [module docs](self)): `RotaryTable::new` takes at most `2^32 + 1` rows.
+pub const MAX_POSITION: f64 = 4_294_967_296.0;
 
 /// How a head's dims are paired for rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,12 +58,6 @@ impl Layout {
             Layout::Interleaved => (2 * j, 2 * j + 1),
         }
     }
-}
-
-/// Casts an f64 to `T` (for f32/f64/f16/bf16 this never fails; NaN if it ever did).
-#[inline]
-pub(crate) fn cast<T: Float>(v: f64) -> T {
-    T::from(v).unwrap_or_else(T::nan)
 }
 
 /// cos/sin of `position * inv_freq_j` for a list of positions, computed in f64 and
@@ -77,13 +86,23 @@ pub struct RotaryTable<T = f32> {
 
 impl<T: Float> RotaryTable<T> {
     /// A table for positions `0, 1, ..., len - 1`; row `p` is position `p`.
+    ///
+    /// `len` is at most `2^32 + 1` (positions up to [`MAX_POSITION`]); a table that does
+    /// not fit in memory is a [`RopeError::Allocation`].
     pub fn new(freqs: &Frequencies, len: usize, layout: Layout) -> Result<Self> {
-        let positions: Vec<f64> = (0..len).map(|p| p as f64).collect();
-        Self::from_positions(freqs, &positions, layout)
+        if len > 1 && (len - 1) as f64 > MAX_POSITION {
+            return Err(RopeError::invalid(
+                "rotary table len",
+                len,
+                "must be <= 2^32 + 1 (positions up to ropex::rotary::MAX_POSITION = 2^32)",
+            ));
+        }
+        Self::build(freqs, (0..len).map(|p| p as f64), layout)
     }
 
     /// A table whose row `r` holds `positions[r]`, which may be fractional (Leaky
-    /// ReRoPE's `j / k`) or negative. Every position must be finite.
+    /// ReRoPE's `j / k`) or negative. Every position must be finite and at most
+    /// [`MAX_POSITION`] in magnitude.
     pub fn from_positions(freqs: &Frequencies, positions: &[f64], layout: Layout) -> Result<Self> {
         if let Some((r, &p)) = positions.iter().enumerate().find(|(_, p)| !p.is_finite()) {
             return Err(RopeError::invalid(
@@ -92,21 +111,40 @@ impl<T: Float> RotaryTable<T> {
                 "must be a finite number",
             ));
         }
+        if let Some((r, &p)) = positions
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.abs() > MAX_POSITION)
+        {
+            return Err(RopeError::invalid(
+                format!("positions[{r}]"),
+                p,
+                "must be at most 2^32 in magnitude (ropex::rotary::MAX_POSITION)",
+            ));
+        }
+        Self::build(freqs, positions.iter().copied(), layout)
+    }
+
+    /// Allocates every buffer first (fallibly), then fills them row by row.
+    fn build(
+        freqs: &Frequencies,
+        positions: impl ExactSizeIterator<Item = f64>,
+        layout: Layout,
+    ) -> Result<Self> {
+        let rows = positions.len();
         let pairs = freqs.num_pairs();
         let m = freqs.attention_factor();
-        let mut cos = Vec::with_capacity(positions.len() * pairs);
-        let mut sin = Vec::with_capacity(positions.len() * pairs);
-        for &p in positions {
-            for &w in freqs.inv_freq() {
-                let (s, c) = (p * w).sin_cos();
-                cos.push(cast(c * m));
-                sin.push(cast(s * m));
-            }
+        let mut cos = try_vec::<T>("rotary table cos (rows x pairs)", rows, pairs)?;
+        let mut sin = try_vec::<T>("rotary table sin (rows x pairs)", rows, pairs)?;
+        let mut held = try_vec::<f64>("rotary table positions (rows x 1)", rows, 1)?;
+        for p in positions {
+            push_cos_sin(freqs.inv_freq(), p, m, &mut cos, &mut sin);
+            held.push(p);
         }
         Ok(RotaryTable {
             cos,
             sin,
-            positions: positions.to_vec(),
+            positions: held,
             pairs,
             layout,
             attention_factor: m,
@@ -473,6 +511,47 @@ mod tests {
         let mut q = Array3::<f32>::ones((2, 1, 8));
         assert!(apply_log_n(q.view_mut(), &[0, 1], 1).is_err());
         assert!(apply_log_n(q.view_mut(), &[0], 8).is_err());
+    }
+
+    #[test]
+    fn huge_tables_are_typed_errors_not_panics_or_aborts() {
+        let freqs = RopeConfig::new(8, 10_000.0).unwrap().frequencies();
+        // Past the position limit: refused before anything is allocated.
+        for len in [usize::MAX / 2, usize::MAX, (1usize << 32) + 2] {
+            let e = RotaryTable::<f32>::new(&freqs, len, Layout::Half).unwrap_err();
+            assert!(
+                matches!(&e, RopeError::InvalidParameter { value, .. } if *value == len.to_string()),
+                "{e}"
+            );
+        }
+        for p in [MAX_POSITION * 2.0, -MAX_POSITION * 2.0, 1e300] {
+            assert!(RotaryTable::<f32>::from_positions(&freqs, &[0.0, p], Layout::Half).is_err());
+        }
+        // The limit itself is a valid position.
+        let t = RotaryTable::<f64>::from_positions(
+            &freqs,
+            &[MAX_POSITION, -MAX_POSITION],
+            Layout::Half,
+        )
+        .unwrap();
+        assert_eq!(t.positions(), &[MAX_POSITION, -MAX_POSITION]);
+        // Within the limit but larger than any address space (2^47 bytes on x86-64): a
+        // typed allocation error naming the size, under any overcommit setting.
+        let wide = RopeConfig::new(crate::MAX_HEAD_DIM, 10_000.0)
+            .unwrap()
+            .frequencies();
+        for (len, bytes) in [
+            (1_000_000_000usize, 1_000_000_000u128 * 32_768 * 8),
+            ((1 << 32) + 1, ((1u128 << 32) + 1) * 32_768 * 8),
+        ] {
+            match RotaryTable::<f64>::new(&wide, len, Layout::Half) {
+                Err(RopeError::Allocation { what, bytes: b }) => {
+                    assert_eq!(b, bytes);
+                    assert!(what.contains(&len.to_string()), "{what}");
+                }
+                other => panic!("len {len}: {other:?}"),
+            }
+        }
     }
 
     #[test]
