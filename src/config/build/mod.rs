@@ -135,6 +135,17 @@ impl<'p, 'a> Build<'p, 'a> {
         cfg.map_err(|e| prefix_error(e, self.p, &scheme))
     }
 
+    /// `max_position_embeddings`, or [`RopeError::MissingKey`] saying `why` it is needed.
+    pub(super) fn max_pos(&self, why: String) -> Result<usize> {
+        self.parser
+            .facts
+            .max_pos
+            .ok_or_else(|| RopeError::MissingKey {
+                key: "max_position_embeddings".into(),
+                context: format!("config.json ({why})"),
+            })
+    }
+
     /// `factor` as linear/dynamic/ropex types read it: required and numeric.
     pub(super) fn factor(&self) -> Result<f64> {
         let (d, p) = (self.d, self.p);
@@ -196,17 +207,10 @@ impl<'p, 'a> Build<'p, 'a> {
         match get_some(d, "factor") {
             Some(v) => need_number(&format!("{p}.factor"), v, "a number"),
             None => {
-                let max_pos = self
-                    .parser
-                    .facts
-                    .max_pos
-                    .ok_or_else(|| RopeError::MissingKey {
-                        key: "max_position_embeddings".into(),
-                        context: format!(
-                            "config.json (needed to derive {p}.factor = max_position_embeddings / \
-                         original_max_position_embeddings)"
-                        ),
-                    })?;
+                let max_pos = self.max_pos(format!(
+                    "needed to derive {p}.factor = max_position_embeddings / \
+                     original_max_position_embeddings"
+                ))?;
                 let s = max_pos as f64 / original as f64;
                 self.diag.note(format!(
                     "{p}.factor derived as max_position_embeddings / \

@@ -40,14 +40,7 @@ impl Build<'_, '_> {
             ));
         }
         let factor = self.factor()?;
-        let l0 = self
-            .parser
-            .facts
-            .max_pos
-            .ok_or_else(|| RopeError::MissingKey {
-                key: "max_position_embeddings".into(),
-                context: "config.json (dynamic NTK uses it as the original length)".into(),
-            })?;
+        let l0 = self.max_pos("dynamic NTK uses it as the original length".into())?;
         let cfg = self.parser.dims(self.layer, HeadDimUse::Getattr, true)?;
         if cfg.exponent_dim() == 2 {
             return Err(RopeError::invalid(
