@@ -76,7 +76,10 @@ impl Parser<'_> {
                     ("sliding_attention", "rope_local_base_freq", 10_000.0),
                 ] {
                     if rp.get(layer).is_none_or(Value::is_null) {
-                        rp.insert(layer.into(), serde_json::json!({"rope_type": "default"}));
+                        rp.insert(
+                            layer.into(),
+                            serde_json::json!({"rope_type": RopeType::Default.name()}),
+                        );
                     }
                     let theta = top.get(theta_key).cloned().unwrap_or(Value::from(default));
                     match rp.get_mut(layer) {
@@ -129,9 +132,9 @@ impl Parser<'_> {
             let original_defaulted =
                 self.standardize(&mut d, theta.as_ref(), partial.as_ref(), false);
             if self.profile.convert == Convert::Phi3
-                && matches!(d.get("rope_type"), Some(Value::String(t)) if t == "su" || t == "yarn")
+                && matches!(d.get("rope_type"), Some(Value::String(t)) if t == "su" || t == RopeType::Yarn.name())
             {
-                d.insert("rope_type".into(), Value::from("longrope"));
+                d.insert("rope_type".into(), Value::from(RopeType::LongRope.name()));
             }
             layers.push(Layer {
                 name: None,
@@ -186,7 +189,10 @@ impl Parser<'_> {
         if let Some(p) = partial {
             setdefault(d, "partial_rotary_factor", p.clone());
         }
-        let legacy = d.get("type").cloned().unwrap_or(Value::from("default"));
+        let legacy = d
+            .get("type")
+            .cloned()
+            .unwrap_or(Value::from(RopeType::Default.name()));
         setdefault(d, "rope_type", legacy);
         let scaled = d
             .get("rope_type")
@@ -214,7 +220,7 @@ impl Parser<'_> {
 
 fn gpt_oss_default() -> Obj {
     serde_json::json!({
-        "rope_type": "yarn",
+        "rope_type": RopeType::Yarn.name(),
         "factor": 32.0,
         "beta_fast": 32.0,
         "beta_slow": 1.0,
@@ -228,8 +234,8 @@ fn gpt_oss_default() -> Obj {
 
 fn gemma3_default() -> Obj {
     serde_json::json!({
-        "sliding_attention": {"rope_type": "default"},
-        "full_attention": {"rope_type": "default"}
+        "sliding_attention": {"rope_type": RopeType::Default.name()},
+        "full_attention": {"rope_type": RopeType::Default.name()}
     })
     .as_object()
     .cloned()
@@ -238,8 +244,8 @@ fn gemma3_default() -> Obj {
 
 fn gemma4_default() -> Obj {
     serde_json::json!({
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+        "sliding_attention": {"rope_type": RopeType::Default.name(), "rope_theta": 10000.0},
+        "full_attention": {"rope_type": RopeType::Proportional.name(), "partial_rotary_factor": 0.25,
                            "rope_theta": 1000000.0}
     })
     .as_object()

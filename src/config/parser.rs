@@ -281,7 +281,10 @@ impl<'a> Parser<'a> {
     }
 
     fn phi3_checks(&self, d: &Obj, p: &str, rope_type: &str) -> Result<()> {
-        if rope_type != "default" && rope_type != "longrope" {
+        if !matches!(
+            RopeType::from_name(rope_type),
+            Some(RopeType::Default | RopeType::LongRope)
+        ) {
             return Err(RopeError::invalid(
                 format!("{p}.rope_type"),
                 rope_type,
