@@ -288,6 +288,20 @@ fn check_accepted(value: &Value, opts: &ParseOptions) {
                 }
             }
         }
+        // The intended length is never below max_position_embeddings, and at least the
+        // extended length `factor x L0` of the schemes that name one.
+        let ctx = rope.context_len();
+        if let Some(m) = rope.max_position_embeddings {
+            assert!(ctx >= Some(m), "{value}: context_len {ctx:?} < {m}");
+        }
+        if let ropex::Scaling::Yarn(y) = rope.config.scaling()
+            && let Some(c) = ctx
+        {
+            let scaled = (y.factor * y.original_max_position_embeddings as f64).floor();
+            if scaled <= 9e15 {
+                assert!(c as f64 >= scaled, "{value}: {c} < {scaled}");
+            }
+        }
         let _ = rope.config.plain_frequencies().explain(
             &rope.frequencies(),
             l0.max(1),

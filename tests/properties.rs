@@ -101,6 +101,29 @@ proptest! {
     }
 
     #[test]
+    fn frequencies_are_fixed_up_to_the_length_threshold(
+        half in 1usize..40,
+        scaling in any_scaling(),
+        seq_len in 0usize..40_000,
+    ) {
+        let Ok(cfg) = RopeConfig::new(2 * half, 10_000.0).and_then(|c| c.with_scaling(scaling)) else {
+            return Ok(());
+        };
+        let init = cfg.frequencies();
+        match cfg.scaling().length_threshold() {
+            // Not length-dependent: every length gives the init frequencies.
+            None => prop_assert_eq!(cfg.frequencies_for_len(seq_len), init),
+            // Up to L0 the init frequencies (dynamic: plain; LongRoPE: short factors).
+            Some(l0) => {
+                prop_assert!(cfg.scaling().is_length_dependent());
+                let n = seq_len.min(l0);
+                prop_assert_eq!(cfg.frequencies_for_len(n), init.clone());
+                prop_assert_eq!(cfg.frequencies_for_len(l0), init);
+            }
+        }
+    }
+
+    #[test]
     fn random_position_maps_never_panic(w in 0usize..100, k in any_f64(), i in 0usize..1000, j in 0usize..1000) {
         if let Ok(m) = PositionMap::leaky_rerope(w, k) {
             let p = m.position(i, j);

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::json::{Obj, kind, setdefault, show, truthy};
 use super::parser::{Layer, Parser};
-use super::profile::Convert;
+use super::profile::{Convert, gemma3_default, gemma4_default, gpt_oss_default};
 use crate::error::{Result, RopeError};
 use crate::scheme::RopeType;
 
@@ -216,39 +216,4 @@ impl Parser<'_> {
             }
         }
     }
-}
-
-fn gpt_oss_default() -> Obj {
-    serde_json::json!({
-        "rope_type": RopeType::Yarn.name(),
-        "factor": 32.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "truncate": false,
-        "original_max_position_embeddings": 4096
-    })
-    .as_object()
-    .cloned()
-    .expect("object literal")
-}
-
-fn gemma3_default() -> Obj {
-    serde_json::json!({
-        "sliding_attention": {"rope_type": RopeType::Default.name()},
-        "full_attention": {"rope_type": RopeType::Default.name()}
-    })
-    .as_object()
-    .cloned()
-    .expect("object literal")
-}
-
-fn gemma4_default() -> Obj {
-    serde_json::json!({
-        "sliding_attention": {"rope_type": RopeType::Default.name(), "rope_theta": 10000.0},
-        "full_attention": {"rope_type": RopeType::Proportional.name(), "partial_rotary_factor": 0.25,
-                           "rope_theta": 1000000.0}
-    })
-    .as_object()
-    .cloned()
-    .expect("object literal")
 }

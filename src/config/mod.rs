@@ -269,7 +269,8 @@ impl ModelRope {
     /// match), and the larger of the two is the length the model is meant to read.
     /// Dynamic NTK has no target length (its base keeps growing with the sequence) and
     /// linear / NTK configs name no `L0`: for them it is `max_position_embeddings`.
-    /// `None` when neither is known, or when `s L0` is not a representable length.
+    /// An `s L0` that is not a representable length (past `2^53`) is ignored; `None` when
+    /// neither length is known.
     ///
     /// ```
     /// use ropex::config::ModelRope;

@@ -4,6 +4,9 @@
 //! Only the RoPE-relevant behaviour of the classes below is modelled (transformers 5.x);
 //! any other `model_type`, or none, gets [`Profile::GENERIC`].
 
+use super::json::Obj;
+use crate::scheme::RopeType;
+
 /// How the config class provides `head_dim`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum HeadDimRule {
@@ -259,6 +262,45 @@ impl Profile {
     pub fn is_generic(&self) -> bool {
         self.model_type.is_empty()
     }
+}
+
+/// gpt-oss: the YaRN block its config class fills in when config.json has no rope dict.
+pub(super) fn gpt_oss_default() -> Obj {
+    serde_json::json!({
+        "rope_type": RopeType::Yarn.name(),
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": false,
+        "original_max_position_embeddings": 4096
+    })
+    .as_object()
+    .cloned()
+    .expect("object literal")
+}
+
+/// Gemma 3: the per-layer dicts its class starts from.
+pub(super) fn gemma3_default() -> Obj {
+    serde_json::json!({
+        "sliding_attention": {"rope_type": RopeType::Default.name()},
+        "full_attention": {"rope_type": RopeType::Default.name()}
+    })
+    .as_object()
+    .cloned()
+    .expect("object literal")
+}
+
+/// Gemma 4: the per-layer dicts its class starts from (sliding: default 1e4; full:
+/// proportional 0.25 at 1e6).
+pub(super) fn gemma4_default() -> Obj {
+    serde_json::json!({
+        "sliding_attention": {"rope_type": RopeType::Default.name(), "rope_theta": 10000.0},
+        "full_attention": {"rope_type": RopeType::Proportional.name(), "partial_rotary_factor": 0.25,
+                           "rope_theta": 1000000.0}
+    })
+    .as_object()
+    .cloned()
+    .expect("object literal")
 }
 
 #[cfg(test)]
