@@ -97,9 +97,17 @@ impl Frequencies {
         2 * self.inv_freq.len()
     }
 
-    /// Rotation angle of pair `j` at position `p`: `p * inv_freq_j`, in f64.
-    pub fn angle(&self, position: f64, pair: usize) -> f64 {
-        position * self.inv_freq[pair]
+    /// Rotation angle of pair `j` at position `p`: `p * inv_freq_j`, in f64; an error for a
+    /// pair past [`Frequencies::num_pairs`].
+    pub fn angle(&self, position: f64, pair: usize) -> Result<f64> {
+        match self.inv_freq.get(pair) {
+            Some(w) => Ok(position * w),
+            None => Err(RopeError::invalid(
+                "pair",
+                pair,
+                format!("must be < num_pairs ({})", self.num_pairs()),
+            )),
+        }
     }
 
     /// Wavelength of each pair in tokens: `2 pi / inv_freq_j` (infinite for a zero pair).
@@ -127,5 +135,13 @@ mod tests {
         assert!(Frequencies::from_inv_freq(vec![-1.0], 1.0).is_err());
         assert!(Frequencies::from_inv_freq(vec![1.0], 0.0).is_err());
         assert!(Frequencies::from_inv_freq(vec![1.0, 0.0], 1.0).is_ok());
+    }
+
+    #[test]
+    fn angle_is_position_times_inv_freq_and_checks_the_pair() {
+        let f = Frequencies::from_inv_freq(vec![1.0, 0.25], 1.0).unwrap();
+        assert_eq!(f.angle(8.0, 1).unwrap(), 2.0);
+        assert!(f.angle(8.0, 2).is_err());
+        assert!(f.angle(8.0, usize::MAX).is_err());
     }
 }

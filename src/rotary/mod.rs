@@ -257,6 +257,10 @@ impl<T: Float> RotaryTable<T> {
             self.rotate_contiguous(slice, heads, head_dim, rows);
             return Ok(());
         }
+        if tokens == 0 || heads == 0 {
+            return Ok(());
+        }
+        // A lane of a non-empty view is in memory already, so this copy is bounded by it.
         let mut buf = vec![T::zero(); head_dim];
         for (t, &row) in rows.iter().enumerate() {
             for h in 0..heads {

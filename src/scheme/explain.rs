@@ -142,10 +142,18 @@ pub fn beta(base: f64, rotary_dim: usize) -> f64 {
 }
 
 /// The base-beta "digits" of `position`: `position / beta^j` for each pair `j`, whose
-/// fractional turns `digit / 2 pi` are what cos/sin see.
-pub fn digits(position: f64, base: f64, rotary_dim: usize) -> Vec<f64> {
+/// fractional turns `digit / 2 pi` are what cos/sin see. `rotary_dim` is at most
+/// [`crate::MAX_HEAD_DIM`].
+pub fn digits(position: f64, base: f64, rotary_dim: usize) -> Result<Vec<f64>> {
+    if rotary_dim > crate::MAX_HEAD_DIM {
+        return Err(RopeError::invalid(
+            "rotary_dim",
+            rotary_dim,
+            format!("must be <= {} (ropex::MAX_HEAD_DIM)", crate::MAX_HEAD_DIM),
+        ));
+    }
     let b = beta(base, rotary_dim);
-    (0..rotary_dim / 2)
+    Ok((0..rotary_dim / 2)
         .map(|j| position / b.powi(j as i32))
-        .collect()
+        .collect())
 }

@@ -147,7 +147,9 @@ fn llama3_band_matches_meta() {
 fn turns_and_digits_agree() {
     let f = cfg(Scaling::None).frequencies();
     let turns = f.turns(4096.0);
-    let d = digits(4096.0, 10_000.0, 128);
+    let d = digits(4096.0, 10_000.0, 128).unwrap();
+    assert!(digits(1.0, 10_000.0, usize::MAX - 1).is_err());
+    assert_eq!(digits(1.0, 10_000.0, 7).unwrap().len(), 3);
     for j in 0..64 {
         assert!(rel(turns[j] * 2.0 * PI, d[j]) < 1e-12);
     }
