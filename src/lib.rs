@@ -37,6 +37,9 @@
 //! # Ok::<(), ropex::RopeError>(())
 //! ```
 //!
+//! The tensors are [`ndarray`] 0.17 arrays; the crate is re-exported as `ropex::ndarray`,
+//! so an engine uses the same version ropex was built with.
+//!
 //! ## Features
 //! - `serde` (default): read Hugging Face `config.json` ([`config`]), run the CLI, and
 //!   `Serialize`/`Deserialize` for [`Scaling`] (tagged by `rope_type`), its parameter
@@ -57,6 +60,8 @@ mod scheme;
 
 // The module path used before `scheme/` existed, for crate-internal imports.
 use scheme as scaling;
+
+pub use ndarray;
 
 pub use attention::{Attention, KvCache, KvCacheRerotating, RefreshPolicy, TileConfig, TileStats};
 pub use error::{Result, RopeError};

@@ -32,7 +32,7 @@ use num_traits::Float;
 use crate::error::{Result, RopeError, try_vec};
 use crate::frequencies::Frequencies;
 pub(crate) use trig::cast;
-use trig::push_cos_sin;
+use trig::cos_sin_into;
 
 /// The largest position magnitude a [`RotaryTable`] holds, `2^32` (see the
 /// [module docs](self)): `RotaryTable::new` takes at most `2^32 + 1` rows.
@@ -137,8 +137,12 @@ impl<T: Float> RotaryTable<T> {
         let mut cos = try_vec::<T>("rotary table cos (rows x pairs)", rows, pairs)?;
         let mut sin = try_vec::<T>("rotary table sin (rows x pairs)", rows, pairs)?;
         let mut held = try_vec::<f64>("rotary table positions (rows x 1)", rows, 1)?;
-        for p in positions {
-            push_cos_sin(freqs.inv_freq(), p, m, &mut cos, &mut sin);
+        // Within the reserved capacity: no reallocation.
+        cos.resize(rows * pairs, T::zero());
+        sin.resize(rows * pairs, T::zero());
+        for (r, p) in positions.enumerate() {
+            let row = r * pairs..(r + 1) * pairs;
+            cos_sin_into(freqs.inv_freq(), p, m, &mut cos[row.clone()], &mut sin[row]);
             held.push(p);
         }
         Ok(RotaryTable {

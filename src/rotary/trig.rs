@@ -13,19 +13,21 @@ pub(crate) fn cast<T: Float>(v: f64) -> T {
     T::from(v).unwrap_or_else(T::nan)
 }
 
-/// Appends `scale * cos(position * w_j)` and `scale * sin(position * w_j)` for every
-/// `w_j` of `inv_freq` to `cos` and `sin`.
+/// Writes `scale * cos(position * w_j)` and `scale * sin(position * w_j)` for every `w_j`
+/// of `inv_freq` into `cos[j]` and `sin[j]` (the three slices have one entry per pair).
+/// With `T = f64` the cast is the identity; pass `scale = 1` to keep the attention factor
+/// out of the table.
 #[inline]
-pub(crate) fn push_cos_sin<T: Float>(
+pub(crate) fn cos_sin_into<T: Float>(
     inv_freq: &[f64],
     position: f64,
     scale: f64,
-    cos: &mut Vec<T>,
-    sin: &mut Vec<T>,
+    cos: &mut [T],
+    sin: &mut [T],
 ) {
-    for &w in inv_freq {
-        let (s, c) = (position * w).sin_cos();
-        cos.push(cast(c * scale));
-        sin.push(cast(s * scale));
+    for ((c, s), &w) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+        let (sv, cv) = (position * w).sin_cos();
+        *c = cast(cv * scale);
+        *s = cast(sv * scale);
     }
 }
