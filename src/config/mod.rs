@@ -120,6 +120,15 @@
 //! default). With it off, ropex reads configs exactly as transformers would: the `ntk_*`
 //! types are unknown rope types (transformers fails at model init) and
 //! `ropex_position_map` inside a rope dict is an unrecognized key.
+//!
+//! ## Layout
+//! One concern per file: `json` (reading values the way Python reads a dict), `profile`
+//! (what each transformers config class does: defaults, `head_dim` rules, legacy
+//! conversions, layer types), `facts` (the model's dims and lengths, and the two
+//! `head_dim` reads), `dicts` (`rope_scaling` / `rope_parameters` to standardized rope
+//! dicts), `parser` (key checks and dispatch), `build/` (one builder per rope type, sharing
+//! one epilogue), `position_map` (`ropex_position_map`). Rope-type names come from the
+//! scheme module's single list.
 
 mod build;
 mod dicts;
