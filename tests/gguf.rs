@@ -680,6 +680,27 @@ fn smollm2_header_has_the_published_facts() {
             );
         }
     }
+    // gguf-py's dequantisation of the same tensors (tools/make_gguf_fixtures.py).
+    let text = std::fs::read_to_string(data("smollm2_reference.json")).unwrap();
+    let reference: Json = serde_json::from_str(&text).unwrap();
+    for (name, r) in reference.as_object().unwrap() {
+        let info = file.header().tensor(name).unwrap();
+        assert_eq!(info.ggml_type().name(), r["type"], "{name}");
+        let x = file.tensor_f32(name).unwrap();
+        assert_eq!(x.len() as u64, r["n"], "{name}");
+        for (i, want) in r["head"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(x[i], want.as_f64().unwrap() as f32, "{name}[{i}]");
+        }
+        let sum: f64 = x.iter().map(|&v| f64::from(v)).sum();
+        let sum_sq: f64 = x.iter().map(|&v| f64::from(v).powi(2)).sum();
+        for (got, key) in [(sum, "sum"), (sum_sq, "sum_sq")] {
+            let want = r[key].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "{name} {key}: {got} vs {want}"
+            );
+        }
+    }
     let raw = file.tensor_bytes("blk.0.attn_q.weight").unwrap();
     let x = file.tensor_f32("blk.0.attn_q.weight").unwrap();
     for (b, block) in raw.chunks_exact(20).zip(x.chunks_exact(32)).take(1000) {

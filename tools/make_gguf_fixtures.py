@@ -253,7 +253,7 @@ def tensor_fixture():
     w = Writer("tensors", "llama", alignment=64)
     w.kv("llama.context_length", 8192, T.UINT32)
     dequant = {}
-    shape = (3, 64)  # 3 rows of 64: two blocks of 32 per row
+    shape = (2, 32)  # 2 rows of one 32-element block
     for name, qtype in [("q8_0.weight", Q.Q8_0), ("q4_1.weight", Q.Q4_1),
                         ("q4_0.weight", Q.Q4_0), ("bf16.weight", Q.BF16)]:
         x = rng.standard_normal(shape).astype(np.float32) * 0.5 + 0.1
@@ -270,12 +270,36 @@ def tensor_fixture():
     EXPECTED["tensors"]["dequantised"] = dequant
 
 
+SMOLLM2 = Path(os.environ.get("ROPEX_SMOLLM2_GGUF", OUT.parent.parent.parent / "target" / "models"
+               / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def smollm2_reference():
+    """gguf-py's dequantisation of a few SmolLM2 tensors (first 64 values and the sum
+    over the whole tensor), when tools/fetch_smollm2.sh has fetched the model."""
+    if not SMOLLM2.exists():
+        print(f"{SMOLLM2} absent: smollm2_reference.json not rewritten (run tools/fetch_smollm2.sh)")
+        return
+    reader = gguf.GGUFReader(str(SMOLLM2))
+    ref = {}
+    for t in reader.tensors:
+        if t.name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight",
+                      "blk.0.attn_norm.weight", "output_norm.weight"):
+            x = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float32)
+            ref[t.name] = {"type": t.tensor_type.name, "n": int(x.size),
+                           "head": [float(v) for v in x[:64]],
+                           "sum": float(x.astype(np.float64).sum()),
+                           "sum_sq": float((x.astype(np.float64) ** 2).sum())}
+    (OUT / "smollm2_reference.json").write_text(json.dumps(ref, indent=1) + "\n")
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     rope_fixtures()
     every_type_fixture("every_type_v3", None)
     every_type_fixture("every_type_v2", 2)
     tensor_fixture()
+    smollm2_reference()
     (OUT / "expected.json").write_text(json.dumps(EXPECTED, indent=1, ensure_ascii=False) + "\n")
     for p in sorted(OUT.iterdir()):
         print(f"{p.stat().st_size:7d}  {p.relative_to(OUT.parent.parent.parent)}")
