@@ -132,6 +132,7 @@ const PAIRS: &[(&str, &str, Layout)] = &[
     ("qwen2_plain", "default", Layout::Half),
     ("qwen2_yarn", "yarn", Layout::Half),
     ("llama_yarn_full", "yarn", Layout::Interleaved),
+    ("phi3_longrope", "longrope", Layout::Half),
 ];
 
 #[test]
@@ -537,6 +538,26 @@ fn free_rope_freqs_divide_each_pair_as_llama_cpp_does() {
         }
         assert_eq!(freqs.attention_factor(), 1.0);
     }
+    // A YaRN ramp baked into rope_freqs comes with its magnitude as attn_factor.
+    let meta = [1.0f32, 1.0, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0].repeat(4);
+    let b = Builder::new()
+        .llama("llama", 64)
+        .f32("llama.rope.scaling.attn_factor", 1.25)
+        .tensor_f32("rope_freqs.weight", &meta);
+    let bytes = b.build();
+    let rope = GgufFile::from_bytes(&bytes).unwrap().rope().unwrap();
+    assert_eq!(rope.config.frequencies().attention_factor(), 1.25);
+    // LongRoPE needs its factor tensors.
+    let b = Builder::new()
+        .llama("phi3", 64)
+        .str("phi3.rope.scaling.type", "longrope")
+        .u32("phi3.rope.scaling.original_context_length", 1024);
+    let bytes = b.build();
+    let err = GgufFile::from_bytes(&bytes).unwrap().rope().unwrap_err();
+    assert!(
+        matches!(&err, RopeError::MissingKey { key, .. } if key.contains("rope_factors")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -207,6 +207,23 @@ def rope_fixtures():
                          "original_max_position_embeddings": 4096, "beta_fast": 16.0,
                          "beta_slow": 2.0, "attention_factor": 1.1}})
 
+    # Phi-3 LongRoPE as its converter writes it: no scaling type, the two factor tensors,
+    # the original length and the attention factor it computed, as f32.
+    short = [round(1.0 + 0.01 * j, 2) for j in range(32)]
+    long = [round(1.0 + 0.75 * j, 2) for j in range(32)]
+    w = Writer("phi3_longrope", "phi3")
+    llama_family(w, "phi3", n_embd=256, n_head=4, n_head_kv=4, ctx=131072, base=10000.0, rot=64)
+    w.kv("phi3.rope.scaling.original_context_length", 4096, T.UINT32)
+    w.kv("phi3.rope.scaling.attn_factor", math.sqrt(1 + math.log(32) / math.log(4096)), T.FLOAT32)
+    w.tensor("rope_factors_long.weight", np.array(long, dtype=np.float32))
+    w.tensor("rope_factors_short.weight", np.array(short, dtype=np.float32))
+    w.close()
+    write_config("phi3_longrope", {
+        "model_type": "phi3", "hidden_size": 256, "num_attention_heads": 4,
+        "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long}})
+
     # What ropex cannot express: YaRN with a partial extrapolation mix (ext_factor 0.5).
     w = Writer("yarn_ext_half", "llama")
     llama_family(w, "llama", n_embd=256, n_head=4, n_head_kv=4, ctx=8192, base=10000.0, rot=64)

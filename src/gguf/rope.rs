@@ -207,17 +207,20 @@ pub fn rope_layout_kind(arch: &str) -> Option<RopeLayoutKind> {
 ///   `.yarn_attn_factor` (where the converter stores transformers' `attention_factor`),
 ///   or with `.yarn_log_multiplier = l` llama.cpp's `m(s, mscale) / m(s, l)` with
 ///   `mscale = l` for `deepseek2` and 1 otherwise, else `0.1 ln s + 1`; a
-///   `.attn_factor` multiplies it. `longrope` is [`LongRope`] from the
-///   `rope_factors_long` / `rope_factors_short` tensors, `L0` =
-///   `.original_context_length`, `s = context_length / L0` and the attention factor
-///   `.attn_factor` if given.
+///   `.attn_factor` multiplies it. `longrope`, or no scaling type with
+///   `rope_factors_long` / `rope_factors_short` tensors (Phi-3's converter), is
+///   [`LongRope`] from those tensors with `L0` = `.original_context_length`,
+///   `s = context_length / L0` and the attention factor `.attn_factor` (read as
+///   transformers' default when it equals it to f32 precision).
 /// - **`rope_freqs`** (Llama 3.1 and later): per-pair divisors `inv_j = theta_j / f_j`.
 ///   When they are Llama 3's wavelength bands (checked pair by pair within 1e-5 of the
 ///   converter's formula, with `L0` = `.original_context_length` or the converter's
 ///   default 8192 and `low` / `high` fitted to the ramp), the scheme is [`Llama3`] with
 ///   those parameters, so frequencies equal the config.json path's exactly; other
-///   divisors become a [`LongRope`] whose short and long factors are both `f`
-///   (attention factor 1), which computes the same `theta_j / f_j` as llama.cpp.
+///   divisors, or divisors with an `.attn_factor` (a YaRN ramp baked into the tensor),
+///   become a [`LongRope`] whose short and long factors are both `f` and whose
+///   attention factor is `.attn_factor` (default 1): the same `theta_j / f_j` and
+///   magnitude as llama.cpp.
 ///
 /// Floats are stored as f32 in GGUF; ropex widens each through its shortest decimal
 /// form (`0.1f32` becomes `0.1`), which recovers the decimal a converter wrote from
@@ -225,7 +228,8 @@ pub fn rope_layout_kind(arch: &str) -> Option<RopeLayoutKind> {
 ///
 /// What ropex cannot represent is a [`RopeError::GgufUnsupported`]: YaRN with a
 /// `yarn_ext_factor` other than 1 (a partial extrapolation mix), an `attn_factor`
-/// other than 1 on plain or linear RoPE, `rope_freqs` combined with a scaling type,
+/// other than 1 on plain or linear RoPE without rope tensors, `rope_freqs` combined with
+/// a scaling type, factor tensors with a scaling type other than `longrope`,
 /// architectures without rope or with multimodal rope sections, and architectures
 /// missing from the table.
 #[derive(Debug, Clone, PartialEq)]
@@ -327,6 +331,19 @@ impl GgufRope {
         let mut notes = Vec::new();
         let mut original_context_len = original;
 
+        let factor_tensors = t.long.is_some() || t.short.is_some();
+        if t.freqs.is_some() && factor_tensors {
+            return Err(unsupported(
+                "both a rope_freqs tensor and rope_factors_long/short tensors".into(),
+                "one of them",
+            ));
+        }
+        // Phi-3's converter writes LongRoPE as the two factor tensors and no scaling type.
+        let ty = if factor_tensors && stated.is_none() {
+            "longrope"
+        } else {
+            ty
+        };
         let mut scaling = match ty {
             "none" => Scaling::None,
             "linear" if factor == 1.0 => Scaling::None,
@@ -341,26 +358,7 @@ impl GgufRope {
                 original_context_len = Some(l0);
                 Scaling::Yarn(k.yarn(factor, l0, attn_factor)?)
             }
-            "longrope" => {
-                let l0 = original.ok_or_else(|| RopeError::MissingKey {
-                    key: k.key("rope.scaling.original_context_length"),
-                    context: "GGUF longrope scaling".into(),
-                })?;
-                let factors = |list: Option<&[f32]>, name: &str| {
-                    list.map(widen_all).ok_or_else(|| RopeError::MissingKey {
-                        key: format!("tensor '{name}'"),
-                        context: "GGUF longrope scaling".into(),
-                    })
-                };
-                let s = context_len.map_or(1.0, |c| c as f64 / l0 as f64);
-                Scaling::LongRope(LongRope {
-                    short_factor: factors(t.short, ROPE_FACTORS_SHORT)?,
-                    long_factor: factors(t.long, ROPE_FACTORS_LONG)?,
-                    original_max_position_embeddings: l0,
-                    factor: s,
-                    attention_factor: attn_factor,
-                })
-            }
+            "longrope" => Scaling::LongRope(longrope(&k, &t, original, context_len, attn_factor)?),
             other => {
                 return Err(unsupported(
                     format!("rope scaling type '{other}'"),
@@ -368,13 +366,10 @@ impl GgufRope {
                 ));
             }
         };
-        if let Some(a) = attn_factor
-            && a != 1.0
-            && matches!(scaling, Scaling::None | Scaling::Linear { .. })
-        {
+        if factor_tensors && !matches!(scaling, Scaling::LongRope(_)) {
             return Err(unsupported(
-                format!("{arch}.rope.scaling.attn_factor = {a} with rope scaling '{ty}'"),
-                "an attention factor of 1 for plain and linear RoPE (ropex scales attention only with yarn and longrope)",
+                format!("rope_factors_long/short tensors with rope scaling '{ty}'"),
+                "longrope, or no scaling type (Phi-3's convention)",
             ));
         }
 
@@ -398,8 +393,14 @@ impl GgufRope {
             let divisors = widen_all(divisors);
             let theta = config.frequencies().inv_freq().to_vec();
             let l0 = original.unwrap_or(LLAMA3_DEFAULT_L0);
+            // Llama 3 has no attention factor: with one, only the divisor form fits.
+            let attn = attn_factor.filter(|&a| a != 1.0);
+            let llama3 = match attn {
+                None => match_llama3(&divisors, &theta, l0),
+                Some(_) => None,
+            };
             scaling_type = "rope_freqs".into();
-            scaling = match match_llama3(&divisors, &theta, l0) {
+            scaling = match llama3 {
                 Some(l) => {
                     notes.push(format!(
                         "rope_freqs matches Llama 3 bands: factor {}, low_freq_factor {}, high_freq_factor {}, original length {l0}",
@@ -409,19 +410,27 @@ impl GgufRope {
                     Scaling::Llama3(l)
                 }
                 None => {
-                    notes.push(
-                        "rope_freqs is not Llama 3's band pattern: used as per-pair divisors (a LongRoPE with equal short and long factors)"
-                            .into(),
-                    );
+                    notes.push(format!(
+                        "rope_freqs used as per-pair divisors (a LongRoPE with equal short and long factors), attention factor {}",
+                        attn.unwrap_or(1.0)
+                    ));
                     Scaling::LongRope(LongRope {
                         short_factor: divisors.clone(),
                         long_factor: divisors,
                         original_max_position_embeddings: original.or(context_len).unwrap_or(1),
                         factor: 1.0,
-                        attention_factor: Some(1.0),
+                        attention_factor: Some(attn.unwrap_or(1.0)),
                     })
                 }
             };
+        } else if let Some(a) = attn_factor
+            && a != 1.0
+            && matches!(scaling, Scaling::None | Scaling::Linear { .. })
+        {
+            return Err(unsupported(
+                format!("{arch}.rope.scaling.attn_factor = {a} with rope scaling '{ty}'"),
+                "an attention factor of 1 for plain and linear RoPE (ropex scales attention only with yarn, longrope and rope_freqs)",
+            ));
         }
         let config = config.with_scaling_lenient(scaling)?;
         Ok(GgufRope {
@@ -434,6 +443,41 @@ impl GgufRope {
             notes,
         })
     }
+}
+
+/// LongRoPE from the `rope_factors_long` / `rope_factors_short` tensors.
+///
+/// `s = context_length / L0` as transformers derives it. The converter stores the
+/// attention factor it computed, `sqrt(1 + ln s / ln L0)`, as an f32; a stored value
+/// equal to that default within 1e-6 is read as the default (so it is exact), any other
+/// value is kept.
+fn longrope(
+    k: &Keys<'_>,
+    t: &RopeTensors<'_>,
+    original: Option<usize>,
+    context_len: Option<usize>,
+    attn_factor: Option<f64>,
+) -> Result<LongRope> {
+    let l0 = original.ok_or_else(|| RopeError::MissingKey {
+        key: k.key("rope.scaling.original_context_length"),
+        context: "GGUF longrope scaling".into(),
+    })?;
+    let factors = |list: Option<&[f32]>, name: &str| {
+        list.map(widen_all).ok_or_else(|| RopeError::MissingKey {
+            key: format!("tensor '{name}'"),
+            context: "GGUF longrope scaling".into(),
+        })
+    };
+    let mut rope = LongRope {
+        short_factor: factors(t.short, ROPE_FACTORS_SHORT)?,
+        long_factor: factors(t.long, ROPE_FACTORS_LONG)?,
+        original_max_position_embeddings: l0,
+        factor: context_len.map_or(1.0, |c| c as f64 / l0 as f64),
+        attention_factor: None,
+    };
+    let default = rope.resolved_attention_factor();
+    rope.attention_factor = attn_factor.filter(|&a| (a - default).abs() > 1e-6 * default);
+    Ok(rope)
 }
 
 /// llama.cpp's converter's `original_max_position_embeddings` when a Llama 3 config has
