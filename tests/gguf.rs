@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use ropex::config::ModelRope;
-use ropex::gguf::{Array, GgmlType, Gguf, GgufFile, Value, ValueType};
+use ropex::gguf::{Array, GgmlType, Gguf, GgufFile, GgufRope, Value, ValueType};
 use ropex::{Layout, RopeError, Scaling};
 use serde_json::{Value as Json, json};
 
@@ -129,6 +129,7 @@ const PAIRS: &[(&str, &str, Layout)] = &[
     ("llama_linear", "linear", Layout::Interleaved),
     ("llama3_1", "llama3", Layout::Interleaved),
     ("llama3_2", "llama3", Layout::Interleaved),
+    ("llama3_custom", "llama3", Layout::Interleaved),
     ("qwen2_plain", "default", Layout::Half),
     ("qwen2_yarn", "yarn", Layout::Half),
     ("llama_yarn_full", "yarn", Layout::Interleaved),
@@ -192,6 +193,14 @@ fn llama3_rope_freqs_are_recognised_with_their_parameters() {
             );
             assert_eq!(l.original_max_position_embeddings, 8192);
         }
+        other => panic!("expected llama3, got {other:?}"),
+    }
+    let custom = GgufRope::from_path(data("llama3_custom.gguf")).unwrap();
+    match custom.config.scaling() {
+        Scaling::Llama3(l) => assert_eq!(
+            (l.factor, l.low_freq_factor, l.high_freq_factor),
+            (16.0, 2.0, 8.0)
+        ),
         other => panic!("expected llama3, got {other:?}"),
     }
     // The stated YaRN attention factor 1.1 is an f32 in the file; the reader gives the

@@ -153,17 +153,20 @@ def rope_fixtures():
         "rope_scaling": {"type": "linear", "factor": 4.0}})
 
     # Llama 3.1 and 3.2 (factor 8 and 32): no scaling keys, a `rope_freqs` F32 tensor.
-    for name, factor, base, ctx in [("llama3_1", 8.0, 500000.0, 131072),
-                                    ("llama3_2", 32.0, 500000.0, 131072)]:
+    # A made-up variant (low 2, high 8, factor 16) needs the ramp fit, not Meta's defaults.
+    for name, factor, low, high, base, ctx in [
+            ("llama3_1", 8.0, 1.0, 4.0, 500000.0, 131072),
+            ("llama3_2", 32.0, 1.0, 4.0, 500000.0, 131072),
+            ("llama3_custom", 16.0, 2.0, 8.0, 500000.0, 131072)]:
         w = Writer(name, "llama")
         llama_family(w, "llama", n_embd=512, n_head=4, n_head_kv=2, ctx=ctx, base=base, rot=128)
-        w.tensor("rope_freqs.weight", llama3_rope_freqs(base, 128, factor, 1.0, 4.0, 8192))
+        w.tensor("rope_freqs.weight", llama3_rope_freqs(base, 128, factor, low, high, 8192))
         w.close()
         write_config(name, {
             "model_type": "llama", "hidden_size": 512, "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": ctx, "rope_theta": base,
-            "rope_scaling": {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                             "high_freq_factor": high,
                              "original_max_position_embeddings": 8192}})
 
     # Plain qwen2 (NeoX / half layout), no dimension_count key: it defaults to the head dim.

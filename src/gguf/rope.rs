@@ -253,6 +253,15 @@ pub struct GgufRope {
 }
 
 impl GgufRope {
+    /// The rotary embedding of the GGUF file at `path`: [`GgufFile::open`] then
+    /// [`GgufFile::rope`].
+    ///
+    /// [`GgufFile::open`]: crate::gguf::GgufFile::open
+    /// [`GgufFile::rope`]: crate::gguf::GgufFile::rope
+    pub fn from_path(path: impl AsRef<std::path::Path>) -> Result<GgufRope> {
+        crate::gguf::GgufFile::open(path)?.rope()
+    }
+
     /// The training length to explain a scheme against: the original length when the
     /// file names one, else the context length.
     pub fn train_len(&self) -> Option<usize> {
