@@ -326,6 +326,15 @@ impl GgufRope {
             config = config.with_rotary_dim(rot)?;
         }
         let pairs = config.rotary_dim() / 2;
+        let mut notes = Vec::new();
+        for suffix in ["rope.freq_base_swa", "rope.dimension_count_swa"] {
+            if let Some(v) = g.get(&k.key(suffix)) {
+                notes.push(format!(
+                    "{} = {v:?}: sliding-window layers rotate differently; this config describes the full-attention layers",
+                    k.key(suffix)
+                ));
+            }
+        }
 
         let stated = k.string("rope.scaling.type")?;
         let ty = stated.unwrap_or("linear");
@@ -337,7 +346,6 @@ impl GgufRope {
         .unwrap_or(1.0);
         let original = k.uint("rope.scaling.original_context_length")?;
         let attn_factor = k.float("rope.scaling.attn_factor")?;
-        let mut notes = Vec::new();
         let mut original_context_len = original;
 
         let factor_tensors = t.long.is_some() || t.short.is_some();
