@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use ropex::config::ModelRope;
-use ropex::gguf::{Array, GgmlType, Gguf, GgufFile, GgufRope, Value, ValueType};
-use ropex::{Layout, RopeError, Scaling};
+use ropex::gguf::{
+    Array, GgmlType, Gguf, GgufFile, GgufRope, Value, ValueType, permute_qk_rows, unpermute_qk_rows,
+};
+use ropex::{Layout, RopeConfig, RopeError, RotaryTable, Scaling};
 use serde_json::{Value as Json, json};
 
 fn data(name: &str) -> PathBuf {
@@ -252,6 +254,59 @@ fn dequantised_tensors_equal_gguf_py() {
     }
     let err = file.tensor_f32("no_such.weight").unwrap_err();
     assert!(matches!(err, RopeError::MissingKey { .. }), "{err}");
+}
+
+#[test]
+fn the_converters_qk_permutation_is_undone() {
+    let want = expected();
+    let hf = &want["tensors"]["q_proj_hf_order"];
+    let hf: Vec<f32> = hf["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let mut file = GgufFile::open(data("tensors.gguf")).unwrap();
+    let permuted = file.tensor_f32("attn_q_permuted.weight").unwrap();
+    assert_ne!(permuted, hf);
+    assert_eq!(unpermute_qk_rows(&permuted, 2, 5).unwrap(), hf);
+    assert_eq!(permute_qk_rows(&hf, 2, 5).unwrap(), permuted);
+    assert!(matches!(
+        unpermute_qk_rows(&permuted, 3, 5),
+        Err(RopeError::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn interleaved_rotation_of_permuted_rows_is_half_rotation_of_the_original() {
+    // q = W x per head; the converter's permuted W rotated with adjacent pairs, then
+    // un-permuted, equals the original W rotated with rotate_half pairs.
+    let (n_head, d, n_in) = (3, 16, 7);
+    let w: Vec<f32> = (0..n_head * d * n_in)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let x: Vec<f32> = (0..n_in).map(|i| (i as f32 * 0.37).sin()).collect();
+    let project = |w: &[f32]| -> Vec<f32> {
+        w.chunks_exact(n_in)
+            .map(|row| row.iter().zip(&x).map(|(a, b)| a * b).sum())
+            .collect()
+    };
+    let freqs = RopeConfig::new(d, 10_000.0).unwrap().frequencies();
+    let rotate = |mut q: Vec<f32>, layout: Layout| {
+        let table = RotaryTable::<f32>::new(&freqs, 1000, layout).unwrap();
+        table.rotate_slice(&mut q, [1, n_head, d], &[777]).unwrap();
+        q
+    };
+    let half = rotate(project(&w), Layout::Half);
+    let gguf_w = permute_qk_rows(&w, n_head, n_in).unwrap();
+    let interleaved = rotate(project(&gguf_w), Layout::Interleaved);
+    let back = unpermute_qk_rows(&interleaved, n_head, 1).unwrap();
+    for (i, (a, b)) in half.iter().zip(&back).enumerate() {
+        assert!((a - b).abs() < 1e-5, "dim {i}: {a} vs {b}");
+    }
+    // The trap: half-split rotation of the permuted rows is something else.
+    let wrong = unpermute_qk_rows(&rotate(project(&gguf_w), Layout::Half), n_head, 1).unwrap();
+    assert!(half.iter().zip(&wrong).any(|(a, b)| (a - b).abs() > 1e-2));
 }
 
 /// A minimal GGUF encoder for hand-made (and broken) files.

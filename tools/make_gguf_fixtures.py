@@ -286,8 +286,16 @@ def tensor_fixture():
     x = rng.standard_normal((7,)).astype(np.float32)
     w.tensor("f32.weight", x)
     dequant["f32.weight"] = [float(v) for v in x.reshape(-1)]
+    # A q_proj weight (2 heads of 8 rows, 5 inputs) in Hugging Face row order, and as
+    # llama.cpp's converter permutes it for ggml's adjacent-pair rope.
+    q_hf = rng.standard_normal((16, 5)).astype(np.float32)
+    q_gguf = q_hf.reshape(2, 2, 16 // 2 // 2, 5).swapaxes(1, 2).reshape(q_hf.shape)
+    w.tensor("attn_q_permuted.weight", np.ascontiguousarray(q_gguf))
+    dequant["attn_q_permuted.weight"] = [float(v) for v in q_gguf.reshape(-1)]
     w.close()
     EXPECTED["tensors"]["dequantised"] = dequant
+    EXPECTED["tensors"]["q_proj_hf_order"] = {"n_head": 2, "row_len": 5,
+                                              "values": [float(v) for v in q_hf.reshape(-1)]}
 
 
 SMOLLM2 = Path(os.environ.get("ROPEX_SMOLLM2_GGUF", OUT.parent.parent.parent / "target" / "models"

@@ -22,10 +22,12 @@
 //! ```
 //!
 //! How the rope keys map onto [`crate::RopeConfig`] and [`crate::Layout`] is described in
-//! [`GgufRope`]. Malformed files give [`crate::RopeError::GgufFormat`] with the byte
+//! [`GgufRope`]; [`unpermute_qk_rows`] undoes the Q/K row permutation llama.cpp's
+//! converter applies to Llama-family weights. Malformed files give [`crate::RopeError::GgufFormat`] with the byte
 //! offset of the problem; valid files that use something ropex cannot represent give
 //! [`crate::RopeError::GgufUnsupported`].
 
+mod qk;
 mod reader;
 mod rope;
 mod tensor;
@@ -35,6 +37,7 @@ use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
+pub use qk::{permute_qk_rows, unpermute_qk_rows};
 pub use reader::{DEFAULT_ALIGNMENT, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS};
 pub use rope::{GgufRope, RopeLayoutKind, rope_layout_kind};
 pub use tensor::{GgmlType, TensorInfo, dequantize};
