@@ -28,11 +28,7 @@ pub fn permute_qk_rows<T: Copy>(rows: &[T], n_head: usize, row_len: usize) -> Re
 }
 
 fn reorder<T: Copy>(rows: &[T], n_head: usize, row_len: usize, to_gguf: bool) -> Result<Vec<T>> {
-    let n_rows = if row_len == 0 {
-        0
-    } else {
-        rows.len() / row_len
-    };
+    let n_rows = rows.len().checked_div(row_len).unwrap_or(0);
     if n_head == 0
         || row_len == 0
         || !rows.len().is_multiple_of(row_len)
