@@ -641,6 +641,15 @@ fn neox_architectures_rotate_halves_and_partial_rotary_is_read() {
     let bytes = b.build();
     let rope = GgufFile::from_bytes(&bytes).unwrap().rope().unwrap();
     assert_eq!(rope.config.scaling(), &Scaling::linear(2.0));
+    // ggml's YaRN with extrapolation mix 0: theta / s everywhere, no mscale.
+    let b = Builder::new()
+        .llama("llama", 64)
+        .str("llama.rope.scaling.type", "yarn")
+        .f32("llama.rope.scaling.factor", 4.0)
+        .f32("llama.rope.scaling.yarn_ext_factor", 0.0);
+    let bytes = b.build();
+    let rope = GgufFile::from_bytes(&bytes).unwrap().rope().unwrap();
+    assert_eq!(rope.config.scaling(), &Scaling::linear(4.0));
 }
 
 proptest! {

@@ -226,8 +226,11 @@ pub fn rope_layout_kind(arch: &str) -> Option<RopeLayoutKind> {
 /// form (`0.1f32` becomes `0.1`), which recovers the decimal a converter wrote from
 /// config.json for every value of up to 7 significant digits.
 ///
+/// YaRN with `yarn_ext_factor = 0` has no ramp and no magnitude scaling in ggml: it is
+/// read as linear interpolation.
+///
 /// What ropex cannot represent is a [`RopeError::GgufUnsupported`]: YaRN with a
-/// `yarn_ext_factor` other than 1 (a partial extrapolation mix), an `attn_factor`
+/// `yarn_ext_factor` strictly between 0 and 1 or above 1, an `attn_factor`
 /// other than 1 on plain or linear RoPE without rope tensors, `rope_freqs` combined with
 /// a scaling type, factor tensors with a scaling type other than `longrope`,
 /// architectures without rope or with multimodal rope sections, and architectures
@@ -365,6 +368,11 @@ impl GgufRope {
             "none" => Scaling::None,
             "linear" if factor == 1.0 => Scaling::None,
             "linear" => Scaling::linear(factor),
+            // ggml's YaRN with no extrapolation mix is plain interpolation without mscale.
+            "yarn" if k.float("rope.scaling.yarn_ext_factor")? == Some(0.0) => {
+                notes.push("yarn with yarn_ext_factor 0 is linear interpolation".into());
+                Scaling::linear(factor)
+            }
             "yarn" => {
                 let l0 = original
                     .or(context_len)
@@ -580,8 +588,9 @@ impl Keys<'_> {
         {
             return Err(RopeError::GgufUnsupported {
                 what: format!("{}.rope.scaling.yarn_ext_factor = {e}", self.arch),
-                allowed: "1 (YaRN's full ramp; ropex has no partial extrapolation mix) or unset"
-                    .into(),
+                allowed:
+                    "1 (YaRN's full ramp), 0 (linear), or unset: ropex has no partial extrapolation mix"
+                        .into(),
             });
         }
         let mut y = Yarn::new(factor, l0).with_betas(
