@@ -53,6 +53,8 @@ pub mod attention;
 pub mod config;
 pub mod error;
 mod frequencies;
+#[cfg(feature = "gguf")]
+pub mod gguf;
 pub mod npy;
 pub mod position;
 pub mod rotary;
