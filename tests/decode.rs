@@ -206,6 +206,15 @@ fn maps(n: usize) -> Vec<PositionMap> {
         PositionMap::leaky_rerope(5, 16.0).unwrap(),
         PositionMap::leaky_rerope(4, 1.0 / 16.0).unwrap(),
         PositionMap::interpolated(2.0).unwrap(),
+        PositionMap::self_extend(3, 5).unwrap(),
+        PositionMap::self_extend(1, 4).unwrap(),
+        PositionMap::self_extend_scaled(2, 7, 3.0).unwrap(),
+        PositionMap::dca(8, 3).unwrap(),
+        PositionMap::dca(11, 0).unwrap(),
+        PositionMap::dca(n + 5, 3).unwrap(),
+        PositionMap::streaming(4, 6).unwrap(),
+        PositionMap::streaming(0, 5).unwrap(),
+        PositionMap::streaming(2, n).unwrap(),
     ]
 }
 
@@ -342,6 +351,106 @@ fn memory_is_plain_cache_plus_window() {
     }
 }
 
+/// A StreamingLLM cache keeps at most S + W keys and values whatever the length: its
+/// memory is flat over ten times its capacity (with and without raw keys), and every
+/// step still equals the reference row of a prefill over the whole sequence.
+#[test]
+fn streaming_cache_memory_is_flat() {
+    let (hkv, d, dv, sinks, window) = (2, 8, 6, 4, 12);
+    let cap = sinks + window;
+    let n = 10 * cap;
+    let p = Problem::new(n, 4, hkv, d, dv);
+    let plain = RopeConfig::new(d, 10_000.0).unwrap();
+    let dynamic = plain
+        .clone()
+        .with_scaling(Scaling::dynamic(2.0, 8))
+        .unwrap();
+    let map = PositionMap::streaming(sinks, window).unwrap();
+    for (cfg, raw) in [(plain, false), (dynamic, true)] {
+        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, hkv, d, dv).unwrap();
+        assert_eq!(cache.keeps_raw_keys(), raw);
+        let flat = 4 * hkv * cap * (d + dv + if raw { d } else { 0 });
+        for t in 0..n {
+            cache
+                .append(rows(&p.k, t..t + 1), rows(&p.v, t..t + 1))
+                .unwrap();
+            let stored = (t + 1).min(cap);
+            assert_eq!(
+                cache.memory_bytes(),
+                4 * hkv * stored * (d + dv + if raw { d } else { 0 }),
+                "step {t}"
+            );
+            if t % 7 == 0 || t == n - 1 {
+                let got = cache.attend(rows(&p.q, t..t + 1), &[t]).unwrap();
+                let want = p.reference_row(&cache.attention(), t, t + 1);
+                let e = max_err(&got, &want);
+                assert!(e < TOL, "step {t}: {e}");
+            }
+        }
+        assert_eq!(cache.memory_bytes(), flat);
+        // An older query's window has been evicted: a typed error, not a wrong answer.
+        assert!(matches!(
+            cache.attend(rows(&p.q, 0..1), &[n - 2]),
+            Err(RopeError::InvalidParameter { .. })
+        ));
+    }
+}
+
+/// Shapes that cannot be allocated and windows that would wrap are typed errors or
+/// exact answers, never a panic, an abort or a wrong result.
+#[test]
+fn huge_shapes_and_windows() {
+    let cfg = RopeConfig::new(8, 10_000.0).unwrap();
+    for heads_kv in [usize::MAX / 2, 1_000_000_000, usize::MAX] {
+        for r in [
+            KvCache::new(cfg.clone(), Layout::Half, PositionMap::Rope, heads_kv, 8, 8).map(|_| ()),
+            KvCacheRerotating::new(cfg.clone(), Layout::Half, PositionMap::Rope, heads_kv, 8, 8)
+                .map(|_| ()),
+        ] {
+            assert!(
+                matches!(r, Err(RopeError::InvalidParameter { .. })),
+                "{heads_kv}"
+            );
+        }
+    }
+    for dims in [(8, usize::MAX), (usize::MAX / 2, 8)] {
+        let r = KvCache::new(
+            cfg.clone(),
+            Layout::Half,
+            PositionMap::Rope,
+            1,
+            dims.0,
+            dims.1,
+        );
+        assert!(
+            matches!(r, Err(RopeError::InvalidParameter { .. })),
+            "{dims:?}"
+        );
+    }
+    // ReRoPE and Leaky ReRoPE with a window of usize::MAX cover every pair: plain RoPE.
+    let p = Problem::new(30, 2, 1, 8, 8);
+    let want = p.reference(&Attention::new(
+        cfg.frequencies(),
+        Layout::Half,
+        PositionMap::Rope,
+    ));
+    for map in [
+        PositionMap::rerope(usize::MAX).unwrap(),
+        PositionMap::leaky_rerope(usize::MAX, 4.0).unwrap(),
+        PositionMap::self_extend(4, usize::MAX).unwrap(),
+        PositionMap::dca(usize::MAX, 3).unwrap(),
+        PositionMap::streaming(3, usize::MAX - 3).unwrap(),
+    ] {
+        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8).unwrap();
+        for chunk in [1, 7] {
+            let e = max_err(&prefill_chunks(&mut cache.clone(), &p, chunk), &want);
+            assert!(e < TOL, "{map:?} chunks of {chunk}: {e}");
+        }
+        let e = max_err(&decode_tokens(&mut cache, &p), &want);
+        assert!(e < TOL, "{map:?}: {e}");
+    }
+}
+
 fn longrope(l0: usize) -> Scaling {
     Scaling::LongRope(LongRope {
         short_factor: vec![1.0, 1.3, 2.0, 2.5],
@@ -445,6 +554,9 @@ fn dynamic_ntk_growth_equals_fresh_prefill() {
         PositionMap::Rope,
         PositionMap::rerope(5).unwrap(),
         PositionMap::leaky_rerope(3, 2.0).unwrap(),
+        PositionMap::self_extend(3, 5).unwrap(),
+        PositionMap::dca(8, 3).unwrap(),
+        PositionMap::streaming(2, 6).unwrap(),
     ] {
         let every =
             check_length_dependent(Scaling::dynamic(4.0, 8), map, RefreshPolicy::EveryChange, n);

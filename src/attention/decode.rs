@@ -9,7 +9,7 @@
 //! exactly what [`Attention::reference`] computes for row `i` of a prefill over the
 //! whole cached sequence.
 //!
-//! ## Per-piece key caches (ROPE_MATH.md section 4)
+//! ## Per-piece key caches
 //! A map is at most two plain-RoPE pieces `P = f(i) - g(j)` chosen by the band
 //! `i - j < w` ([`crate::Pieces`]). Because `(R(f) q) . (R(g) k) = q . R(g - f) k`, each
 //! piece only needs its keys rotated once by `g(j)`, and each query rotated once by
@@ -78,7 +78,7 @@ use super::Attention;
 use super::kernels::{Kernels, MatMut, MatRef};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
-use crate::position::{Piece, PositionMap};
+use crate::position::{Piece, PositionFn, PositionMap, Region};
 use crate::rotary::{Layout, log_n_scale, rotate_lane_with};
 use crate::scaling::{RopeConfig, Scaling};
 
@@ -261,6 +261,21 @@ fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<
     MatMut::new(data, rows, cols, stride).expect("decode shapes are consistent")
 }
 
+/// Largest number of key/value heads a cache accepts.
+pub const MAX_HEADS: usize = 1 << 16;
+/// Largest key or value head dim a cache accepts.
+pub const MAX_HEAD_DIM: usize = 1 << 20;
+
+/// One empty buffer per kv head, allocated fallibly.
+fn per_head(heads: usize) -> Result<Vec<Vec<f32>>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(heads).map_err(|_| {
+        RopeError::invalid("heads_kv", heads, "could not allocate one buffer per head")
+    })?;
+    v.resize_with(heads, Vec::new);
+    Ok(v)
+}
+
 /// State shared by both caches: the description, the frequencies in force, the values.
 #[derive(Debug, Clone, PartialEq)]
 struct Core {
@@ -293,8 +308,21 @@ impl Core {
         value_dim: usize,
     ) -> Result<Self> {
         map.validate()?;
-        if heads_kv == 0 {
-            return Err(RopeError::invalid("heads_kv", 0, "must be >= 1"));
+        if !(1..=MAX_HEADS).contains(&heads_kv) {
+            return Err(RopeError::invalid(
+                "heads_kv",
+                heads_kv,
+                format!("must be in 1..={MAX_HEADS}"),
+            ));
+        }
+        for (field, dim) in [("head_dim", head_dim), ("value_dim", value_dim)] {
+            if dim > MAX_HEAD_DIM {
+                return Err(RopeError::invalid(
+                    field,
+                    dim,
+                    format!("must be <= {MAX_HEAD_DIM}"),
+                ));
+            }
         }
         if head_dim < config.rotary_dim() {
             return Err(RopeError::shape(
@@ -320,7 +348,7 @@ impl Core {
             freq_len,
             refreshes: 0,
             len: 0,
-            values: vec![Vec::new(); heads_kv],
+            values: per_head(heads_kv)?,
         })
     }
 
@@ -367,18 +395,17 @@ impl Core {
             causal: true,
             scale: self.scale,
             log_n_train_len: self.log_n_train_len,
+            mask: super::Mask::NONE,
         }
     }
 
     /// `scale * s_i` for a query at `position`.
     fn query_factor(&self, position: usize) -> f32 {
-        let scale = self.scale.unwrap_or_else(|| {
-            let m = self.freqs.attention_factor();
-            m * m / (self.head_dim as f64).sqrt()
-        });
+        let scale = super::logit_scale(&self.freqs, self.scale, self.head_dim);
         let s = self
             .log_n_train_len
-            .map_or(1.0, |l| log_n_scale(position, l));
+            .map_or(1.0, |l| log_n_scale(position, l))
+            * self.map.query_scale(position);
         (scale * s) as f32
     }
 
@@ -564,6 +591,36 @@ pub struct KvCache {
     ring: Vec<Vec<f32>>,
     /// Per kv head, `[len, head_dim]`: raw `k_j`, kept only for re-rotation.
     raw: Option<Vec<Vec<f32>>>,
+    /// Maps whose pieces all share the main key function (DCA, StreamingLLM): every
+    /// piece, and the rule that picks one per key.
+    shared: Option<(Vec<Piece>, Region)>,
+    /// StreamingLLM: the cache keeps only the sinks and the window (see [`Evicting`]).
+    evict: Option<Evicting>,
+}
+
+/// The storage of an evicting (StreamingLLM) cache: slot `s < S + W` holds position `s`
+/// until the cache is full, then the window slots `S..S + W` are a ring: position `j >= S`
+/// lives in slot `S + (j - S) mod W`. Keys, raw keys and values share the slots.
+#[derive(Debug, Clone, PartialEq)]
+struct Evicting {
+    sinks: usize,
+    window: usize,
+    /// The position held by each slot.
+    slot_pos: Vec<usize>,
+}
+
+impl Evicting {
+    fn capacity(&self) -> usize {
+        self.sinks + self.window
+    }
+
+    fn slot(&self, j: usize) -> usize {
+        if j < self.capacity() {
+            j
+        } else {
+            self.sinks + (j - self.sinks) % self.window
+        }
+    }
 }
 
 impl KvCache {
@@ -583,19 +640,36 @@ impl KvCache {
     ) -> Result<Self> {
         let core = Core::new(config, layout, map, heads_kv, head_dim, value_dim)?;
         let pieces = map.pieces();
-        let (main_piece, band) = match pieces.far {
-            Some((w, far)) => (far, Some((w, pieces.near))),
-            None => (pieces.near, None),
+        let list = pieces.list();
+        let (main_piece, band, shared) = match pieces.region() {
+            Region::Band { window } => (list[1], Some((window, list[0])), None),
+            Region::Single => (list[0], None, None),
+            region => (list[0], None, Some((list.to_vec(), region))),
         };
-        let main_is_raw = main_piece.key.is_constant() && main_piece.key.offset == 0.0;
+        let main_is_raw =
+            main_piece.key == PositionFn::Affine(crate::position::Affine::constant(0.0));
         let keep_raw = core.config.scaling().is_length_dependent() && !main_is_raw;
+        let evict = match map {
+            PositionMap::Streaming { sinks, window } => Some(Evicting {
+                sinks,
+                window,
+                slot_pos: Vec::new(),
+            }),
+            _ => None,
+        };
         Ok(KvCache {
             main_piece,
             band,
             main_is_raw,
-            main: vec![Vec::new(); heads_kv],
-            ring: vec![Vec::new(); heads_kv],
-            raw: keep_raw.then(|| vec![Vec::new(); heads_kv]),
+            main: per_head(heads_kv)?,
+            ring: per_head(heads_kv)?,
+            raw: if keep_raw {
+                Some(per_head(heads_kv)?)
+            } else {
+                None
+            },
+            shared,
+            evict,
             core,
         })
     }
@@ -696,6 +770,15 @@ impl KvCache {
         }
     }
 
+    /// The `(slot, position)` of every stored key (slot = position unless the cache
+    /// evicts).
+    fn stored(&self) -> Vec<(usize, usize)> {
+        match &self.evict {
+            Some(ev) => ev.slot_pos.iter().copied().enumerate().collect(),
+            None => (0..self.core.len).map(|j| (j, j)).collect(),
+        }
+    }
+
     /// Recomputes the frequencies for cache length `len` and, if they changed,
     /// re-rotates every cached rotated key from the raw keys.
     fn update_frequencies(&mut self, len: usize) {
@@ -712,11 +795,11 @@ impl KvCache {
         let inv = self.core.freqs.inv_freq().to_vec();
         let mut trig = Trig::new(inv.len());
         if let Some(raw) = &self.raw {
-            for j in 0..self.core.len {
+            for (slot, j) in self.stored() {
                 trig.set(&inv, self.main_piece.key.at(j as f64));
                 for (main, raw) in self.main.iter_mut().zip(raw) {
-                    let lane = &mut main[j * d..(j + 1) * d];
-                    lane.copy_from_slice(&raw[j * d..(j + 1) * d]);
+                    let lane = &mut main[slot * d..(slot + 1) * d];
+                    lane.copy_from_slice(&raw[slot * d..(slot + 1) * d]);
                     trig.rotate(lane, layout);
                 }
             }
@@ -746,6 +829,11 @@ impl KvCache {
     pub fn append(&mut self, k: ArrayView3<f32>, v: ArrayView3<f32>) -> Result<()> {
         let c = self.core.check_kv(&k, &v)?;
         if c == 0 {
+            return Ok(());
+        }
+        if self.evict.is_some() {
+            let len = self.core.len + c;
+            self.append_evicting(&k, &v, len);
             return Ok(());
         }
         let start = self.core.len;
@@ -783,7 +871,7 @@ impl KvCache {
                 }
             }
             if let Some((w, near)) = self.band {
-                if j + w < new_len {
+                if j.saturating_add(w) < new_len {
                     continue; // evicted within this chunk
                 }
                 trig.set(inv, near.key.at(j as f64));
@@ -800,6 +888,169 @@ impl KvCache {
         self.core.push_values(&v);
         self.core.len = new_len;
         Ok(())
+    }
+
+    /// [`KvCache::append`] for an evicting (StreamingLLM) cache: every token goes to its
+    /// slot, overwriting the window key it evicts; the frequencies are those for cache
+    /// length `freq_len` (the length after the whole chunk, as for the other maps).
+    fn append_evicting(&mut self, k: &ArrayView3<f32>, v: &ArrayView3<f32>, freq_len: usize) {
+        let c = k.dim().0;
+        let start = self.core.len;
+        self.update_frequencies(freq_len);
+        let d = self.core.head_dim;
+        let dv = self.core.value_dim;
+        let layout = self.core.layout;
+        let inv = self.core.freqs.inv_freq();
+        let mut trig = Trig::new(inv.len());
+        let Some(ev) = self.evict.as_mut() else {
+            return;
+        };
+        // Writes row `t` of head `g` of `x` (`width` wide) into `slot` of `buf`.
+        let put = |buf: &mut Vec<f32>,
+                   slot: usize,
+                   x: &ArrayView3<f32>,
+                   t: usize,
+                   g: usize,
+                   width: usize| {
+            if buf.len() == slot * width {
+                extend_row(buf, x, t, g);
+            } else {
+                for (dst, &src) in buf[slot * width..(slot + 1) * width]
+                    .iter_mut()
+                    .zip(x.slice(s![t, g, ..]).iter())
+                {
+                    *dst = src;
+                }
+            }
+        };
+        for t in 0..c {
+            let j = start + t;
+            let slot = ev.slot(j);
+            if slot == ev.slot_pos.len() {
+                ev.slot_pos.push(j);
+            } else {
+                ev.slot_pos[slot] = j;
+            }
+            trig.set(inv, self.main_piece.key.at(j as f64));
+            for (g, main) in self.main.iter_mut().enumerate() {
+                put(main, slot, k, t, g, d);
+                trig.rotate(&mut main[slot * d..(slot + 1) * d], layout);
+            }
+            for (g, raw) in self.raw.iter_mut().flatten().enumerate() {
+                put(raw, slot, k, t, g, d);
+            }
+            for (g, values) in self.core.values.iter_mut().enumerate() {
+                put(values, slot, v, t, g, dv);
+            }
+        }
+        self.core.len = start + c;
+    }
+
+    /// The runs `(lo, hi, piece)` of stored slots a query at position `i` sees, for maps
+    /// whose pieces share the main keys: DCA's inter-, successive- and intra-chunk keys
+    /// (slots are positions), StreamingLLM's sinks and window.
+    fn runs(&self, region: Region, i: usize) -> Vec<(usize, usize, usize)> {
+        match region {
+            Region::ChunkDistance { period } => {
+                let chunk = i / period;
+                let (succ, intra) = (chunk.saturating_sub(1) * period, chunk * period);
+                let mut runs = Vec::with_capacity(3);
+                if chunk >= 2 {
+                    runs.push((0, succ, 2));
+                }
+                if chunk >= 1 {
+                    runs.push((succ, intra, 1));
+                }
+                runs.push((intra, i + 1, 0));
+                runs
+            }
+            Region::SinksWindow { sinks, window } => {
+                let full = self
+                    .evict
+                    .as_ref()
+                    .is_some_and(|ev| self.core.len > ev.capacity());
+                let seen = if full { sinks + window } else { i + 1 };
+                let sink_end = sinks.min((i + 1).saturating_sub(window)).min(seen);
+                vec![(0, sink_end, 1), (sink_end, seen, 0)]
+            }
+            Region::Single | Region::Band { .. } => vec![(0, i + 1, 0)],
+        }
+    }
+
+    /// [`KvCache::attend`] for maps whose pieces share the main keys: each query rotated
+    /// once per piece it uses, each run of keys scored against its piece's query.
+    fn attend_shared(
+        &self,
+        q: ArrayView3<f32>,
+        q_pos: &[usize],
+        pieces: &[Piece],
+        region: Region,
+    ) -> Result<Array3<f32>> {
+        let group = self.core.check_queries(&q, q_pos)?;
+        if let Some(ev) = &self.evict {
+            let len = self.core.len;
+            if len > ev.capacity()
+                && let Some((a, &p)) = q_pos.iter().enumerate().find(|(_, p)| **p + 1 != len)
+            {
+                return Err(RopeError::invalid(
+                    format!("q_pos[{a}]"),
+                    p,
+                    format!(
+                        "must be the newest position {} : this StreamingLLM cache keeps only its {} sinks and the last {} keys (use prefill_chunk for a chunk)",
+                        len - 1,
+                        ev.sinks,
+                        ev.window
+                    ),
+                ));
+            }
+        }
+        let (n_q, heads_q, d) = q.dim();
+        let dv = self.core.value_dim;
+        let mut out = Array3::<f32>::zeros((n_q, heads_q, dv));
+        let layout = self.core.layout;
+        let inv = self.core.freqs.inv_freq();
+        let mut trig = Trig::new(inv.len());
+        let kern = Kernels::active();
+        let mut q_rot = vec![vec![0f32; heads_q * d]; pieces.len()];
+        let mut scores = Vec::new();
+        let mut acc = vec![0f32; group * dv];
+        let out_slice = out
+            .as_slice_mut()
+            .ok_or_else(|| RopeError::invalid("output", "non-contiguous", "internal"))?;
+        for (a, &i) in q_pos.iter().enumerate() {
+            let factor = self.core.query_factor(i);
+            let runs = self.runs(region, i);
+            let n = runs.last().map_or(0, |r| r.1);
+            for &(lo, hi, p) in &runs {
+                if hi > lo {
+                    Core::load_query(&q, a, factor, &mut q_rot[p]);
+                    trig.set(inv, pieces[p].query.at(i as f64));
+                    for lane in q_rot[p].chunks_exact_mut(d.max(1)) {
+                        trig.rotate(lane, layout);
+                    }
+                }
+            }
+            scores.clear();
+            scores.resize(group * n, 0f32);
+            for (g, (main, values)) in self.main.iter().zip(&self.core.values).enumerate() {
+                let heads = g * group..(g + 1) * group;
+                for &(lo, hi, p) in &runs {
+                    if hi > lo && d > 0 {
+                        kern.qk_gemv(
+                            mat(&q_rot[p][heads.start * d..heads.end * d], group, d, d),
+                            mat(&main[lo * d..hi * d], hi - lo, d, d),
+                            mat_mut(&mut scores[lo..], group, hi - lo, n),
+                            1.0,
+                        )
+                        .expect("decode shapes are consistent");
+                    }
+                }
+                softmax_times_values(kern, &mut scores, n, values, dv, &mut acc);
+                let at = (a * heads_q + heads.start) * dv;
+                out_slice[at..at + group * dv].copy_from_slice(&acc);
+            }
+        }
+        Ok(out)
     }
 
     /// Near-piece keys of the band keys that queries at `q_pos` need and that have left
@@ -872,6 +1123,9 @@ impl KvCache {
     /// trigonometry but the query's. Errors: shape mismatches, `H_q` not a multiple of
     /// `H_kv`, a position `>= len()`.
     pub fn attend(&self, q: ArrayView3<f32>, q_pos: &[usize]) -> Result<Array3<f32>> {
+        if let Some((pieces, region)) = &self.shared {
+            return self.attend_shared(q, q_pos, pieces, *region);
+        }
         let group = self.core.check_queries(&q, q_pos)?;
         let (n_q, heads_q, d) = q.dim();
         let dv = self.core.value_dim;
@@ -963,6 +1217,19 @@ impl KvCache {
     ) -> Result<Array3<f32>> {
         let c = self.core.check_chunk(&q, &k, &v)?;
         let start = self.core.len;
+        if self.evict.is_some() {
+            // Token by token: each query sees the window before the next token evicts
+            // from it.
+            let (_, heads_q, _) = q.dim();
+            let mut out = Array3::<f32>::zeros((c, heads_q, self.core.value_dim));
+            for t in 0..c {
+                let r = s![t..t + 1, .., ..];
+                self.append_evicting(&k.slice(r), &v.slice(r), start + c);
+                let row = self.attend(q.slice(r), &[start + t])?;
+                out.slice_mut(r).assign(&row);
+            }
+            return Ok(out);
+        }
         self.append(k, v)?;
         let pos: Vec<usize> = (start..start + c).collect();
         self.attend(q, &pos)
@@ -1035,7 +1302,7 @@ impl KvCacheRerotating {
         let core = Core::new(config, layout, map, heads_kv, head_dim, value_dim)?;
         Ok(KvCacheRerotating {
             core,
-            keys: vec![Vec::new(); heads_kv],
+            keys: per_head(heads_kv)?,
         })
     }
 
@@ -1134,6 +1401,13 @@ impl KvCacheRerotating {
             scores.clear();
             scores.resize(hkv * group * n, 0f32);
             for j in 0..n {
+                if !self.core.map.sees(i, j) {
+                    // A key the map hides (StreamingLLM): no weight.
+                    for g in 0..hkv * group {
+                        scores[g * n + j] = f32::NEG_INFINITY;
+                    }
+                    continue;
+                }
                 trig.set(inv, -self.core.map.position(i, j));
                 for (g, keys) in self.keys.iter().enumerate() {
                     key.copy_from_slice(&keys[j * d..(j + 1) * d]);
