@@ -427,11 +427,18 @@ impl Core {
                 format!("[{cv}, {hv}, {dv}]"),
             ));
         }
-        if self.len.checked_add(c).is_none() {
+        if self
+            .len
+            .checked_add(c)
+            .is_none_or(|n| n > crate::position::MAX_POSITION)
+        {
             return Err(RopeError::invalid(
                 "cache length",
-                "overflow",
-                "must fit usize",
+                format!("{} + {c}", self.len),
+                format!(
+                    "must stay <= {} (2^53 positions: angles are computed in f64)",
+                    crate::position::MAX_POSITION
+                ),
             ));
         }
         Ok(c)
