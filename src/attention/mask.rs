@@ -12,8 +12,9 @@
 use crate::error::{Result, RopeError};
 use crate::position::TileBounds;
 
-/// Which `(i, j)` entries attention may use, besides causality and the map (see the
-/// [module docs](self)). The default hides nothing.
+/// Which `(i, j)` entries attention may use, besides causality and the map: a sliding
+/// window (`|i - j| < window`) and/or chunked attention (`floor(i/C) = floor(j/C)`). The
+/// default hides nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Mask {
     sliding_window: Option<usize>,

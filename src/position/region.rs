@@ -13,7 +13,7 @@
 
 use super::pieces::Piece;
 
-/// How a map picks its piece per `(i, j)` entry (see the [module docs](self)).
+/// How a map picks its piece per `(i, j)` entry (the table in [`crate::position`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Region {
     /// One piece everywhere.

@@ -44,7 +44,7 @@ impl fmt::Display for PositionMap {
 impl FromStr for PositionMap {
     type Err = RopeError;
 
-    /// Parses the forms in the [module docs](self); bad numbers and bad parameters get
+    /// Parses the forms listed in [`crate::position`]; bad numbers and bad parameters get
     /// typed errors naming the part that is wrong.
     fn from_str(s: &str) -> Result<Self> {
         let parts: Vec<&str> = s.trim().split(':').collect();
