@@ -421,6 +421,7 @@ struct Work {
     q_rot: Vec<f32>,
     state: RowState,
     scratch: Scratch,
+    tiles: Vec<TileWork>,
 }
 
 impl Work {
@@ -433,6 +434,7 @@ impl Work {
                 seen: Vec::new(),
                 visible: Vec::new(),
             },
+            tiles: Vec::new(),
         }
     }
 }
@@ -472,16 +474,14 @@ impl Plan<'_> {
             q_rot,
             state,
             scratch,
+            tiles,
         } = work;
         // Every tile of this block row, classified once (the same for every head).
-        let tiles: Vec<TileWork> = self
-            .k_blocks
-            .iter()
-            .map(|kb| {
-                self.att
-                    .tile_work(&self.prep.pieces, &Self::bounds(&qb, kb))
-            })
-            .collect();
+        tiles.clear();
+        tiles.extend(self.k_blocks.iter().map(|kb| {
+            self.att
+                .tile_work(&self.prep.pieces, &Self::bounds(&qb, kb))
+        }));
         let needed = tiles.iter().fold(0u8, |acc, t| acc | t.pieces);
         q_rot.clear();
         q_rot.resize(n_pieces * heads * bq * d, 0.0);
@@ -510,7 +510,7 @@ impl Plan<'_> {
                 let at = (p * heads + h) * bq * d;
                 &q_rot[at..at + bq * d]
             };
-            for (&kb, work) in self.k_blocks.iter().zip(&tiles) {
+            for (&kb, work) in self.k_blocks.iter().zip(tiles.iter()) {
                 stats.record(work);
                 if work.pieces == 0 {
                     continue;
@@ -557,10 +557,9 @@ impl Plan<'_> {
         let d = self.prep.dims.head_dim;
         let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
         let (bq, bk) = (rows.len(), cols.len());
-        let used: Vec<usize> = (0..self.prep.key_of.len())
-            .filter(|p| pieces & (1 << p) != 0)
-            .collect();
-        for &piece in &used {
+        // The pieces of the bit set, in order (no allocation per tile).
+        let used = (0..self.prep.key_of.len()).filter(|p| pieces & (1 << p) != 0);
+        for piece in used {
             let keys = &self.prep.keys[self.prep.key_of[piece]];
             let a = mat(q_head(piece), bq, d, d);
             let s = mat_mut(&mut scratch.scores[piece][..bq * bk], bq, bk, bk);
@@ -574,8 +573,8 @@ impl Plan<'_> {
             .expect("tile shapes are consistent");
             stats.qk_products += 1;
         }
-        let first = used[0];
-        if used.len() > 1 {
+        let first = pieces.trailing_zeros() as usize;
+        if pieces.count_ones() > 1 {
             let (head, rest) = scratch.scores.split_at_mut(first + 1);
             let s = &mut head[first][..bq * bk];
             let k_pos = &self.k_pos[cols];
