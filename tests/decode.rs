@@ -269,8 +269,20 @@ fn ring_wraps_for_long_sequences() {
 
 #[test]
 fn attend_at_older_positions_rebuilds_evicted_band_keys() {
+    for map in [
+        PositionMap::leaky_rerope(6, 4.0).unwrap(),
+        PositionMap::self_extend(3, 6).unwrap(),
+        PositionMap::dca(9, 2).unwrap(),
+        // Not yet full (S + W >= 40): nothing evicted, every position may attend.
+        PositionMap::streaming(4, 36).unwrap(),
+    ] {
+        attend_at_older_positions(map);
+    }
+}
+
+fn attend_at_older_positions(map: PositionMap) {
     let case = Case {
-        map: PositionMap::leaky_rerope(6, 4.0).unwrap(),
+        map,
         layout: Layout::Interleaved,
         heads_q: 4,
         heads_kv: 2,
@@ -297,7 +309,7 @@ fn attend_at_older_positions_rebuilds_evicted_band_keys() {
             &got.slice(s![a..a + 1, .., ..]).to_owned(),
             &want.slice(s![t..t + 1, .., ..]).to_owned(),
         );
-        assert!(e < TOL, "query at {t}: {e}");
+        assert!(e < TOL, "{map:?} query at {t}: {e}");
     }
 }
 

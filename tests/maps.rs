@@ -602,3 +602,35 @@ fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
         }
     }
 }
+
+/// Arbitrary positions (gaps, a shuffled query order, repeated positions): the tile
+/// classification from block min/max stays conservative and every kernel agrees with
+/// the reference.
+#[test]
+fn arbitrary_positions() {
+    let mut state = 7u64;
+    let mut next = |m: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize % m
+    };
+    let mut k_pos: Vec<usize> = (0..60).map(|_| next(150)).collect();
+    k_pos.sort_unstable();
+    let q_pos: Vec<usize> = (0..40).map(|_| next(160)).collect();
+    for map in new_maps() {
+        for mask in masks() {
+            let att = Attention::new(plain(8), Layout::Half, map)
+                .with_mask(mask)
+                .unwrap();
+            let p = Problem {
+                q: rand3((q_pos.len(), 2, 8), 1),
+                k: rand3((k_pos.len(), 1, 8), 2),
+                v: rand3((k_pos.len(), 1, 8), 3),
+                q_pos: q_pos.clone(),
+                k_pos: k_pos.clone(),
+            };
+            check_all_kernels(&att, &p, &format!("{map} {mask:?} arbitrary positions"));
+        }
+    }
+}
