@@ -791,3 +791,49 @@ fn nan_propagates_only_to_rows_that_see_it_and_huge_logits_stay_finite() {
         assert!(max_err(&got, &want) < 1e-3, "{}", max_err(&got, &want));
     }
 }
+
+/// DCA's logit scale depends on the length so far: every decode step equals the
+/// reference row of a prefill of the tokens cached at that step, with the same scale;
+/// the factor is ChunkLlama's `(0.05 ln(n/L) + 1)^2`.
+#[test]
+fn dca_logit_scale_follows_the_cache_length() {
+    use ropex::attention::dca_logit_factor;
+    assert_eq!(dca_logit_factor(100, 128), 1.0);
+    assert!((dca_logit_factor(512, 128) - (0.05 * 4f64.ln() + 1.0).powi(2)).abs() < 1e-15);
+    let cfg = RopeConfig::new(8, 10_000.0).unwrap();
+    let map = PositionMap::dca(8, 2).unwrap();
+    let p = Problem::new(40, 2, 1, 8, 8);
+    let train = 10;
+    for mut cache in [
+        Box::new(
+            KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8)
+                .unwrap()
+                .with_dca_logit_scale(train)
+                .unwrap(),
+        ) as Box<dyn DecodeCache>,
+        Box::new(
+            KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 1, 8, 8)
+                .unwrap()
+                .with_dca_logit_scale(train)
+                .unwrap(),
+        ),
+    ] {
+        let att = Attention::new(cfg.frequencies(), Layout::Half, map)
+            .with_dca_logit_scale(train)
+            .unwrap();
+        for t in 0..p.n() {
+            cache
+                .append(rows(&p.k, t..t + 1), rows(&p.v, t..t + 1))
+                .unwrap();
+            let got = cache.attend(rows(&p.q, t..t + 1), &[t]).unwrap();
+            let e = max_err(&got, &p.reference_row(&att, t, t + 1));
+            assert!(e < TOL, "step {t}: {e}");
+        }
+    }
+    assert!(
+        KvCache::new(cfg, Layout::Half, map, 1, 8, 8)
+            .unwrap()
+            .with_dca_logit_scale(0)
+            .is_err()
+    );
+}

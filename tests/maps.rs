@@ -568,7 +568,7 @@ fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
         .map(|e| e.unwrap().path())
         .collect();
     cases.sort();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 6);
     for dir in cases {
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
@@ -577,7 +577,22 @@ fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
         let (q, k, v, want) = (read("q.npy"), read("k.npy"), read("v.npy"), read("out.npy"));
         let (n, _, d) = q.dim();
         let cfg = RopeConfig::new(d, 10_000.0).unwrap();
-        let att = Attention::new(cfg.frequencies(), Layout::Half, map);
+        let dca_scale = meta["dca_logit_train_len"].as_u64().map(|l| l as usize);
+        let mut att = Attention::new(cfg.frequencies(), Layout::Half, map);
+        if let Some(l) = dca_scale {
+            att = att.with_dca_logit_scale(l).unwrap();
+            // The scale is really on: without it the output differs.
+            let plain = Attention::new(cfg.frequencies(), Layout::Half, map)
+                .reference(
+                    q.view(),
+                    k.view(),
+                    v.view(),
+                    &(0..n).collect::<Vec<_>>(),
+                    &(0..n).collect::<Vec<_>>(),
+                )
+                .unwrap();
+            assert!(max_err(&plain, &want) > 1e-3);
+        }
         let pos: Vec<usize> = (0..n).collect();
         for kernel in [Kernel::Reference].into_iter().chain(KERNELS) {
             let (got, _) = att
@@ -586,8 +601,18 @@ fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
             let e = max_err(&got, &want);
             assert!(e < 1e-5, "{map} {kernel:?}: {e}");
         }
-        for chunk in [1, 9, n] {
+        // With the DCA logit scale, n is the length so far: only a one-chunk prefill sees
+        // the fixture's n.
+        let chunks: &[usize] = if dca_scale.is_some() {
+            &[n]
+        } else {
+            &[1, 9, n]
+        };
+        for &chunk in chunks {
             let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, k.dim().1, d, d).unwrap();
+            if let Some(l) = dca_scale {
+                cache = cache.with_dca_logit_scale(l).unwrap();
+            }
             let mut t = 0;
             while t < n {
                 let e = (t + chunk).min(n);

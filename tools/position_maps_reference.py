@@ -21,6 +21,8 @@ local_window, keys rotated by j % c, three query copies:
   succ   q at min(i % c + c, chunk_size) used where i // c == j // c + 1
   inter  q at min(2c - 1, chunk_size)    used where i // c >= j // c + 2
   one softmax over the merged scores.
+  Optional logit scale (ChunkLlama's cos/sin tables of q and k are both multiplied by
+  mscale = 0.05 ln(n / L) + 1 for n > L): q and k are scaled by mscale before rotating.
 
 StreamingLLM (Xiao et al. 2023): simulated as the cache it is.  For query i the cache
 holds the sinks 0..S-1 and the last W tokens i-W+1..i (deduplicated, in order); every
@@ -51,6 +53,8 @@ CASES = [
      "scale_base": 16.0, "seed": 12},
     {"name": "dca_n80_c24_l6", "map": "dca:24:6", "chunk_size": 24, "local_window": 6, "seed": 13},
     {"name": "dca_n80_c20_l12", "map": "dca:20:12", "chunk_size": 20, "local_window": 12, "seed": 14},
+    {"name": "dca_n80_c24_l6_logit_scale_l32", "map": "dca:24:6", "chunk_size": 24, "local_window": 6,
+     "dca_logit_train_len": 32, "seed": 16},
     {"name": "streaming_n80_s4_w16", "map": "streaming:4:16", "S": 4, "W": 16, "seed": 15},
 ]
 N, H, D = 80, 2, 16
@@ -106,9 +110,12 @@ def self_extend(q, k, v, G, W, scale_base=None):
     return softmax_out(s, v)
 
 
-def dca(q, k, v, chunk_size, local_window):
+def dca(q, k, v, chunk_size, local_window, train_len=None):
     n = q.shape[0]
     c = chunk_size - local_window
+    if train_len is not None and n > train_len:
+        mscale = 0.05 * math.log(n / train_len) + 1.0
+        q, k = q * mscale, k * mscale
     pos = np.arange(n)
     kr = rotate(k, (pos % c).astype(np.float64))
     q_intra = (pos % c).astype(np.float64)
@@ -147,7 +154,8 @@ def main():
         if name.startswith("self_extend"):
             out = self_extend(q64, k64, v64, case["G"], case["W"], case.get("scale_base"))
         elif name.startswith("dca"):
-            out = dca(q64, k64, v64, case["chunk_size"], case["local_window"])
+            out = dca(q64, k64, v64, case["chunk_size"], case["local_window"],
+                      case.get("dca_logit_train_len"))
         else:
             out = streaming(q64, k64, v64, case["S"], case["W"])
         d = os.path.join(OUT_DIR, name)

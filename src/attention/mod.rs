@@ -82,6 +82,7 @@ pub struct Attention {
     causal: bool,
     scale: Option<f64>,
     log_n_train_len: Option<usize>,
+    dca_train_len: Option<usize>,
     mask: Mask,
 }
 
@@ -140,6 +141,18 @@ pub(crate) fn logit_scale(freqs: &Frequencies, explicit: Option<f64>, head_dim: 
     })
 }
 
+/// ChunkLlama's logit factor for `n` keys and training length `train_len`:
+/// `(0.05 ln(n / train_len) + 1)^2` for `n > train_len`, else 1 (queries and keys each
+/// carry one factor `0.05 ln(n/L) + 1`, multiplied into their cos/sin tables in the
+/// authors' code).
+pub fn dca_logit_factor(n: usize, train_len: usize) -> f64 {
+    if n <= train_len || train_len == 0 {
+        return 1.0;
+    }
+    let m = 0.05 * (n as f64 / train_len as f64).ln() + 1.0;
+    m * m
+}
+
 /// The sizes of one validated attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dims {
@@ -174,6 +187,7 @@ impl Attention {
             causal: true,
             scale: None,
             log_n_train_len: None,
+            dca_train_len: None,
             mask: Mask::NONE,
         }
     }
@@ -250,6 +264,35 @@ impl Attention {
         }
         self.log_n_train_len = Some(train_len);
         Ok(self)
+    }
+
+    /// Dual Chunk Attention's length-dependent logit scale (ChunkLlama): for `n` keys
+    /// beyond the training length `train_len >= 1`, queries and keys are both scaled by
+    /// `0.05 ln(n / train_len) + 1`, so every logit by its square
+    /// ([`dca_logit_factor`]). `n` is the number of keys of the call (the sequence length
+    /// of a prefill, the cache length of a decode step).
+    pub fn with_dca_logit_scale(mut self, train_len: usize) -> Result<Self> {
+        if train_len == 0 {
+            return Err(RopeError::invalid(
+                "DCA logit scale train_len",
+                0,
+                "must be >= 1",
+            ));
+        }
+        self.dca_train_len = Some(train_len);
+        Ok(self)
+    }
+
+    /// The training length of the DCA logit scale, if set.
+    pub fn dca_train_len(&self) -> Option<usize> {
+        self.dca_train_len
+    }
+
+    /// The logit factor for a call with `n_keys` keys: [`dca_logit_factor`] when the DCA
+    /// logit scale is set, else 1.
+    pub fn length_factor(&self, n_keys: usize) -> f64 {
+        self.dca_train_len
+            .map_or(1.0, |l| dca_logit_factor(n_keys, l))
     }
 
     /// The frequencies.

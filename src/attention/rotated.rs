@@ -293,7 +293,8 @@ struct Setup {
     /// The distinct key functions of the pieces, and each piece's index among them.
     key_fns: Vec<PositionFn>,
     key_of: Vec<usize>,
-    /// Per-query logit factor: scale times the log-n and map query factors.
+    /// Per-query logit factor: scale (with the DCA length factor) times the log-n and map
+    /// query factors.
     q_factor: Vec<f64>,
 }
 
@@ -311,7 +312,7 @@ impl Attention {
     ) -> Result<Setup> {
         let dims = self.validate(q, k, v, q_pos, k_pos)?;
         let pieces = self.map().pieces();
-        let scale = self.scale_for(dims.head_dim);
+        let scale = self.scale_for(dims.head_dim) * self.length_factor(dims.n_k);
         let q_factor = q_pos
             .iter()
             .map(|&p| scale * self.query_factor(p))

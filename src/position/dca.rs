@@ -13,9 +13,11 @@
 //! softmaxes by log-sum-exp, which is the same thing). `c >= n` (one chunk) is plain
 //! RoPE. The map is defined for causal attention (`j <= i`).
 //!
-//! The published length-dependent logit scale (ChunkLlama: `q, k *= 0.05 ln(n/L) + 1`
-//! for `n > L`; vLLM: `max(0.1 ln(n/L) + 1, 1)`) is not part of the map; apply it with
-//! [`crate::attention::Attention::with_scale`] for a given `n`.
+//! The published length-dependent logit scale (ChunkLlama multiplies the cos/sin tables
+//! of queries and keys by `0.05 ln(n/L) + 1` for `n > L`, so every logit by its square)
+//! depends on the number of keys, not on positions, so it is an attention option rather
+//! than part of the map: [`crate::attention::Attention::with_dca_logit_scale`] (and the
+//! same on the caches). vLLM's variant `max(0.1 ln(n/L) + 1, 1)` is not built in.
 
 use super::pieces::{Affine, Piece, PositionFn};
 use super::region::{Pieces, Region};

@@ -180,6 +180,13 @@ impl KvCache {
         Ok(self)
     }
 
+    /// Dual Chunk Attention's logit scale with training length `train_len >= 1` (see
+    /// [`Attention::with_dca_logit_scale`]); `n` is the cache length at each attend.
+    pub fn with_dca_logit_scale(mut self, train_len: usize) -> Result<Self> {
+        self.core.set_dca_logit_scale(train_len)?;
+        Ok(self)
+    }
+
     /// Log-n query scaling `max(1, ln(i + 1) / ln train_len)` (Su, posts 10-12) with
     /// `train_len >= 2`.
     pub fn with_log_n(mut self, train_len: usize) -> Result<Self> {

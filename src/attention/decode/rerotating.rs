@@ -66,6 +66,12 @@ impl KvCacheRerotating {
         Ok(self)
     }
 
+    /// DCA's logit scale (see [`super::KvCache::with_dca_logit_scale`]).
+    pub fn with_dca_logit_scale(mut self, train_len: usize) -> Result<Self> {
+        self.core.set_dca_logit_scale(train_len)?;
+        Ok(self)
+    }
+
     /// Log-n query scaling with `train_len >= 2` (see [`super::KvCache::with_log_n`]).
     pub fn with_log_n(mut self, train_len: usize) -> Result<Self> {
         self.core.set_log_n(train_len)?;

@@ -136,6 +136,7 @@ pub(super) struct Core {
     pub(super) value_dim: usize,
     pub(super) scale: Option<f64>,
     pub(super) log_n_train_len: Option<usize>,
+    pub(super) dca_train_len: Option<usize>,
     pub(super) policy: RefreshPolicy,
     /// The frequencies every cached rotated key is currently rotated with.
     pub(super) freqs: Frequencies,
@@ -192,6 +193,7 @@ impl Core {
             value_dim,
             scale: None,
             log_n_train_len: None,
+            dca_train_len: None,
             policy,
             freqs,
             freq_len,
@@ -204,6 +206,15 @@ impl Core {
     pub(super) fn set_scale(&mut self, scale: f64) -> Result<()> {
         crate::error::check_positive("attention scale", scale)?;
         self.scale = Some(scale);
+        Ok(())
+    }
+
+    pub(super) fn set_dca_logit_scale(&mut self, train_len: usize) -> Result<()> {
+        // Validated by the one definition in `Attention`.
+        self.dca_train_len = self
+            .attention()
+            .with_dca_logit_scale(train_len)?
+            .dca_train_len();
         Ok(())
     }
 
@@ -244,13 +255,17 @@ impl Core {
             causal: true,
             scale: self.scale,
             log_n_train_len: self.log_n_train_len,
+            dca_train_len: self.dca_train_len,
             mask: crate::attention::Mask::NONE,
         }
     }
 
     /// `scale * s_i` for a query at `position`.
     pub(super) fn query_factor(&self, position: usize) -> f32 {
-        let scale = crate::attention::logit_scale(&self.freqs, self.scale, self.head_dim);
+        let scale = crate::attention::logit_scale(&self.freqs, self.scale, self.head_dim)
+            * self
+                .dca_train_len
+                .map_or(1.0, |l| crate::attention::dca_logit_factor(self.len, l));
         let s = self
             .log_n_train_len
             .map_or(1.0, |l| log_n_scale(position, l))
