@@ -837,3 +837,67 @@ fn dca_logit_scale_follows_the_cache_length() {
             .is_err()
     );
 }
+
+/// Sliding-window and chunked masks on the caches: decode and chunked prefill equal the
+/// masked reference prefill for every non-evicting map; an evicting StreamingLLM cache
+/// refuses a mask.
+#[test]
+fn masks_on_the_caches_match_the_masked_reference() {
+    use ropex::attention::Mask;
+    let cfg = RopeConfig::new(8, 10_000.0).unwrap();
+    let p = Problem::new(37, 4, 2, 8, 6);
+    let masks = [
+        Mask::NONE.with_sliding_window(7).unwrap(),
+        Mask::NONE.with_sliding_window(1).unwrap(),
+        Mask::NONE.with_chunked(9).unwrap(),
+        Mask::NONE
+            .with_sliding_window(5)
+            .unwrap()
+            .with_chunked(16)
+            .unwrap(),
+    ];
+    for map in [
+        PositionMap::Rope,
+        PositionMap::rerope(5).unwrap(),
+        PositionMap::leaky_rerope(4, 8.0).unwrap(),
+        PositionMap::interpolated(2.0).unwrap(),
+        PositionMap::self_extend(3, 6).unwrap(),
+        PositionMap::dca(10, 3).unwrap(),
+    ] {
+        for mask in masks {
+            let cache = KvCache::new(cfg.clone(), Layout::Half, map, 2, 8, 6)
+                .unwrap()
+                .with_mask(mask)
+                .unwrap();
+            let att = cache.attention();
+            assert_eq!(att.mask(), mask);
+            let want = p.reference(&att);
+            let label = format!("{map:?} {mask:?}");
+            let e = max_err(&decode_tokens(&mut cache.clone(), &p), &want);
+            assert!(e < TOL, "token by token, {label}: {e}");
+            for chunk in [4, 37] {
+                let e = max_err(&prefill_chunks(&mut cache.clone(), &p, chunk), &want);
+                assert!(e < TOL, "chunks of {chunk}, {label}: {e}");
+            }
+            let su = KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 2, 8, 6)
+                .unwrap()
+                .with_mask(mask)
+                .unwrap();
+            let e = max_err(&prefill_chunks(&mut su.clone(), &p, 5), &want);
+            assert!(e < TOL, "Su, {label}: {e}");
+        }
+    }
+    let streaming = KvCache::new(
+        cfg,
+        Layout::Half,
+        PositionMap::streaming(2, 8).unwrap(),
+        2,
+        8,
+        6,
+    )
+    .unwrap();
+    assert!(matches!(
+        streaming.with_mask(masks[0]),
+        Err(RopeError::InvalidParameter { .. })
+    ));
+}

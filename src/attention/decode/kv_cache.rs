@@ -180,6 +180,13 @@ impl KvCache {
         Ok(self)
     }
 
+    /// Adds a sliding-window and/or chunked mask (see [`crate::attention::Mask`]); the
+    /// cache still stores every key (an evicting StreamingLLM cache refuses a mask).
+    pub fn with_mask(mut self, mask: crate::attention::Mask) -> Result<Self> {
+        self.core.set_mask(mask, self.evict.is_some())?;
+        Ok(self)
+    }
+
     /// Dual Chunk Attention's logit scale with training length `train_len >= 1` (see
     /// [`Attention::with_dca_logit_scale`]); `n` is the cache length at each attend.
     pub fn with_dca_logit_scale(mut self, train_len: usize) -> Result<Self> {
@@ -526,8 +533,16 @@ impl KvCache {
             .ok_or_else(|| RopeError::invalid("output", "non-contiguous", "internal"))?;
         for (a, &i) in q_pos.iter().enumerate() {
             let factor = self.core.query_factor(i);
-            let runs = self.runs(region, i);
-            let n = runs.last().map_or(0, |r| r.1);
+            // Keys before `base` are hidden by the mask (never set on an evicting cache,
+            // whose slots are not positions); scores cover `base..n`.
+            let base = self.core.first_visible(i);
+            let runs: Vec<_> = self
+                .runs(region, i)
+                .into_iter()
+                .map(|(lo, hi, p)| (lo.max(base), hi.max(base), p))
+                .collect();
+            let n = runs.last().map_or(base, |r| r.1);
+            let seen = n - base;
             for &(lo, hi, p) in &runs {
                 if hi > lo {
                     Core::load_query(&q, a, factor, &mut q_rot[p]);
@@ -538,7 +553,7 @@ impl KvCache {
                 }
             }
             scores.clear();
-            scores.resize(group * n, 0f32);
+            scores.resize(group * seen, 0f32);
             for (g, (main, values)) in self.main.iter().zip(&self.core.values).enumerate() {
                 let heads = g * group..(g + 1) * group;
                 for &(lo, hi, p) in &runs {
@@ -546,13 +561,13 @@ impl KvCache {
                         kern.qk_gemv(
                             mat(&q_rot[p][heads.start * d..heads.end * d], group, d, d),
                             mat(&main[lo * d..hi * d], hi - lo, d, d),
-                            mat_mut(&mut scores[lo..], group, hi - lo, n),
+                            mat_mut(&mut scores[lo - base..], group, hi - lo, seen),
                             1.0,
                         )
                         .expect("decode shapes are consistent");
                     }
                 }
-                softmax_times_values(kern, &mut scores, n, values, dv, &mut acc);
+                softmax_times_values(kern, &mut scores, seen, &values[base * dv..], dv, &mut acc);
                 let at = (a * heads_q + heads.start) * dv;
                 out_slice[at..at + group * dv].copy_from_slice(&acc);
             }
@@ -658,6 +673,9 @@ impl KvCache {
                 trig.rotate(lane, layout);
             }
             let n = i + 1;
+            // Keys before `base` are hidden by the mask; scores cover `base..n`.
+            let base = self.core.first_visible(i);
+            let seen = n - base;
             let band_lo = match self.band {
                 Some((w, near)) => {
                     Core::load_query(&q, a, factor, &mut q_near);
@@ -669,10 +687,11 @@ impl KvCache {
                 }
                 None => n,
             };
-            // Token offset of key `band_lo` among the rebuilt keys, if it left the ring.
-            let rebuilt_at = rebuilt.offset_of(band_lo);
+            let band_start = band_lo.max(base);
+            // Token offset of key `band_start` among the rebuilt keys, if it left the ring.
+            let rebuilt_at = rebuilt.offset_of(band_start);
             scores.clear();
-            scores.resize(group * n, 0f32);
+            scores.resize(group * seen, 0f32);
             let per_head = self.main.iter().zip(&self.ring).zip(&self.core.values);
             for (g, ((main, ring), values)) in per_head.enumerate() {
                 let heads = g * group..(g + 1) * group;
@@ -682,19 +701,19 @@ impl KvCache {
                         kern.qk_gemv(
                             mat(&qs[heads.start * d..heads.end * d], group, d, d),
                             mat(&keys[at * d..(at + hi - lo) * d], hi - lo, d, d),
-                            mat_mut(&mut scores[lo..], group, hi - lo, n),
+                            mat_mut(&mut scores[lo - base..], group, hi - lo, seen),
                             1.0,
                         )
                         .expect("decode shapes are consistent");
                     }
                 };
                 // Main keys, one streaming pass.
-                gemv(&q_main, main, 0, 0, band_lo);
+                gemv(&q_main, main, base, base, band_lo.max(base));
                 if let Some((w, _)) = self.band {
                     let rebuilt: &[f32] = rebuilt.keys.get(g).map_or(&[], Vec::as_slice);
                     // Band keys that left the ring (older queries of a chunk).
-                    let split = ring_start.clamp(band_lo, n);
-                    gemv(&q_near, rebuilt, rebuilt_at, band_lo, split);
+                    let split = ring_start.clamp(band_start, n);
+                    gemv(&q_near, rebuilt, rebuilt_at, band_start, split);
                     // Band keys in the ring: at most two contiguous runs of slots.
                     let mut j = split;
                     while j < n {
@@ -704,7 +723,7 @@ impl KvCache {
                         j = end;
                     }
                 }
-                softmax_times_values(kern, &mut scores, n, values, dv, &mut acc);
+                softmax_times_values(kern, &mut scores, seen, &values[base * dv..], dv, &mut acc);
                 let at = (a * heads_q + heads.start) * dv;
                 out_slice[at..at + group * dv].copy_from_slice(&acc);
             }

@@ -51,6 +51,12 @@
 //! once, as a plain RoPE step does. [`KvCache::memory_bytes`] returns this figure (the
 //! allocator's slack is not counted).
 //!
+//! ## Masks
+//! Both caches take a sliding-window or chunked mask (`with_mask`, see
+//! [`crate::attention::Mask`]): a causal query's visible keys are then a suffix
+//! `lo..=i` (`lo = i + 1 - window`, or the start of `i`'s chunk), and a step scores only
+//! those. Every key is still stored (a sliding-window cache does not evict).
+//!
 //! ## Length-dependent schemes
 //! Dynamic NTK and LongRoPE ([`crate::Scaling::is_length_dependent`]) choose their
 //! frequencies from the sequence length. Keys cached under older frequencies are stale

@@ -66,6 +66,12 @@ impl KvCacheRerotating {
         Ok(self)
     }
 
+    /// Adds a sliding-window and/or chunked mask (see [`super::KvCache::with_mask`]).
+    pub fn with_mask(mut self, mask: crate::attention::Mask) -> Result<Self> {
+        self.core.set_mask(mask, false)?;
+        Ok(self)
+    }
+
     /// DCA's logit scale (see [`super::KvCache::with_dca_logit_scale`]).
     pub fn with_dca_logit_scale(mut self, train_len: usize) -> Result<Self> {
         self.core.set_dca_logit_scale(train_len)?;
@@ -161,8 +167,8 @@ impl KvCacheRerotating {
             scores.clear();
             scores.resize(hkv * group * n, 0f32);
             for j in 0..n {
-                if !self.core.map.sees(i, j) {
-                    // A key the map hides (StreamingLLM): no weight.
+                if !self.core.map.sees(i, j) || !self.core.mask.allows(i, j) {
+                    // A key the map (StreamingLLM) or the mask hides: no weight.
                     for g in 0..hkv * group {
                         scores[g * n + j] = f32::NEG_INFINITY;
                     }

@@ -4,8 +4,8 @@
 use ndarray::{ArrayView3, s};
 
 use super::RefreshPolicy;
-use crate::attention::Attention;
 use crate::attention::kernels::{Kernels, MatMut, MatRef};
+use crate::attention::{Attention, Mask};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::PositionMap;
@@ -137,6 +137,7 @@ pub(super) struct Core {
     pub(super) scale: Option<f64>,
     pub(super) log_n_train_len: Option<usize>,
     pub(super) dca_train_len: Option<usize>,
+    pub(super) mask: Mask,
     pub(super) policy: RefreshPolicy,
     /// The frequencies every cached rotated key is currently rotated with.
     pub(super) freqs: Frequencies,
@@ -194,6 +195,7 @@ impl Core {
             scale: None,
             log_n_train_len: None,
             dca_train_len: None,
+            mask: Mask::NONE,
             policy,
             freqs,
             freq_len,
@@ -216,6 +218,32 @@ impl Core {
             .with_dca_logit_scale(train_len)?
             .dca_train_len();
         Ok(())
+    }
+
+    /// Sets the mask (validated by [`Attention::with_mask`]); an evicting cache keeps no
+    /// keys a mask could hide beyond its own window, so it refuses one.
+    pub(super) fn set_mask(&mut self, mask: Mask, evicting: bool) -> Result<()> {
+        if evicting && mask != Mask::NONE {
+            return Err(RopeError::invalid(
+                "mask",
+                format!("{mask:?}"),
+                "a StreamingLLM cache takes no extra mask (its window already bounds it)",
+            ));
+        }
+        self.mask = self.attention().with_mask(mask)?.mask();
+        Ok(())
+    }
+
+    /// The first key position the mask lets a query at position `i` see (the visible
+    /// keys of a causal query under a sliding window or chunked mask are a suffix
+    /// `lo..=i`).
+    pub(super) fn first_visible(&self, i: usize) -> usize {
+        let window = self
+            .mask
+            .sliding_window()
+            .map_or(0, |w| (i + 1).saturating_sub(w));
+        let chunk = self.mask.chunk().map_or(0, |c| i / c * c);
+        window.max(chunk)
     }
 
     pub(super) fn set_log_n(&mut self, train_len: usize) -> Result<()> {
@@ -256,7 +284,7 @@ impl Core {
             scale: self.scale,
             log_n_train_len: self.log_n_train_len,
             dca_train_len: self.dca_train_len,
-            mask: crate::attention::Mask::NONE,
+            mask: self.mask,
         }
     }
 
