@@ -659,3 +659,42 @@ fn arbitrary_positions() {
         }
     }
 }
+
+proptest::proptest! {
+    /// Any parameters, valid or not, at any size: constructors return a map or a typed
+    /// error, and a valid map's closed form agrees with its pieces wherever it is
+    /// visible, is NaN where hidden, and never panics.
+    #[test]
+    fn random_maps_never_panic_and_pieces_match(
+        a in 0usize..40,
+        b in 0usize..40,
+        big in proptest::prelude::any::<bool>(),
+        i in 0usize..300,
+        j in 0usize..300,
+    ) {
+        let (a, b) = if big { (usize::MAX - a, usize::MAX / 2 - b) } else { (a, b) };
+        for map in [
+            PositionMap::self_extend(a, b),
+            PositionMap::self_extend(b, a),
+            PositionMap::dca(a, b),
+            PositionMap::dca(b, a),
+            PositionMap::streaming(a, b),
+            PositionMap::streaming(b, a),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let p = map.position(i, j);
+            let pieces = map.pieces();
+            match pieces.index(i, j).filter(|_| map.sees(i, j)) {
+                Some(k) => {
+                    let via = pieces.list()[k].at(i as f64, j as f64);
+                    proptest::prop_assert!(p.is_finite() && (via - p).abs() <= 1e-9 * p.abs().max(1.0), "{} {} {}", map, p, via);
+                }
+                None => proptest::prop_assert!(p.is_nan() && !map.sees(i, j), "{}", map),
+            }
+            let text = map.to_string();
+            proptest::prop_assert_eq!(text.parse::<PositionMap>().unwrap(), map);
+        }
+    }
+}

@@ -205,18 +205,17 @@ impl Core {
         })
     }
 
+    // The options are validated by their one definition in `Attention`.
+
     pub(super) fn set_scale(&mut self, scale: f64) -> Result<()> {
-        crate::error::check_positive("attention scale", scale)?;
+        self.attention().with_scale(scale)?;
         self.scale = Some(scale);
         Ok(())
     }
 
     pub(super) fn set_dca_logit_scale(&mut self, train_len: usize) -> Result<()> {
-        // Validated by the one definition in `Attention`.
-        self.dca_train_len = self
-            .attention()
-            .with_dca_logit_scale(train_len)?
-            .dca_train_len();
+        self.attention().with_dca_logit_scale(train_len)?;
+        self.dca_train_len = Some(train_len);
         Ok(())
     }
 
@@ -230,7 +229,8 @@ impl Core {
                 "a StreamingLLM cache takes no extra mask (its window already bounds it)",
             ));
         }
-        self.mask = self.attention().with_mask(mask)?.mask();
+        self.attention().with_mask(mask)?;
+        self.mask = mask;
         Ok(())
     }
 
@@ -247,13 +247,7 @@ impl Core {
     }
 
     pub(super) fn set_log_n(&mut self, train_len: usize) -> Result<()> {
-        if train_len < 2 {
-            return Err(RopeError::invalid(
-                "log-n train_len",
-                train_len,
-                "must be >= 2",
-            ));
-        }
+        self.attention().with_log_n(train_len)?;
         self.log_n_train_len = Some(train_len);
         Ok(())
     }
