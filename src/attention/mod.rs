@@ -17,9 +17,10 @@
 //! factor (1 without log-n) and `scale` defaulting to `m^2 / sqrt(d)`, `m` the
 //! frequencies' attention factor.
 //!
-//! A query with no visible key (only possible with `causal` and a key after every
-//! query) gets a zero output row. NaN or infinity in an input row propagates only to the
-//! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
+//! A query with no visible key (every key after it under `causal`, or every key hidden
+//! by the mask or the map) gets a zero output row. NaN or infinity in an input row
+//! propagates only to the outputs that attend to it; finite logits of any size (1e4
+//! included) never produce NaN.
 //!
 //! The kernels:
 //! - [`Attention::reference`] ([`mod@reference`]): slow, obviously correct, f64; the oracle
