@@ -4,12 +4,17 @@
 //! - **prefill** (causal, H = 8, d = 128, one group per `n` in {1024, 2048, 4096}, plus
 //!   8192 with `ROPEX_BENCH_8192=1`): `rope_tiled`, `rerope_tiled` and `leaky_tiled`
 //!   (leak 16) at `w` in {n/8, 512, n}, `rerope_two_pass` (Su's method) and
-//!   `rope_two_pass` (naive plain). Throughput is *useful* causal FLOP/s,
+//!   `rope_two_pass` (naive plain); the issue-9 maps beside them: `self_extend_tiled`
+//!   (G = 8, W = 1024), `dca_tiled` (chunk 3072, local 512), `streaming_tiled` (S = 4,
+//!   W = 1024), and the masks `sliding_window_tiled` (1024) and `chunked_tiled` (1024)
+//!   over plain RoPE. Throughput is *useful* causal FLOP/s,
 //!   `4 H d n (n + 1) / 2` per call (criterion prints it as `elem/s`).
 //! - **decode** (H_q = H_kv = 8, d = 128, one group per cache length `L` in
 //!   {4096, 32768}): one query step at position `L - 1` against a pre-filled cache:
 //!   `rope` ([`KvCache`] with [`PositionMap::Rope`]), `rerope_cache` and `leaky_cache`
-//!   ([`KvCache`], w = 512), and `rerope_rerotating` (Su's [`KvCacheRerotating`]).
+//!   ([`KvCache`], w = 512), `self_extend_cache`, `dca_cache` and `streaming_cache`
+//!   (the prefill parameters; the StreamingLLM cache holds only S + W keys), and
+//!   `rerope_rerotating` (Su's [`KvCacheRerotating`]).
 //!   Throughput is bytes of K/V a plain step reads, `4 H_kv L (d + d_v)`, per second.
 //!
 //! Runs are kept short (10 samples, flat sampling, ~2 s per case). The naive two-pass
@@ -100,6 +105,40 @@ fn prefill(c: &mut Criterion) {
 
         let f = tiled(PositionMap::Rope);
         group.bench_function("rope_tiled", |b| b.iter(|| black_box(f())));
+        for (name, map) in new_maps() {
+            let f = tiled(map);
+            group.bench_function(format!("{name}_tiled"), |b| b.iter(|| black_box(f())));
+        }
+        for (name, att) in [
+            (
+                "sliding_window_tiled",
+                Attention::new(freqs.clone(), Layout::Half, PositionMap::Rope)
+                    .with_sliding_window(1024)
+                    .expect("window"),
+            ),
+            (
+                "chunked_tiled",
+                Attention::new(freqs.clone(), Layout::Half, PositionMap::Rope)
+                    .with_chunked(1024)
+                    .expect("chunk"),
+            ),
+        ] {
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    black_box(
+                        att.tiled_with(
+                            q.view(),
+                            k.view(),
+                            v.view(),
+                            &pos,
+                            &pos,
+                            &TileConfig::DEFAULT,
+                        )
+                        .expect("tiled"),
+                    )
+                })
+            });
+        }
         for &w in &windows {
             let rerope = PositionMap::rerope(w).expect("window");
             let leaky = PositionMap::leaky_rerope(w, LEAK).expect("window");
@@ -125,6 +164,18 @@ fn prefill(c: &mut Criterion) {
         group.bench_function("rope_two_pass", |b| b.iter(|| black_box(f())));
         group.finish();
     }
+}
+
+/// The issue-9 maps at their headline parameters.
+fn new_maps() -> [(&'static str, PositionMap); 3] {
+    [
+        (
+            "self_extend",
+            PositionMap::self_extend(8, 1024).expect("map"),
+        ),
+        ("dca", PositionMap::dca(3072, 512).expect("map")),
+        ("streaming", PositionMap::streaming(4, 1024).expect("map")),
+    ]
 }
 
 /// A cache of `len` tokens filled in chunks of 4096 (chunked appends).
@@ -162,6 +213,7 @@ fn decode(c: &mut Criterion) {
         let new = |map: PositionMap| {
             KvCache::new(config(), Layout::Half, map, HEADS, HEAD_DIM, HEAD_DIM).expect("cache")
         };
+        let extra = new_maps();
         let cases = [
             ("rope", PositionMap::Rope),
             (
@@ -173,6 +225,10 @@ fn decode(c: &mut Criterion) {
                 PositionMap::leaky_rerope(DECODE_WINDOW, LEAK).expect("window"),
             ),
         ];
+        let cases = cases
+            .into_iter()
+            .map(|(name, map)| (name.to_string(), map))
+            .chain(extra.map(|(name, map)| (format!("{name}_cache"), map)));
         for (name, map) in cases {
             let cache = filled(new(map), &k, &v);
             group.bench_function(name, |b| {

@@ -2,8 +2,11 @@
 //! 4 heads of 32 (one attention layer of the tiny byte-level model read at 16x).
 //!
 //! `cargo bench --bench prefill_maps` times ropex's tiled kernel under plain RoPE, ReRoPE
-//! (w = 64) and Leaky ReRoPE (w = 64, k = 31.5, the 16x leak), and Su's two-pass method
-//! under ReRoPE, in interleaved rounds, and prints the fastest and the median round of
+//! (w = 64) and Leaky ReRoPE (w = 64, k = 31.5, the 16x leak), Self-Extend, Dual Chunk
+//! Attention and StreamingLLM at their recommended parameters for L = 128 (G = 22 and
+//! W = 32 for 2048 tokens, chunk 96 / local 16, S = 4 / W = 124), plain RoPE under a
+//! sliding window of 128 and chunked attention of 128, and Su's two-pass method under
+//! ReRoPE, in interleaved rounds, and prints the fastest and the median round of
 //! each: on a shared machine the fastest round is the one least disturbed by other load,
 //! and interleaving exposes every variant to the same load. It also prints the tiled
 //! kernel's score-tile counts, which do not depend on the machine. The README's
@@ -40,11 +43,28 @@ fn main() {
     let rerope = PositionMap::rerope(64).expect("valid window");
     let leaky = PositionMap::leaky_rerope(64, 31.5).expect("valid leak");
     let att = |map| Attention::new(freqs.clone(), Layout::Half, map);
-    let cases: Vec<(&str, Attention, bool)> = vec![
-        ("tiled, RoPE", att(PositionMap::Rope), true),
-        ("tiled, ReRoPE w=64", att(rerope), true),
-        ("tiled, Leaky w=64 k=31.5", att(leaky), true),
-        ("two-pass, ReRoPE w=64", att(rerope), false),
+    let self_extend = ropex::position::self_extend_for(128, TOKENS).expect("valid map");
+    let dca = ropex::position::dca_for(128).expect("valid map");
+    let streaming = PositionMap::streaming(4, 124).expect("valid map");
+    let rope = att(PositionMap::Rope);
+    let cases: Vec<(String, Attention, bool)> = vec![
+        ("tiled, RoPE".into(), rope.clone(), true),
+        ("tiled, ReRoPE w=64".into(), att(rerope), true),
+        ("tiled, Leaky w=64 k=31.5".into(), att(leaky), true),
+        (format!("tiled, {self_extend}"), att(self_extend), true),
+        (format!("tiled, {dca}"), att(dca), true),
+        (format!("tiled, {streaming}"), att(streaming), true),
+        (
+            "tiled, RoPE, sliding window 128".into(),
+            rope.clone().with_sliding_window(128).expect("valid window"),
+            true,
+        ),
+        (
+            "tiled, RoPE, chunked 128".into(),
+            rope.with_chunked(128).expect("valid chunk"),
+            true,
+        ),
+        ("two-pass, ReRoPE w=64".into(), att(rerope), false),
     ];
     let mut times = vec![Vec::with_capacity(ROUNDS); cases.len()];
     for _ in 0..ROUNDS {

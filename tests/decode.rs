@@ -206,6 +206,15 @@ fn maps(n: usize) -> Vec<PositionMap> {
         PositionMap::leaky_rerope(5, 16.0).unwrap(),
         PositionMap::leaky_rerope(4, 1.0 / 16.0).unwrap(),
         PositionMap::interpolated(2.0).unwrap(),
+        PositionMap::self_extend(3, 5).unwrap(),
+        PositionMap::self_extend(1, 4).unwrap(),
+        PositionMap::self_extend_scaled(2, 7, 3.0).unwrap(),
+        PositionMap::dca(8, 3).unwrap(),
+        PositionMap::dca(11, 0).unwrap(),
+        PositionMap::dca(n + 5, 3).unwrap(),
+        PositionMap::streaming(4, 6).unwrap(),
+        PositionMap::streaming(0, 5).unwrap(),
+        PositionMap::streaming(2, n).unwrap(),
     ]
 }
 
@@ -260,8 +269,20 @@ fn ring_wraps_for_long_sequences() {
 
 #[test]
 fn attend_at_older_positions_rebuilds_evicted_band_keys() {
+    for map in [
+        PositionMap::leaky_rerope(6, 4.0).unwrap(),
+        PositionMap::self_extend(3, 6).unwrap(),
+        PositionMap::dca(9, 2).unwrap(),
+        // Not yet full (S + W >= 40): nothing evicted, every position may attend.
+        PositionMap::streaming(4, 36).unwrap(),
+    ] {
+        attend_at_older_positions(map);
+    }
+}
+
+fn attend_at_older_positions(map: PositionMap) {
     let case = Case {
-        map: PositionMap::leaky_rerope(6, 4.0).unwrap(),
+        map,
         layout: Layout::Interleaved,
         heads_q: 4,
         heads_kv: 2,
@@ -288,7 +309,7 @@ fn attend_at_older_positions_rebuilds_evicted_band_keys() {
             &got.slice(s![a..a + 1, .., ..]).to_owned(),
             &want.slice(s![t..t + 1, .., ..]).to_owned(),
         );
-        assert!(e < TOL, "query at {t}: {e}");
+        assert!(e < TOL, "{map:?} query at {t}: {e}");
     }
 }
 
@@ -339,6 +360,106 @@ fn memory_is_plain_cache_plus_window() {
             assert_eq!(su.memory_bytes(), plain_bytes);
             assert_eq!(DecodeCache::memory_bytes(&cache), want);
         }
+    }
+}
+
+/// A StreamingLLM cache keeps at most S + W keys and values whatever the length: its
+/// memory is flat over ten times its capacity (with and without raw keys), and every
+/// step still equals the reference row of a prefill over the whole sequence.
+#[test]
+fn streaming_cache_memory_is_flat() {
+    let (hkv, d, dv, sinks, window) = (2, 8, 6, 4, 12);
+    let cap = sinks + window;
+    let n = 10 * cap;
+    let p = Problem::new(n, 4, hkv, d, dv);
+    let plain = RopeConfig::new(d, 10_000.0).unwrap();
+    let dynamic = plain
+        .clone()
+        .with_scaling(Scaling::dynamic(2.0, 8))
+        .unwrap();
+    let map = PositionMap::streaming(sinks, window).unwrap();
+    for (cfg, raw) in [(plain, false), (dynamic, true)] {
+        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, hkv, d, dv).unwrap();
+        assert_eq!(cache.keeps_raw_keys(), raw);
+        let flat = 4 * hkv * cap * (d + dv + if raw { d } else { 0 });
+        for t in 0..n {
+            cache
+                .append(rows(&p.k, t..t + 1), rows(&p.v, t..t + 1))
+                .unwrap();
+            let stored = (t + 1).min(cap);
+            assert_eq!(
+                cache.memory_bytes(),
+                4 * hkv * stored * (d + dv + if raw { d } else { 0 }),
+                "step {t}"
+            );
+            if t % 7 == 0 || t == n - 1 {
+                let got = cache.attend(rows(&p.q, t..t + 1), &[t]).unwrap();
+                let want = p.reference_row(&cache.attention(), t, t + 1);
+                let e = max_err(&got, &want);
+                assert!(e < TOL, "step {t}: {e}");
+            }
+        }
+        assert_eq!(cache.memory_bytes(), flat);
+        // An older query's window has been evicted: a typed error, not a wrong answer.
+        assert!(matches!(
+            cache.attend(rows(&p.q, 0..1), &[n - 2]),
+            Err(RopeError::InvalidParameter { .. })
+        ));
+    }
+}
+
+/// Shapes that cannot be allocated and windows that would wrap are typed errors or
+/// exact answers, never a panic, an abort or a wrong result.
+#[test]
+fn huge_shapes_and_windows() {
+    let cfg = RopeConfig::new(8, 10_000.0).unwrap();
+    for heads_kv in [usize::MAX / 2, 1_000_000_000, usize::MAX] {
+        for r in [
+            KvCache::new(cfg.clone(), Layout::Half, PositionMap::Rope, heads_kv, 8, 8).map(|_| ()),
+            KvCacheRerotating::new(cfg.clone(), Layout::Half, PositionMap::Rope, heads_kv, 8, 8)
+                .map(|_| ()),
+        ] {
+            assert!(
+                matches!(r, Err(RopeError::InvalidParameter { .. })),
+                "{heads_kv}"
+            );
+        }
+    }
+    for dims in [(8, usize::MAX), (usize::MAX / 2, 8)] {
+        let r = KvCache::new(
+            cfg.clone(),
+            Layout::Half,
+            PositionMap::Rope,
+            1,
+            dims.0,
+            dims.1,
+        );
+        assert!(
+            matches!(r, Err(RopeError::InvalidParameter { .. })),
+            "{dims:?}"
+        );
+    }
+    // ReRoPE and Leaky ReRoPE with a window of usize::MAX cover every pair: plain RoPE.
+    let p = Problem::new(30, 2, 1, 8, 8);
+    let want = p.reference(&Attention::new(
+        cfg.frequencies(),
+        Layout::Half,
+        PositionMap::Rope,
+    ));
+    for map in [
+        PositionMap::rerope(usize::MAX).unwrap(),
+        PositionMap::leaky_rerope(usize::MAX, 4.0).unwrap(),
+        PositionMap::self_extend(4, usize::MAX).unwrap(),
+        PositionMap::dca(usize::MAX, 3).unwrap(),
+        PositionMap::streaming(3, usize::MAX - 3).unwrap(),
+    ] {
+        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8).unwrap();
+        for chunk in [1, 7] {
+            let e = max_err(&prefill_chunks(&mut cache.clone(), &p, chunk), &want);
+            assert!(e < TOL, "{map:?} chunks of {chunk}: {e}");
+        }
+        let e = max_err(&decode_tokens(&mut cache, &p), &want);
+        assert!(e < TOL, "{map:?}: {e}");
     }
 }
 
@@ -445,6 +566,9 @@ fn dynamic_ntk_growth_equals_fresh_prefill() {
         PositionMap::Rope,
         PositionMap::rerope(5).unwrap(),
         PositionMap::leaky_rerope(3, 2.0).unwrap(),
+        PositionMap::self_extend(3, 5).unwrap(),
+        PositionMap::dca(8, 3).unwrap(),
+        PositionMap::streaming(2, 6).unwrap(),
     ] {
         let every =
             check_length_dependent(Scaling::dynamic(4.0, 8), map, RefreshPolicy::EveryChange, n);
@@ -666,4 +790,114 @@ fn nan_propagates_only_to_rows_that_see_it_and_huge_logits_stay_finite() {
         assert!(got.iter().all(|x| x.is_finite()));
         assert!(max_err(&got, &want) < 1e-3, "{}", max_err(&got, &want));
     }
+}
+
+/// DCA's logit scale depends on the length so far: every decode step equals the
+/// reference row of a prefill of the tokens cached at that step, with the same scale;
+/// the factor is ChunkLlama's `(0.05 ln(n/L) + 1)^2`.
+#[test]
+fn dca_logit_scale_follows_the_cache_length() {
+    use ropex::attention::dca_logit_factor;
+    assert_eq!(dca_logit_factor(100, 128), 1.0);
+    assert!((dca_logit_factor(512, 128) - (0.05 * 4f64.ln() + 1.0).powi(2)).abs() < 1e-15);
+    let cfg = RopeConfig::new(8, 10_000.0).unwrap();
+    let map = PositionMap::dca(8, 2).unwrap();
+    let p = Problem::new(40, 2, 1, 8, 8);
+    let train = 10;
+    for mut cache in [
+        Box::new(
+            KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8)
+                .unwrap()
+                .with_dca_logit_scale(train)
+                .unwrap(),
+        ) as Box<dyn DecodeCache>,
+        Box::new(
+            KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 1, 8, 8)
+                .unwrap()
+                .with_dca_logit_scale(train)
+                .unwrap(),
+        ),
+    ] {
+        let att = Attention::new(cfg.frequencies(), Layout::Half, map)
+            .with_dca_logit_scale(train)
+            .unwrap();
+        for t in 0..p.n() {
+            cache
+                .append(rows(&p.k, t..t + 1), rows(&p.v, t..t + 1))
+                .unwrap();
+            let got = cache.attend(rows(&p.q, t..t + 1), &[t]).unwrap();
+            let e = max_err(&got, &p.reference_row(&att, t, t + 1));
+            assert!(e < TOL, "step {t}: {e}");
+        }
+    }
+    assert!(
+        KvCache::new(cfg, Layout::Half, map, 1, 8, 8)
+            .unwrap()
+            .with_dca_logit_scale(0)
+            .is_err()
+    );
+}
+
+/// Sliding-window and chunked masks on the caches: decode and chunked prefill equal the
+/// masked reference prefill for every non-evicting map; an evicting StreamingLLM cache
+/// refuses a mask.
+#[test]
+fn masks_on_the_caches_match_the_masked_reference() {
+    use ropex::attention::Mask;
+    let cfg = RopeConfig::new(8, 10_000.0).unwrap();
+    let p = Problem::new(37, 4, 2, 8, 6);
+    let masks = [
+        Mask::NONE.with_sliding_window(7).unwrap(),
+        Mask::NONE.with_sliding_window(1).unwrap(),
+        Mask::NONE.with_chunked(9).unwrap(),
+        Mask::NONE
+            .with_sliding_window(5)
+            .unwrap()
+            .with_chunked(16)
+            .unwrap(),
+    ];
+    for map in [
+        PositionMap::Rope,
+        PositionMap::rerope(5).unwrap(),
+        PositionMap::leaky_rerope(4, 8.0).unwrap(),
+        PositionMap::interpolated(2.0).unwrap(),
+        PositionMap::self_extend(3, 6).unwrap(),
+        PositionMap::dca(10, 3).unwrap(),
+    ] {
+        for mask in masks {
+            let cache = KvCache::new(cfg.clone(), Layout::Half, map, 2, 8, 6)
+                .unwrap()
+                .with_mask(mask)
+                .unwrap();
+            let att = cache.attention();
+            assert_eq!(att.mask(), mask);
+            let want = p.reference(&att);
+            let label = format!("{map:?} {mask:?}");
+            let e = max_err(&decode_tokens(&mut cache.clone(), &p), &want);
+            assert!(e < TOL, "token by token, {label}: {e}");
+            for chunk in [4, 37] {
+                let e = max_err(&prefill_chunks(&mut cache.clone(), &p, chunk), &want);
+                assert!(e < TOL, "chunks of {chunk}, {label}: {e}");
+            }
+            let su = KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 2, 8, 6)
+                .unwrap()
+                .with_mask(mask)
+                .unwrap();
+            let e = max_err(&prefill_chunks(&mut su.clone(), &p, 5), &want);
+            assert!(e < TOL, "Su, {label}: {e}");
+        }
+    }
+    let streaming = KvCache::new(
+        cfg,
+        Layout::Half,
+        PositionMap::streaming(2, 8).unwrap(),
+        2,
+        8,
+        6,
+    )
+    .unwrap();
+    assert!(matches!(
+        streaming.with_mask(masks[0]),
+        Err(RopeError::InvalidParameter { .. })
+    ));
 }

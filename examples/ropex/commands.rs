@@ -285,7 +285,7 @@ pub fn positions(args: &[String], out: &mut dyn Write) -> Result<(), Failure> {
         .into());
     }
     let causal = !o.flag("non-causal");
-    let m = map.position_matrix(n, keys, offset);
+    let m = map.position_matrix(n, keys, offset)?;
     let cells: Vec<Vec<String>> = (0..n)
         .map(|a| {
             (0..keys)

@@ -9,14 +9,18 @@
 //! - the position of every query and every key (`q_pos`, `k_pos`). With `causal`, key
 //!   `j` is visible to query `i` iff `k_pos[j] <= q_pos[i]`.
 //!
+//! A [`Mask`] (sliding window, chunked attention) removes entries on top of causality
+//! and the map ([`Attention::with_sliding_window`], [`Attention::with_chunked`]).
+//!
 //! The output is `[n_q, H_q, d_v]`:
 //! `o_i = sum_j softmax_j(scale * s_i * (R(P(i,j)) q_i) . k_j) v_j` with `s_i` the log-n
 //! factor (1 without log-n) and `scale` defaulting to `m^2 / sqrt(d)`, `m` the
 //! frequencies' attention factor.
 //!
-//! A query with no visible key (only possible with `causal` and a key after every
-//! query) gets a zero output row. NaN or infinity in an input row propagates only to the
-//! outputs that attend to it; finite logits of any size (1e4 included) never produce NaN.
+//! A query with no visible key (every key after it under `causal`, or every key hidden
+//! by the mask or the map) gets a zero output row. NaN or infinity in an input row
+//! propagates only to the outputs that attend to it; finite logits of any size (1e4
+//! included) never produce NaN.
 //!
 //! The kernels:
 //! - [`Attention::reference`] ([`mod@reference`]): slow, obviously correct, f64; the oracle
@@ -25,6 +29,7 @@
 //!   piece and a band select; the naive baseline;
 //! - [`Attention::tiled`] / [`Attention::tiled_with`] ([`tiled`]): band-classified tiles
 //!   with online softmax, parallel and memory-light; the default;
+//! - [`Attention::run`] with a [`Kernel`] picks one of the three;
 //! - [`decode`]: decoding against a KV cache that stores each piece's keys once
 //!   ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
 //!
@@ -33,15 +38,19 @@
 
 pub mod decode;
 pub mod kernels;
+mod mask;
 pub mod reference;
 mod rotated;
 pub mod tiled;
 pub mod two_pass;
 
+pub use mask::{Mask, MaskCover};
 pub use tiled::{
-    TileBounds, TileClass, TileConfig, TileStats, expected_straddling_tiles,
-    straddling_tiles_square,
+    TileConfig, TileStats, expected_chunked_computed_tiles, expected_sliding_window_computed_tiles,
+    expected_straddling_tiles, straddling_tiles_square,
 };
+
+pub use crate::position::TileBounds;
 
 pub use decode::{DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 
@@ -49,7 +58,7 @@ use ndarray::ArrayView3;
 
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
-use crate::position::PositionMap;
+use crate::position::{PositionMap, check_positions};
 use crate::rotary::Layout;
 
 /// What an attention call computes: frequencies, layout, position map and options.
@@ -74,6 +83,75 @@ pub struct Attention {
     causal: bool,
     scale: Option<f64>,
     log_n_train_len: Option<usize>,
+    dca_train_len: Option<usize>,
+    mask: Mask,
+}
+
+/// Which kernel computes an [`Attention`] ([`Attention::run`]): the f64 reference, Su's
+/// two-pass baseline, or the tiled kernel (the default) with its tile sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// [`Attention::reference`].
+    Reference,
+    /// [`Attention::two_pass`].
+    TwoPass,
+    /// [`Attention::tiled_with`] with these tiles.
+    Tiled(TileConfig),
+}
+
+impl Default for Kernel {
+    fn default() -> Self {
+        Kernel::Tiled(TileConfig::DEFAULT)
+    }
+}
+
+impl std::str::FromStr for Kernel {
+    type Err = RopeError;
+
+    /// `reference`, `two-pass` or `tiled` (default 64 x 64 tiles).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "reference" => Ok(Kernel::Reference),
+            "two-pass" | "two_pass" => Ok(Kernel::TwoPass),
+            "tiled" => Ok(Kernel::default()),
+            _ => Err(RopeError::invalid(
+                "kernel",
+                s,
+                "expected reference, two-pass or tiled",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kernel::Reference => "reference",
+            Kernel::TwoPass => "two-pass",
+            Kernel::Tiled(_) => "tiled",
+        })
+    }
+}
+
+/// The logit scale: `explicit`, or `m^2 / sqrt(head_dim)` with `m` the frequencies'
+/// attention factor. The one place every kernel and cache takes it from.
+pub(crate) fn logit_scale(freqs: &Frequencies, explicit: Option<f64>, head_dim: usize) -> f64 {
+    explicit.unwrap_or_else(|| {
+        let m = freqs.attention_factor();
+        m * m / (head_dim as f64).sqrt()
+    })
+}
+
+/// ChunkLlama's logit factor for `n` keys and training length `train_len`:
+/// `(0.05 ln(n / train_len) + 1)^2` for `n > train_len`, else 1 (queries and keys each
+/// carry one factor `0.05 ln(n/L) + 1`, multiplied into their cos/sin tables in the
+/// authors' code).
+pub fn dca_logit_factor(n: usize, train_len: usize) -> f64 {
+    if n <= train_len || train_len == 0 {
+        return 1.0;
+    }
+    let m = 0.05 * (n as f64 / train_len as f64).ln() + 1.0;
+    m * m
 }
 
 /// The sizes of one validated attention call.
@@ -110,6 +188,54 @@ impl Attention {
             causal: true,
             scale: None,
             log_n_train_len: None,
+            dca_train_len: None,
+            mask: Mask::NONE,
+        }
+    }
+
+    /// Adds a sliding-window mask: key `j` visible from query `i` iff
+    /// `|i - j| < window` (see [`Mask`]).
+    pub fn with_sliding_window(mut self, window: usize) -> Result<Self> {
+        self.mask = self.mask.with_sliding_window(window)?;
+        Ok(self)
+    }
+
+    /// Adds chunked attention: key `j` visible from query `i` iff
+    /// `floor(i / chunk) = floor(j / chunk)` (see [`Mask`]).
+    pub fn with_chunked(mut self, chunk: usize) -> Result<Self> {
+        self.mask = self.mask.with_chunked(chunk)?;
+        Ok(self)
+    }
+
+    /// Replaces the mask.
+    pub fn with_mask(mut self, mask: Mask) -> Result<Self> {
+        mask.validate()?;
+        self.mask = mask;
+        Ok(self)
+    }
+
+    /// The mask.
+    pub fn mask(&self) -> Mask {
+        self.mask
+    }
+
+    /// Runs `kernel` (see [`Kernel`]); the tile counts are returned by the tiled kernel
+    /// only.
+    pub fn run(
+        &self,
+        kernel: Kernel,
+        q: ArrayView3<f32>,
+        k: ArrayView3<f32>,
+        v: ArrayView3<f32>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Result<(ndarray::Array3<f32>, Option<TileStats>)> {
+        match kernel {
+            Kernel::Reference => self.reference(q, k, v, q_pos, k_pos).map(|o| (o, None)),
+            Kernel::TwoPass => self.two_pass(q, k, v, q_pos, k_pos).map(|o| (o, None)),
+            Kernel::Tiled(tiles) => self
+                .tiled_with(q, k, v, q_pos, k_pos, &tiles)
+                .map(|(o, s)| (o, Some(s))),
         }
     }
 
@@ -141,6 +267,35 @@ impl Attention {
         Ok(self)
     }
 
+    /// Dual Chunk Attention's length-dependent logit scale (ChunkLlama): for `n` keys
+    /// beyond the training length `train_len >= 1`, queries and keys are both scaled by
+    /// `0.05 ln(n / train_len) + 1`, so every logit by its square
+    /// ([`dca_logit_factor`]). `n` is the number of keys of the call (the sequence length
+    /// of a prefill, the cache length of a decode step).
+    pub fn with_dca_logit_scale(mut self, train_len: usize) -> Result<Self> {
+        if train_len == 0 {
+            return Err(RopeError::invalid(
+                "DCA logit scale train_len",
+                0,
+                "must be >= 1",
+            ));
+        }
+        self.dca_train_len = Some(train_len);
+        Ok(self)
+    }
+
+    /// The training length of the DCA logit scale, if set.
+    pub fn dca_train_len(&self) -> Option<usize> {
+        self.dca_train_len
+    }
+
+    /// The logit factor for a call with `n_keys` keys: [`dca_logit_factor`] when the DCA
+    /// logit scale is set, else 1.
+    pub fn length_factor(&self, n_keys: usize) -> f64 {
+        self.dca_train_len
+            .map_or(1.0, |l| dca_logit_factor(n_keys, l))
+    }
+
     /// The frequencies.
     pub fn frequencies(&self) -> &Frequencies {
         &self.freqs
@@ -169,21 +324,36 @@ impl Attention {
     /// The logit scale for head dim `head_dim`: the explicit one, or
     /// `m^2 / sqrt(head_dim)`.
     pub fn scale_for(&self, head_dim: usize) -> f64 {
-        self.scale.unwrap_or_else(|| {
-            let m = self.freqs.attention_factor();
-            m * m / (head_dim as f64).sqrt()
-        })
+        logit_scale(&self.freqs, self.scale, head_dim)
     }
 
-    /// The per-query factor: log-n scale at `position` (1 without log-n).
+    /// The per-query factor at `position`: the log-n scale (1 without log-n) times the
+    /// map's query factor (Self-Extend's `scale_base` scaling; 1 for other maps).
     pub fn query_factor(&self, position: usize) -> f64 {
         self.log_n_train_len
             .map_or(1.0, |l| crate::rotary::log_n_scale(position, l))
+            * self.map.query_scale(position)
     }
 
-    /// Whether key position `kp` is visible from query position `qp`.
+    /// Whether key position `kp` is visible from query position `qp`: causality, the
+    /// map (StreamingLLM's hidden keys) and the mask.
     pub fn visible(&self, qp: usize, kp: usize) -> bool {
-        !self.causal || kp <= qp
+        (!self.causal || kp <= qp) && self.map.sees(qp, kp) && self.mask.allows(qp, kp)
+    }
+
+    /// The piece of `pieces` (this attention's map's) scoring entry `(qp, kp)`, or
+    /// `None` when the entry is not visible.
+    #[inline]
+    pub(crate) fn entry(
+        &self,
+        pieces: &crate::position::Pieces,
+        qp: usize,
+        kp: usize,
+    ) -> Option<usize> {
+        if (self.causal && kp > qp) || !self.mask.allows(qp, kp) {
+            return None;
+        }
+        pieces.index(qp, kp)
     }
 
     /// Checks shapes, head counts and positions; returns the sizes.
@@ -196,6 +366,16 @@ impl Attention {
         k_pos: &[usize],
     ) -> Result<Dims> {
         self.map.validate()?;
+        self.mask.validate()?;
+        if !self.causal && self.map.is_causal_only() {
+            return Err(RopeError::invalid(
+                "causal",
+                false,
+                format!("the map {} is defined for causal attention only", self.map),
+            ));
+        }
+        check_positions("q_pos", q_pos)?;
+        check_positions("k_pos", k_pos)?;
         let (n_q, heads_q, head_dim) = q.dim();
         let (n_k, heads_kv, kd) = k.dim();
         let (n_v, heads_v, value_dim) = v.dim();

@@ -22,7 +22,7 @@ impl Attention {
         k_pos: &[usize],
     ) -> Result<Array3<f32>> {
         let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
-        let scale = self.scale_for(dims.head_dim);
+        let scale = self.scale_for(dims.head_dim) * self.length_factor(dims.n_k);
         let inv = self.frequencies().inv_freq();
         let d_rot = self.frequencies().rotary_dim();
         let mut out = Array3::<f32>::zeros((dims.n_q, dims.heads_q, dims.value_dim));

@@ -20,7 +20,7 @@ use ndarray::ArrayView3;
 use super::kernels::{Kernels, MatRef, PackedKeys};
 use super::{Attention, Dims};
 use crate::error::Result;
-use crate::position::{Affine, Piece};
+use crate::position::{Pieces, PositionFn};
 use crate::rotary::{Layout, cast, rotate_lane_with};
 
 /// `heads` row-major `[rows, width]` matrices over one buffer: row `t` of head `h`
@@ -103,47 +103,21 @@ impl<'a> HeadMajor<'a> {
     }
 }
 
-/// One piece's rotated queries (scale folded in) and rotated keys.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct RotatedPiece {
-    /// `[H_q][n_q][d]`.
-    pub q: HeadMajor<'static>,
-    /// `[H_kv][n_k][d]` ([`KeyForm::HeadMajor`]).
-    pub k: Option<HeadMajor<'static>>,
-    /// One packed key matrix per kv head ([`KeyForm::Packed`]).
-    pub packed: Vec<PackedKeys>,
-}
-
-/// How [`Attention::prepare`] stores each piece's rotated keys.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum KeyForm {
-    /// Head-major `[H_kv][n_k][d]` rows.
-    HeadMajor,
-    /// Packed per kv head for [`Kernels::qk_tile_packed`], rotated one head at a time
-    /// into a reused scratch (no full rotated copy).
-    Packed(Kernels),
-}
-
-/// Everything a fast kernel needs, computed once per call.
+/// Everything the two-pass kernel needs, computed once per call.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Prepared<'a> {
     /// Validated sizes.
     pub dims: Dims,
-    /// The near piece, then the far piece for two-piece maps.
-    pub pieces: Vec<RotatedPiece>,
-    /// The band width `w` of two-piece maps: entry `(i, j)` uses the near piece iff
-    /// `|q_pos[i] - k_pos[j]| < w`.
-    pub window: Option<usize>,
+    /// The map's pieces and region rule.
+    pub pieces: Pieces,
+    /// Per piece, its rotated, pre-scaled queries `[H_q][n_q][d]`.
+    pub q: Vec<HeadMajor<'static>>,
+    /// Per distinct key function, the rotated keys `[H_kv][n_k][d]`.
+    pub k: Vec<HeadMajor<'static>>,
+    /// Per piece, the index of its keys in `k`.
+    pub key_of: Vec<usize>,
     /// Values, `[H_kv][n_k][d_v]` (the input itself when in standard layout).
     pub v: HeadMajor<'a>,
-}
-
-impl Prepared<'_> {
-    /// Index of the piece serving query position `qp` and key position `kp`.
-    #[inline]
-    pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
-        band_piece(self.window, qp, kp)
-    }
 }
 
 /// Tokens between exact `sin_cos` evaluations in a [`Trig`] table of consecutive
@@ -151,8 +125,10 @@ impl Prepared<'_> {
 const TRIG_ANCHOR: usize = 32;
 
 /// `sin`/`cos` of `pos(p) * inv_freq_t` in f64 for every position `p` of a list, `pairs`
-/// values per position; a constant map is evaluated once, and runs of consecutive
-/// positions by angle addition (one exact evaluation every [`TRIG_ANCHOR`] tokens).
+/// values per position. A constant function is evaluated once; a token whose position
+/// repeats the previous one copies it; runs of positions one step apart (`scale` for an
+/// affine function of consecutive tokens, `1` for the others) use angle addition, with
+/// one exact evaluation every [`TRIG_ANCHOR`] tokens.
 struct Trig {
     sin: Vec<f64>,
     cos: Vec<f64>,
@@ -161,7 +137,7 @@ struct Trig {
 }
 
 impl Trig {
-    fn new(inv: &[f64], pos: Affine, positions: &[usize]) -> Self {
+    fn new(inv: &[f64], pos: PositionFn, positions: &[usize]) -> Self {
         let constant = pos.is_constant();
         let pairs = inv.len();
         if constant {
@@ -175,26 +151,35 @@ impl Trig {
         }
         let mut sin = vec![0f64; positions.len() * pairs];
         let mut cos = vec![0f64; positions.len() * pairs];
-        // Angle steps of consecutive positions: `pos(p + 1) * w = pos(p) * w + scale * w`.
-        let step: Vec<(f64, f64)> = inv.iter().map(|&w| (pos.scale * w).sin_cos()).collect();
+        let unit = pos.affine().map_or(1.0, |a| a.scale);
+        // Angle steps of positions one step apart: `x' * w = x * w + unit * w`.
+        let step: Vec<(f64, f64)> = inv.iter().map(|&w| (unit * w).sin_cos()).collect();
+        let mut prev_x = f64::NAN;
         for (t, &p) in positions.iter().enumerate() {
             let r = t * pairs..(t + 1) * pairs;
-            let consecutive = t % TRIG_ANCHOR != 0 && p == positions[t - 1].wrapping_add(1);
-            if consecutive {
+            let x = pos.at(p as f64);
+            let stepped = match pos.affine() {
+                Some(_) => p == positions[t.max(1) - 1].wrapping_add(1),
+                None => x - prev_x == 1.0,
+            };
+            let prev = t.wrapping_sub(1).wrapping_mul(pairs);
+            if t > 0 && pos.affine().is_none() && x == prev_x {
+                sin.copy_within(prev..prev + pairs, r.start);
+                cos.copy_within(prev..prev + pairs, r.start);
+            } else if t % TRIG_ANCHOR != 0 && stepped {
                 // Angle addition from the previous token (re-anchored every
                 // TRIG_ANCHOR tokens: the f64 error stays ~1e-15, far below f32).
-                let prev = (t - 1) * pairs;
                 for (i, &(sd, cd)) in step.iter().enumerate() {
                     let (s0, c0) = (sin[prev + i], cos[prev + i]);
                     sin[r.start + i] = s0 * cd + c0 * sd;
                     cos[r.start + i] = c0 * cd - s0 * sd;
                 }
             } else {
-                let x = pos.at(p as f64);
                 for ((s, c), &w) in sin[r.clone()].iter_mut().zip(&mut cos[r]).zip(inv) {
                     (*s, *c) = (x * w).sin_cos();
                 }
             }
+            prev_x = x;
         }
         Trig {
             sin,
@@ -299,29 +284,24 @@ fn src_row<'s>(
     }
 }
 
-/// Which piece serves query position `qp` and key position `kp`: 0 (near) inside the
-/// band `|qp - kp| < w`, 1 (far) outside; always 0 for single-piece maps.
-fn band_piece(window: Option<usize>, qp: usize, kp: usize) -> usize {
-    match window {
-        Some(w) if qp.abs_diff(kp) >= w => 1,
-        _ => 0,
-    }
-}
-
 /// What both preparations start from.
 struct Setup {
     /// Validated sizes.
     dims: Dims,
-    /// The map's pieces in index order: near, then far (if any).
-    list: Vec<Piece>,
-    /// The band width of two-piece maps.
-    window: Option<usize>,
-    /// Per-query logit factor: scale times the log-n factor.
+    /// The map's pieces and region rule.
+    pieces: Pieces,
+    /// The distinct key functions of the pieces, and each piece's index among them.
+    key_fns: Vec<PositionFn>,
+    key_of: Vec<usize>,
+    /// Per-query logit factor: scale (with the DCA length factor) times the log-n and map
+    /// query factors.
     q_factor: Vec<f64>,
 }
 
 impl Attention {
-    /// Validates the inputs and lays out the map's pieces and the per-query factors.
+    /// Validates the inputs and lays out the map's pieces, their distinct key functions
+    /// (each rotated once: DCA's three pieces and StreamingLLM's two share their keys)
+    /// and the per-query factors.
     fn setup(
         &self,
         q: &ArrayView3<f32>,
@@ -332,23 +312,34 @@ impl Attention {
     ) -> Result<Setup> {
         let dims = self.validate(q, k, v, q_pos, k_pos)?;
         let pieces = self.map().pieces();
-        let scale = self.scale_for(dims.head_dim);
+        let scale = self.scale_for(dims.head_dim) * self.length_factor(dims.n_k);
         let q_factor = q_pos
             .iter()
             .map(|&p| scale * self.query_factor(p))
             .collect();
-        let mut list = vec![pieces.near];
-        list.extend(pieces.far.map(|(_, far)| far));
+        let mut key_fns: Vec<PositionFn> = Vec::new();
+        let key_of = pieces
+            .list()
+            .iter()
+            .map(|piece| match key_fns.iter().position(|f| *f == piece.key) {
+                Some(at) => at,
+                None => {
+                    key_fns.push(piece.key);
+                    key_fns.len() - 1
+                }
+            })
+            .collect();
         Ok(Setup {
             dims,
-            list,
-            window: pieces.far.map(|(w, _)| w),
+            pieces,
+            key_fns,
+            key_of,
             q_factor,
         })
     }
 
-    /// Validates the inputs and rotates every piece's Q and K once (keys stored as
-    /// `keys` says); values are borrowed when in standard layout.
+    /// Validates the inputs and rotates every piece's Q and every distinct key function's
+    /// K once, head-major; values are borrowed when in standard layout.
     pub(crate) fn prepare<'a>(
         &self,
         q: ArrayView3<f32>,
@@ -356,49 +347,31 @@ impl Attention {
         v: ArrayView3<'a, f32>,
         q_pos: &[usize],
         k_pos: &[usize],
-        keys: KeyForm,
     ) -> Result<Prepared<'a>> {
         let Setup {
             dims,
-            list,
-            window,
+            pieces,
+            key_fns,
+            key_of,
             q_factor,
         } = self.setup(&q, &k, &v, q_pos, k_pos)?;
         let ones = vec![1.0; k_pos.len()];
         let inv = self.frequencies().inv_freq();
-        let same_positions = q_pos == k_pos;
-        let rotated = list
+        let keys = key_fns
             .iter()
-            .map(|piece: &Piece| {
-                let q_trig = Trig::new(inv, piece.query, q_pos);
-                // Prefill: queries and keys share positions, so a piece with the same
-                // query and key map shares its table.
-                let k_own;
-                let k_trig = if same_positions && piece.key == piece.query {
-                    &q_trig
-                } else {
-                    k_own = Trig::new(inv, piece.key, k_pos);
-                    &k_own
-                };
-                let q_rot = self.rotate_all(&q, &q_trig, &q_factor);
-                match keys {
-                    KeyForm::HeadMajor => RotatedPiece {
-                        q: q_rot,
-                        k: Some(self.rotate_all(&k, k_trig, &ones)),
-                        packed: Vec::new(),
-                    },
-                    KeyForm::Packed(kern) => RotatedPiece {
-                        q: q_rot,
-                        k: None,
-                        packed: self.rotate_packed(&k, k_trig, &ones, kern),
-                    },
-                }
-            })
+            .map(|&f| self.rotate_all(&k, &Trig::new(inv, f, k_pos), &ones))
+            .collect();
+        let queries = pieces
+            .list()
+            .iter()
+            .map(|piece| self.rotate_all(&q, &Trig::new(inv, piece.query, q_pos), &q_factor))
             .collect();
         Ok(Prepared {
             dims,
-            pieces: rotated,
-            window,
+            pieces,
+            q: queries,
+            k: keys,
+            key_of,
             v: HeadMajor::from_view(&v),
         })
     }
@@ -455,18 +428,32 @@ impl Attention {
     }
 }
 
-/// What the tiled kernel prepares once per call: each piece's keys rotated and packed
-/// per kv head, the trigonometry of each piece's queries, and the validated inputs.
-/// Queries are rotated inside each task, one query block at a time (each query row is
-/// used by exactly one task, so this is the same work as rotating them all up front,
-/// without an `n x H x d` buffer per piece).
+/// How the tiled kernel stores each key function's rotated keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyForm {
+    /// Head-major `[H_kv][n_k][d]` rows.
+    HeadMajor,
+    /// Packed per kv head for [`Kernels::qk_tile_packed`], rotated one head at a time
+    /// into a reused scratch (no full rotated copy).
+    Packed(Kernels),
+}
+
+/// What the tiled kernel prepares once per call: each needed key function's keys
+/// rotated (and packed) per kv head, the trigonometry of each piece's queries, and the
+/// validated inputs. Queries are rotated inside each task, one query block at a time
+/// (each query row is used by exactly one task, so this is the same work as rotating
+/// them all up front, without an `n x H x d` buffer per piece).
 pub(crate) struct TiledPrep<'a> {
     /// Validated sizes.
     pub dims: Dims,
-    /// The band width of two-piece maps (see [`Prepared::window`]).
-    pub window: Option<usize>,
-    /// The near piece, then the far piece for two-piece maps.
-    pub pieces: Vec<TiledPiece>,
+    /// The map's pieces and region rule.
+    pub pieces: Pieces,
+    /// Per piece, its query trigonometry (`None` when the piece is not needed) and the
+    /// index of its keys in `keys`.
+    q_trig: Vec<Option<Trig>>,
+    pub key_of: Vec<usize>,
+    /// Per distinct key function, its rotated keys (empty when no needed piece uses it).
+    pub keys: Vec<TiledKeys>,
     /// Values, `[H_kv][n_k][d_v]` (the input itself when in standard layout).
     pub v: HeadMajor<'a>,
     q: ArrayView3<'a, f32>,
@@ -474,11 +461,8 @@ pub(crate) struct TiledPrep<'a> {
     layout: Layout,
 }
 
-/// One piece of a [`TiledPrep`].
-pub(crate) struct TiledPiece {
-    /// Trigonometry of the keys (and of the queries when `q_trig` is `None`).
-    k_trig: Trig,
-    q_trig: Option<Trig>,
+/// One key function's rotated keys in a [`TiledPrep`].
+pub(crate) struct TiledKeys {
     /// Head-major rotated keys ([`KeyForm::HeadMajor`]).
     pub k: Option<HeadMajor<'static>>,
     /// Packed rotated keys per kv head ([`KeyForm::Packed`]).
@@ -486,17 +470,12 @@ pub(crate) struct TiledPiece {
 }
 
 impl TiledPrep<'_> {
-    /// Index of the piece serving query position `qp` and key position `kp`.
-    #[inline]
-    pub(crate) fn piece_index(&self, qp: usize, kp: usize) -> usize {
-        band_piece(self.window, qp, kp)
-    }
-
     /// Rotated, scaled query rows `rows` of every head for piece `p`, written to `out`
     /// as `[H_q][rows.len()][d]`.
     pub(crate) fn rotate_queries(&self, p: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        let piece = &self.pieces[p];
-        let trig = piece.q_trig.as_ref().unwrap_or(&piece.k_trig);
+        let Some(trig) = self.q_trig[p].as_ref() else {
+            return;
+        };
         let (_, heads, d) = self.q.dim();
         let bq = rows.len();
         let flat = self.q.to_slice();
@@ -517,9 +496,9 @@ impl TiledPrep<'_> {
 }
 
 impl Attention {
-    /// Validates the inputs, packs (or rotates) the keys of every piece some tile needs
-    /// (`needed[piece]`) once and prepares the queries' trigonometry for
-    /// [`TiledPrep::rotate_queries`].
+    /// Validates the inputs, packs (or rotates) the keys of every key function some
+    /// needed piece uses (`needed[piece]`) once and prepares the needed pieces' query
+    /// trigonometry for [`TiledPrep::rotate_queries`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare_tiled<'a>(
         &self,
@@ -529,51 +508,54 @@ impl Attention {
         q_pos: &[usize],
         k_pos: &[usize],
         keys: KeyForm,
-        needed: [bool; 2],
+        needed: &[bool],
     ) -> Result<TiledPrep<'a>> {
         let Setup {
             dims,
-            list,
-            window,
+            pieces,
+            key_fns,
+            key_of,
             q_factor,
         } = self.setup(&q, &k, &v, q_pos, k_pos)?;
         let ones = vec![1.0; k_pos.len()];
         let inv = self.frequencies().inv_freq();
-        let same_positions = q_pos == k_pos;
-        let pieces = list
+        let is_needed = |p: usize| needed.get(p).copied().unwrap_or(false);
+        let stores = key_fns
             .iter()
-            .zip(needed)
-            .map(|(piece, needed): (&Piece, bool)| {
-                if !needed {
-                    // No tile uses this piece (e.g. a window covering every pair).
-                    return TiledPiece {
-                        k_trig: Trig::new(inv, piece.key, &[]),
-                        q_trig: None,
+            .enumerate()
+            .map(|(f, &key)| {
+                if !(0..key_of.len()).any(|p| key_of[p] == f && is_needed(p)) {
+                    // No tile uses this key function (e.g. a window covering every pair).
+                    return TiledKeys {
                         k: None,
                         packed: Vec::new(),
                     };
                 }
-                let k_trig = Trig::new(inv, piece.key, k_pos);
-                // Prefill: queries and keys share positions, so a piece with the same
-                // query and key map shares its table.
-                let q_trig = (!(same_positions && piece.key == piece.query))
-                    .then(|| Trig::new(inv, piece.query, q_pos));
-                let (k_rot, packed) = match keys {
-                    KeyForm::HeadMajor => (Some(self.rotate_all(&k, &k_trig, &ones)), Vec::new()),
-                    KeyForm::Packed(kern) => (None, self.rotate_packed(&k, &k_trig, &ones, kern)),
-                };
-                TiledPiece {
-                    k_trig,
-                    q_trig,
-                    k: k_rot,
-                    packed,
+                let trig = Trig::new(inv, key, k_pos);
+                match keys {
+                    KeyForm::HeadMajor => TiledKeys {
+                        k: Some(self.rotate_all(&k, &trig, &ones)),
+                        packed: Vec::new(),
+                    },
+                    KeyForm::Packed(kern) => TiledKeys {
+                        k: None,
+                        packed: self.rotate_packed(&k, &trig, &ones, kern),
+                    },
                 }
             })
             .collect();
+        let q_trig = pieces
+            .list()
+            .iter()
+            .enumerate()
+            .map(|(p, piece)| is_needed(p).then(|| Trig::new(inv, piece.query, q_pos)))
+            .collect();
         Ok(TiledPrep {
             dims,
-            window,
             pieces,
+            q_trig,
+            key_of,
+            keys: stores,
             v: HeadMajor::from_view(&v),
             q,
             q_factor,
@@ -630,9 +612,10 @@ pub(crate) fn axpy(acc: &mut [f32], p: f32, x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::position::Affine;
 
-    /// Angle addition over runs of consecutive positions stays within 1e-9 of exact
-    /// `sin_cos` (far below the f32 the tables are cast to; at angles ~1e5 rad the f64
+    /// Angle addition over runs of consecutive positions (and copies of repeated ones,
+    /// for grouped and chunked positions) stays within 1e-9 of exact `sin_cos` (far below the f32 the tables are cast to; at angles ~1e5 rad the f64
     /// rounding of the argument alone is ~1e-11).
     #[test]
     fn trig_recurrence_matches_exact() {
@@ -651,7 +634,22 @@ mod tests {
                 scale: 0.25,
                 offset: 0.0,
             },
-        ] {
+        ]
+        .map(PositionFn::from)
+        .into_iter()
+        .chain([
+            PositionFn::Grouped {
+                group: 8,
+                shift: 896,
+            },
+            PositionFn::modulo(384),
+            PositionFn::Chunked {
+                period: 384,
+                add: 384,
+                cap: 512,
+            },
+            PositionFn::Capped { cap: 1003 },
+        ]) {
             let t = Trig::new(&inv, pos, &positions);
             for (k, &p) in positions.iter().enumerate() {
                 let (s, c) = t.token(k);

@@ -1,27 +1,31 @@
 //! The tiled kernel: flash-style online softmax over `(query block x key block)` tiles,
-//! each tile classified against the band `|i - j| < w` of the position map
-//! (ROPE_MATH.md section 4; lmdeploy's ReRoPE kernel and Su's post 16 describe the idea).
+//! each tile classified from the position map's region rule, the mask and the causal
+//! diagonal (the idea of lmdeploy's ReRoPE kernel and Su's post 16, generalised to any
+//! map).
 //!
-//! Each piece's keys are rotated once per call and packed per kv head for the tile GEMM
+//! Each distinct key function's keys are rotated once per call and packed per kv head
+//! for the tile GEMM
 //! ([`Kernels::qk_tile_packed`](super::kernels::Kernels::qk_tile_packed), when `block_k`
 //! is a multiple of the 32-key panel; otherwise each tile packs its own keys); each
 //! piece's queries are rotated once, block by block, inside the task that owns the
 //! block. Then, per query head and query block, the key blocks are visited in order and
-//! every tile is classified from the
-//! positions of its rows and columns (`i0..=i1` = min/max query position in the tile,
-//! `j0..=j1` = min/max key position, so arbitrary positions and offsets work):
+//! every tile is classified from the positions of its rows and columns (`i0..=i1` =
+//! min/max query position in the tile, `j0..=j1` = min/max key position, so arbitrary
+//! positions and offsets work; `r = i - j` ranges over `[i0 - j1, i1 - j0]`, clipped to
+//! `r >= 0` when causal):
 //!
-//! | class | condition (causal; `r = i - j` ranges over `[i0 - j1, i1 - j0]`) | work |
+//! | step | rule | effect |
 //! |---|---|---|
-//! | skipped | `i1 - j0 < 0` (wholly above the diagonal) | none |
-//! | near | `i1 - j0 < w` | one `Q_near K_near^T` |
-//! | far | `max(i0 - j1, 0) >= w` | one `Q_far K_far^T` |
-//! | straddling | `max(i0 - j1, 0) < w <= i1 - j0` | both, then a per-entry select |
+//! | causal | `i1 - j0 < 0` | skipped |
+//! | mask | sliding window: `min |r| >= window`; chunked: no shared chunk | skipped, [`TileStats::outside_mask`] |
+//! | region | the pieces some entry may use ([`crate::position::Region::cover`]) | none: skipped (StreamingLLM's middle); one: one product; several: one product each and a per-entry select |
+//! | per-entry mask | diagonal (`j1 > i0`), a mask edge, or hidden entries possible | entries set to `-inf` |
 //!
-//! Without `causal` the band is two-sided: near iff `-w < i0 - j1` and `i1 - j0 < w`,
-//! far iff `i0 - j1 >= w` or `i1 - j0 <= -w`. Single-piece maps (RoPE, interpolation)
-//! have only near tiles. Tiles that touch the diagonal (`j1 > i0`) also apply the causal
-//! mask per entry.
+//! For a band map (ReRoPE, Leaky, Self-Extend) a tile is near iff `i1 - j0 < w`, far iff
+//! `max(i0 - j1, 0) >= w`, straddling otherwise (without `causal` the band is two-sided:
+//! near iff `-w < i0 - j1` and `i1 - j0 < w`); for DCA the pieces are the chunk
+//! distances `[floor(i0/c) - floor(j1/c), floor(i1/c) - floor(j0/c)]` covers; for
+//! StreamingLLM, window and sink pieces and the hidden middle follow from `r` and `j0`.
 //!
 //! Online softmax, per query row, over the visible scores `s_j` of each tile:
 //!
@@ -37,9 +41,9 @@
 //!
 //! ## Compute
 //! Per tile: `Q K^T` with the SIMD tile GEMM (one per piece the tile needs, so
-//! `near + far + 2 straddling` products, counted in [`TileStats::qk_products`]); the
-//! band select and the causal mask only in the tiles that need them (straddling and
-//! diagonal tiles); row max and `exp(s - m)` with its sum vectorised
+//! `near + far + 2 straddling + extra_pieces` products, counted in
+//! [`TileStats::qk_products`]); the piece select and the visibility mask only in the
+//! tiles that need them (straddling tiles; diagonal, mask-edge and sink-edge tiles); row max and `exp(s - m)` with its sum vectorised
 //! ([`Kernels::row_max`](super::kernels::Kernels::row_max),
 //! [`Kernels::exp_sub_sum`](super::kernels::Kernels::exp_sub_sum)); `P V` with the tile
 //! GEMM ([`TileStats::pv_products`], one per computed tile). In diagonal tiles each row
@@ -63,17 +67,19 @@
 //! Work is split into one task per query block (all query heads), run in parallel with
 //! rayon (feature `rayon`, on by default) or serially; every task visits its tiles in the
 //! same fixed order and writes its own output rows, so the output is bit-identical for
-//! any thread count. Memory beyond the inputs and the output: each piece's packed keys
-//! (`O(n_k H_kv d)`) and trigonometry tables (`O(n d)`), and per task its rotated query
-//! rows (`pieces x H_q x block_q x d`) and one or two `block_q x block_k` score tiles;
+//! any thread count. Memory beyond the inputs and the output: each key function's packed
+//! keys (`O(n_k H_kv d)`) and trigonometry tables (`O(n d)`), and per task its rotated
+//! query rows (`pieces x H_q x block_q x d`) and one `block_q x min(block_k, n_k)` score
+//! tile per piece;
 //! never an `n_q x n_k` buffer (tests/alloc.rs checks this with a counting allocator).
 
 use ndarray::{Array3, ArrayView3};
 
-use super::Attention;
 use super::kernels::{Kernels, MatMut, MatRef, PackedKeys};
 use super::rotated::{KeyForm, TiledPrep, axpy};
+use super::{Attention, MaskCover};
 use crate::error::{Result, RopeError};
+use crate::position::{Pieces, TileBounds};
 
 /// Tile sizes for [`Attention::tiled_with`]: `block_q` query rows by `block_k` key
 /// columns, both `>= 1`. The default is 64 x 64.
@@ -125,86 +131,32 @@ impl TileConfig {
     }
 }
 
-/// How a tile relates to the band `|i - j| < w` and the causal diagonal (see the
-/// [module docs](self) for the conditions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TileClass {
-    /// Every (visible) entry is inside the band: near piece only.
-    Near,
-    /// Every (visible) entry is outside the band: far piece only.
-    Far,
-    /// The band edge may cross the tile: both pieces and a per-entry select.
-    Straddling,
-    /// Wholly above the causal diagonal: nothing to compute.
-    Skipped,
-}
-
-/// The position bounds of a tile: query positions in `q_min..=q_max`, key positions in
-/// `k_min..=k_max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TileBounds {
-    /// Smallest query position among the tile's rows (`i0`).
-    pub q_min: usize,
-    /// Largest query position among the tile's rows (`i1`).
-    pub q_max: usize,
-    /// Smallest key position among the tile's columns (`j0`).
-    pub k_min: usize,
-    /// Largest key position among the tile's columns (`j1`).
-    pub k_max: usize,
-}
-
-impl TileBounds {
-    /// Classifies the tile. `r = i - j` lies in `[i0 - j1, i1 - j0]`; with `causal`
-    /// only `r >= 0` counts: skipped iff `i1 - j0 < 0`, near iff `i1 - j0 < w`, far iff
-    /// `max(i0 - j1, 0) >= w`, otherwise straddling. Without a window (single-piece
-    /// maps) every computed tile is near.
-    pub fn classify(&self, window: Option<usize>, causal: bool) -> TileClass {
-        let r_min = self.q_min as i128 - self.k_max as i128;
-        let r_max = self.q_max as i128 - self.k_min as i128;
-        if causal && r_max < 0 {
-            return TileClass::Skipped;
-        }
-        let Some(w) = window else {
-            return TileClass::Near;
-        };
-        let w = w as i128;
-        let (lo, hi) = if causal {
-            (r_min.max(0), r_max)
-        } else {
-            (r_min, r_max)
-        };
-        if lo > -w && hi < w {
-            TileClass::Near
-        } else if lo >= w || hi <= -w {
-            TileClass::Far
-        } else {
-            TileClass::Straddling
-        }
-    }
-
-    /// Whether some entry may lie above the causal diagonal (`k_max > q_min`), so the
-    /// causal mask must be applied per entry.
-    pub fn needs_causal_mask(&self, causal: bool) -> bool {
-        causal && self.k_max > self.q_min
-    }
-}
-
 /// Tile counts of one [`Attention::tiled_with`] call, summed over query heads (each
 /// `(head, query block, key block)` tile counted once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct TileStats {
-    /// Tiles computed with the near piece only.
+    /// Tiles computed with the first piece only (inside the band; DCA's intra-chunk,
+    /// StreamingLLM's window; every tile of a one-piece map).
     pub near: usize,
-    /// Tiles computed with the far piece only.
+    /// Tiles computed with one other piece only.
     pub far: usize,
-    /// Tiles that needed both pieces and a per-entry select.
+    /// Tiles that needed two or more pieces and a per-entry select.
     pub straddling: usize,
-    /// Tiles wholly above the causal diagonal, not computed.
+    /// Tiles not computed: wholly above the causal diagonal, or wholly hidden by the mask
+    /// or the map (the latter also counted in [`TileStats::outside_mask`]).
     pub skipped: usize,
-    /// Computed tiles that also needed the per-entry causal mask (diagonal tiles).
+    /// Skipped tiles that the causal diagonal alone would have computed: wholly outside
+    /// the sliding window or the attention chunk, or wholly in StreamingLLM's hidden
+    /// middle.
+    pub outside_mask: usize,
+    /// Computed tiles that also needed a per-entry visibility mask (causal diagonal,
+    /// mask edge, StreamingLLM's edge).
     pub masked: usize,
+    /// Third and later pieces of straddling tiles (DCA tiles that span three chunk
+    /// distances); 0 for two-piece maps.
+    pub extra_pieces: usize,
     /// Tile score products `Q K^T` actually run (GEMM calls): must equal
-    /// [`TileStats::dot_products`], `near + far + 2 straddling`.
+    /// [`TileStats::dot_products`].
     pub qk_products: usize,
     /// Tile value products `P V` actually run (one per computed tile; a diagonal tile's
     /// product may be split into row groups but counts once): must equal
@@ -223,12 +175,14 @@ impl TileStats {
         self.computed() + self.skipped
     }
 
-    /// Tile score products `Q K^T` evaluated: `near + far + 2 straddling`.
+    /// Tile score products `Q K^T` evaluated:
+    /// `near + far + 2 straddling + extra_pieces`.
     pub fn dot_products(&self) -> usize {
-        self.near + self.far + 2 * self.straddling
+        self.near + self.far + 2 * self.straddling + self.extra_pieces
     }
 
-    /// Fraction of computed tiles that needed both pieces (0 when nothing was computed).
+    /// Fraction of computed tiles that needed more than one piece (0 when nothing was
+    /// computed).
     pub fn straddling_fraction(&self) -> f64 {
         match self.computed() {
             0 => 0.0,
@@ -236,12 +190,18 @@ impl TileStats {
         }
     }
 
-    fn record(&mut self, class: TileClass) {
-        match class {
-            TileClass::Near => self.near += 1,
-            TileClass::Far => self.far += 1,
-            TileClass::Straddling => self.straddling += 1,
-            TileClass::Skipped => self.skipped += 1,
+    fn record(&mut self, work: &TileWork) {
+        match work.pieces.count_ones() {
+            0 => {
+                self.skipped += 1;
+                self.outside_mask += usize::from(!work.causal_skip);
+            }
+            1 if work.pieces == 1 => self.near += 1,
+            1 => self.far += 1,
+            n => {
+                self.straddling += 1;
+                self.extra_pieces += n as usize - 2;
+            }
         }
     }
 
@@ -250,11 +210,77 @@ impl TileStats {
         self.far += other.far;
         self.straddling += other.straddling;
         self.skipped += other.skipped;
+        self.outside_mask += other.outside_mask;
         self.masked += other.masked;
+        self.extra_pieces += other.extra_pieces;
         self.qk_products += other.qk_products;
         self.pv_products += other.pv_products;
         self
     }
+}
+
+/// What one tile needs: the pieces it computes (bit set; 0 = skipped) and whether some
+/// entry must be masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TileWork {
+    pieces: u8,
+    per_entry: bool,
+    /// Skipped for being wholly above the causal diagonal.
+    causal_skip: bool,
+}
+
+impl Attention {
+    /// Classifies the tile `b` from the causal diagonal, the mask and the map's region
+    /// rule (all conservative: a piece or a per-entry mask may be applied where no entry
+    /// needs it, never the reverse).
+    fn tile_work(&self, pieces: &Pieces, b: &TileBounds) -> TileWork {
+        let causal = self.causal();
+        let skip = |causal_skip| TileWork {
+            pieces: 0,
+            per_entry: false,
+            causal_skip,
+        };
+        if b.r_range(causal).is_none() {
+            return skip(true);
+        }
+        let mask = self.mask().cover(b, causal);
+        if mask == MaskCover::Empty {
+            return skip(false);
+        }
+        let cover = pieces.region().cover(b, causal);
+        if cover.pieces == 0 {
+            return skip(false);
+        }
+        TileWork {
+            pieces: cover.pieces,
+            per_entry: b.needs_causal_mask(causal) || mask == MaskCover::Partial || cover.may_hide,
+            causal_skip: false,
+        }
+    }
+}
+
+/// Computed tiles per head of causal attention with a sliding window `w`, for square
+/// `b x b` tiles with `b` dividing `n` and `w` (positions `0..n`): block row `I` computes
+/// key blocks `I - min(I, w/b) ..= I` (block `I - w/b` holds both visible and hidden
+/// entries, the next one down only `r >= w + 1`), so the count is
+/// `sum_{I < T} (min(I, w/b) + 1)` with `T = n/b`. `None` unless `b` divides both.
+pub fn expected_sliding_window_computed_tiles(n: usize, window: usize, b: usize) -> Option<usize> {
+    if b == 0 || window == 0 || !n.is_multiple_of(b) || !window.is_multiple_of(b) {
+        return None;
+    }
+    let a = window / b;
+    Some((0..n / b).map(|i| i.min(a) + 1).sum())
+}
+
+/// Computed tiles per head of causal chunked attention with chunk `c`, for square
+/// `b x b` tiles with `b` dividing `c` and `c` dividing `n`: each chunk is a causal
+/// `m x m` block triangle, `m = c/b`, so `(n/c) m (m + 1) / 2`. `None` otherwise.
+pub fn expected_chunked_computed_tiles(n: usize, chunk: usize, b: usize) -> Option<usize> {
+    if b == 0 || chunk == 0 || !chunk.is_multiple_of(b) || !n.is_multiple_of(chunk) {
+        return None;
+    }
+    let m = chunk / b;
+    Some(n / chunk * m * (m + 1) / 2)
 }
 
 /// Number of straddling tiles per head for causal attention over contiguous positions:
@@ -319,8 +345,8 @@ pub fn expected_straddling_tiles(
 /// positions `0..n`): with `T = n / b` and `w = a b + c`, `0 <= c < b`,
 ///
 /// - `w >= n` or `b = 1`: 0 (all tiles near, or single entries never straddle);
-/// - `c` in `{0, 1}`: `T - a` (one straddling tile per block row `I >= a`; ROPE_MATH.md
-///   section 4's `T - w/B` when `B` divides `w`);
+/// - `c` in `{0, 1}`: `T - a` (one straddling tile per block row `I >= a`, i.e.
+///   `T - w/B` when `B` divides `w`);
 /// - `c >= 2`: `2 (T - a) - 1` (block row `a` has one, every later row two).
 ///
 /// Returns `None` when `b = 0`, `w = 0` or `b` does not divide `n`.
@@ -364,15 +390,16 @@ struct Plan<'a> {
     k_pos: &'a [usize],
     q_blocks: Vec<Block>,
     k_blocks: Vec<Block>,
+    /// Key columns of the widest key block (`min(block_k, n_k)`).
     block_k: usize,
     kern: Kernels,
 }
 
-/// Per-task scratch: the score tile(s) and, for tiles on the causal diagonal, the
-/// number of visible keys of each row.
+/// Per-task scratch: one score tile per piece, the visibility of each entry of a masked
+/// tile, and each row's number of visible keys.
 struct Scratch {
-    scores: Vec<f32>,
-    far: Vec<f32>,
+    scores: Vec<Vec<f32>>,
+    seen: Vec<bool>,
     visible: Vec<usize>,
 }
 
@@ -384,7 +411,7 @@ enum Mask {
     /// Row `a` sees exactly its first `visible[a]` columns (the causal diagonal with
     /// sorted key positions).
     Prefix,
-    /// Row `a` sees the columns `c` with `k_pos[c] <= q_pos[a]` (any positions).
+    /// Row `a` sees the columns `c` with `seen[a * bk + c]` (any positions and masks).
     Entries,
 }
 
@@ -394,6 +421,7 @@ struct Work {
     q_rot: Vec<f32>,
     state: RowState,
     scratch: Scratch,
+    tiles: Vec<TileWork>,
 }
 
 impl Work {
@@ -403,9 +431,10 @@ impl Work {
             state: RowState::new(0, 0),
             scratch: Scratch {
                 scores: Vec::new(),
-                far: Vec::new(),
+                seen: Vec::new(),
                 visible: Vec::new(),
             },
+            tiles: Vec::new(),
         }
     }
 }
@@ -422,37 +451,55 @@ fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<
 }
 
 impl Plan<'_> {
-    /// Query block `qb` for every query head: rotates its query rows once per piece,
-    /// then runs the tiles of each head, writing output rows `qb` (`out`, `[rows, H_q,
-    /// d_v]`) and returning the tile counts. Key blocks are visited in order, so the
+    fn bounds(qb: &Block, kb: &Block) -> TileBounds {
+        TileBounds {
+            q_min: qb.min,
+            q_max: qb.max,
+            k_min: kb.min,
+            k_max: kb.max,
+        }
+    }
+
+    /// Query block `qb` for every query head: rotates its query rows once per piece it
+    /// needs, then runs the tiles of each head, writing output rows `qb` (`out`, `[rows,
+    /// H_q, d_v]`) and returning the tile counts. Key blocks are visited in order, so the
     /// result does not depend on how tasks are scheduled.
     fn run_block(&self, qb: Block, out: &mut [f32], work: &mut Work) -> TileStats {
         let dims = self.prep.dims;
         let (d, dv, heads) = (dims.head_dim, dims.value_dim, dims.heads_q);
-        let causal = self.att.causal();
         let bq = qb.end - qb.start;
         let mut stats = TileStats::default();
-        let n_pieces = self.prep.pieces.len();
+        let n_pieces = self.prep.pieces.list().len();
         let Work {
             q_rot,
             state,
             scratch,
+            tiles,
         } = work;
+        // Every tile of this block row, classified once (the same for every head).
+        tiles.clear();
+        tiles.extend(self.k_blocks.iter().map(|kb| {
+            self.att
+                .tile_work(&self.prep.pieces, &Self::bounds(&qb, kb))
+        }));
+        let needed = tiles.iter().fold(0u8, |acc, t| acc | t.pieces);
         q_rot.clear();
         q_rot.resize(n_pieces * heads * bq * d, 0.0);
         // Only the pieces this block row's tiles use (no far piece before the band
         // edge, none at all when the window covers every pair).
-        let needed = pieces_needed(&qb, &self.k_blocks, self.prep.window, causal);
         for (p, buf) in q_rot.chunks_mut((heads * bq * d).max(1)).enumerate() {
-            if needed[p] {
+            if needed & (1 << p) != 0 {
                 self.prep.rotate_queries(p, qb.start..qb.end, buf);
             }
         }
         let q_rot = &q_rot[..];
-        scratch.scores.resize(bq * self.block_k, 0.0);
-        if n_pieces > 1 {
-            scratch.far.resize(bq * self.block_k, 0.0);
+        scratch.scores.resize_with(n_pieces, Vec::new);
+        for (p, buf) in scratch.scores.iter_mut().enumerate() {
+            if needed & (1 << p) != 0 {
+                buf.resize(bq * self.block_k, 0.0);
+            }
         }
+        scratch.seen.resize(bq * self.block_k, false);
         scratch.visible.resize(bq, 0);
         let q_pos = &self.q_pos[qb.start..qb.end];
         for h in 0..heads {
@@ -463,30 +510,28 @@ impl Plan<'_> {
                 let at = (p * heads + h) * bq * d;
                 &q_rot[at..at + bq * d]
             };
-            for &kb in &self.k_blocks {
-                let bounds = TileBounds {
-                    q_min: qb.min,
-                    q_max: qb.max,
-                    k_min: kb.min,
-                    k_max: kb.max,
-                };
-                let class = bounds.classify(self.prep.window, causal);
-                stats.record(class);
-                if class == TileClass::Skipped {
+            for (&kb, work) in self.k_blocks.iter().zip(tiles.iter()) {
+                stats.record(work);
+                if work.pieces == 0 {
                     continue;
                 }
                 let bk = kb.end - kb.start;
                 let k_pos = &self.k_pos[kb.start..kb.end];
-                self.tile_scores(class, &q_head, g, qb, kb, scratch, &mut stats);
-                let s = &mut scratch.scores[..bq * bk];
-                let mask = if bounds.needs_causal_mask(causal) {
+                let first = self.tile_scores(work.pieces, &q_head, g, qb, kb, scratch, &mut stats);
+                let Scratch {
+                    scores,
+                    seen,
+                    visible,
+                } = &mut *scratch;
+                let s = &mut scores[first][..bq * bk];
+                let mask = if work.per_entry {
                     stats.masked += 1;
-                    apply_causal_mask(s, bk, q_pos, k_pos, &mut scratch.visible)
+                    self.apply_mask(s, bk, q_pos, k_pos, seen, visible)
                 } else {
                     Mask::None
                 };
                 let v = self.prep.v.mat(g, kb.start..kb.end);
-                state.update(self.kern, s, bk, mask, &scratch.visible, q_pos, k_pos, v);
+                state.update(self.kern, s, bk, mask, visible, seen, v);
                 stats.pv_products += 1;
             }
             state.finish_into(out, h, heads);
@@ -494,105 +539,95 @@ impl Plan<'_> {
         stats
     }
 
-    /// The scores of tile `(qb, kb)` for query head `h` into `scratch.scores`
-    /// (`[rows, cols]`): one tile product for near or far tiles; for straddling tiles
-    /// both, then entry `(i, j)` keeps the far score iff `|q_pos[i] - k_pos[j]| >= w`.
+    /// The scores of tile `(qb, kb)` for query head `h`: one tile product per piece in
+    /// `pieces` (a bit set); with several, entry `(i, j)` takes the score of the piece the
+    /// region rule picks for `(q_pos[i], k_pos[j])`. Returns the index of the buffer in
+    /// `scratch.scores` holding the result (`[rows, cols]`).
     #[allow(clippy::too_many_arguments)]
     fn tile_scores<'q>(
         &self,
-        class: TileClass,
+        pieces: u8,
         q_head: &impl Fn(usize) -> &'q [f32],
         g: usize,
         qb: Block,
         kb: Block,
         scratch: &mut Scratch,
         stats: &mut TileStats,
-    ) {
+    ) -> usize {
         let d = self.prep.dims.head_dim;
         let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
         let (bq, bk) = (rows.len(), cols.len());
-        let mut product = |piece: usize, out: &mut [f32]| {
-            let p = &self.prep.pieces[piece];
+        // The pieces of the bit set, in order (no allocation per tile).
+        let used = (0..self.prep.key_of.len()).filter(|p| pieces & (1 << p) != 0);
+        for piece in used {
+            let keys = &self.prep.keys[self.prep.key_of[piece]];
             let a = mat(q_head(piece), bq, d, d);
-            let s = mat_mut(&mut out[..bq * bk], bq, bk, bk);
-            match &p.k {
+            let s = mat_mut(&mut scratch.scores[piece][..bq * bk], bq, bk, bk);
+            match &keys.k {
                 // Keys packed once per call (key blocks start at panel multiples).
-                None => self.kern.qk_tile_packed(a, &p.packed[g], kb.start, s, 1.0),
+                None => self
+                    .kern
+                    .qk_tile_packed(a, &keys.packed[g], kb.start, s, 1.0),
                 Some(k) => self.kern.qk_tile(a, k.mat(g, cols.clone()), s, 1.0),
             }
             .expect("tile shapes are consistent");
             stats.qk_products += 1;
-        };
-        match class {
-            TileClass::Skipped => {}
-            TileClass::Near => product(0, &mut scratch.scores),
-            TileClass::Far => product(1, &mut scratch.scores),
-            TileClass::Straddling => {
-                product(0, &mut scratch.scores);
-                product(1, &mut scratch.far);
-                let s = &mut scratch.scores[..bq * bk];
-                let s2 = &scratch.far[..bq * bk];
-                let k_pos = &self.k_pos[cols];
-                for ((srow, s2row), &qp) in
-                    s.chunks_mut(bk).zip(s2.chunks(bk)).zip(&self.q_pos[rows])
-                {
-                    for ((x, &y), &kp) in srow.iter_mut().zip(s2row).zip(k_pos) {
-                        if self.prep.piece_index(qp, kp) == 1 {
-                            *x = y;
+        }
+        let first = pieces.trailing_zeros() as usize;
+        if pieces.count_ones() > 1 {
+            let (head, rest) = scratch.scores.split_at_mut(first + 1);
+            let s = &mut head[first][..bq * bk];
+            let k_pos = &self.k_pos[cols];
+            for (a, (srow, &qp)) in s.chunks_mut(bk).zip(&self.q_pos[rows]).enumerate() {
+                for (c, (x, &kp)) in srow.iter_mut().zip(k_pos).enumerate() {
+                    match self.prep.pieces.index(qp, kp) {
+                        Some(p) if p > first && pieces & (1 << p) != 0 => {
+                            *x = rest[p - first - 1][a * bk + c];
                         }
+                        _ => {}
                     }
                 }
             }
         }
+        first
     }
-}
 
-/// Which pieces (near, far) the tiles of query block `qb` use.
-fn pieces_needed(qb: &Block, k_blocks: &[Block], window: Option<usize>, causal: bool) -> [bool; 2] {
-    let mut needed = [false; 2];
-    for kb in k_blocks {
-        let bounds = TileBounds {
-            q_min: qb.min,
-            q_max: qb.max,
-            k_min: kb.min,
-            k_max: kb.max,
-        };
-        match bounds.classify(window, causal) {
-            TileClass::Near => needed[0] = true,
-            TileClass::Far => needed[1] = true,
-            TileClass::Straddling => needed = [true, true],
-            TileClass::Skipped => {}
-        }
-    }
-    needed
-}
-
-/// Sets the scores of keys after their query to `-inf` and counts each row's visible
-/// keys into `visible`; returns [`Mask::Prefix`] when every row sees a prefix of the
-/// columns (sorted key positions), else [`Mask::Entries`].
-fn apply_causal_mask(
-    s: &mut [f32],
-    bk: usize,
-    q_pos: &[usize],
-    k_pos: &[usize],
-    visible: &mut [usize],
-) -> Mask {
-    let mut prefix = true;
-    for ((row, &qp), vis) in s.chunks_mut(bk).zip(q_pos).zip(visible.iter_mut()) {
-        let mut count = 0;
-        let mut end = 0;
-        for (c, (x, &kp)) in row.iter_mut().zip(k_pos).enumerate() {
-            if kp <= qp {
-                count += 1;
-                end = c + 1;
-            } else {
-                *x = f32::NEG_INFINITY;
+    /// Sets the scores of entries the causal diagonal, the mask or the map hides to
+    /// `-inf`, records each entry's visibility in `seen` and counts each row's visible
+    /// keys into `visible`; returns [`Mask::Prefix`] when every row sees a prefix of the
+    /// columns, else [`Mask::Entries`].
+    fn apply_mask(
+        &self,
+        s: &mut [f32],
+        bk: usize,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        seen: &mut [bool],
+        visible: &mut [usize],
+    ) -> Mask {
+        let mut prefix = true;
+        for (((row, &qp), vis), seen) in s
+            .chunks_mut(bk)
+            .zip(q_pos)
+            .zip(visible.iter_mut())
+            .zip(seen.chunks_mut(bk))
+        {
+            let mut count = 0;
+            let mut end = 0;
+            for (c, ((x, &kp), seen)) in row.iter_mut().zip(k_pos).zip(seen).enumerate() {
+                *seen = self.att.entry(&self.prep.pieces, qp, kp).is_some();
+                if *seen {
+                    count += 1;
+                    end = c + 1;
+                } else {
+                    *x = f32::NEG_INFINITY;
+                }
             }
+            *vis = count;
+            prefix &= end == count;
         }
-        *vis = count;
-        prefix &= end == count;
+        if prefix { Mask::Prefix } else { Mask::Entries }
     }
-    if prefix { Mask::Prefix } else { Mask::Entries }
 }
 
 /// Online-softmax state of a block of query rows: running max `m`, running sum `l`,
@@ -632,8 +667,7 @@ impl RowState {
         bk: usize,
         mask: Mask,
         visible: &[usize],
-        q_pos: &[usize],
-        k_pos: &[usize],
+        seen: &[bool],
         v: MatRef<'_>,
     ) {
         let dv = self.dv;
@@ -703,10 +737,10 @@ impl RowState {
                 }
             }
             Mask::Entries => {
-                for (a, (prow, &qp)) in s.chunks(bk).zip(q_pos).enumerate() {
+                for (a, (prow, seen)) in s.chunks(bk).zip(seen.chunks(bk)).enumerate() {
                     let acc = &mut self.acc[a * dv..(a + 1) * dv];
-                    for (c, (&p, &kp)) in prow.iter().zip(k_pos).enumerate() {
-                        if kp <= qp {
+                    for (c, (&p, &seen)) in prow.iter().zip(seen).enumerate() {
+                        if seen {
                             axpy(acc, p, v.row(c));
                         }
                     }
@@ -819,12 +853,17 @@ impl Attention {
         };
         let q_blocks = blocks(q_pos, tiles.block_q);
         let k_blocks = blocks(k_pos, tiles.block_k);
-        let window = self.map().pieces().far.map(|(w, _)| w);
-        let needed = q_blocks.iter().fold([false; 2], |acc, qb| {
-            let row = pieces_needed(qb, &k_blocks, window, self.causal());
-            [acc[0] || row[0], acc[1] || row[1]]
-        });
-        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, needed)?;
+        let pieces = self.map().pieces();
+        let mut used = 0u8;
+        for qb in &q_blocks {
+            for kb in &k_blocks {
+                used |= self.tile_work(&pieces, &Plan::bounds(qb, kb)).pieces;
+            }
+        }
+        let needed: Vec<bool> = (0..pieces.list().len())
+            .map(|p| used & (1 << p) != 0)
+            .collect();
+        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, &needed)?;
         let dims = prep.dims;
         let plan = Plan {
             att: self,
@@ -833,7 +872,8 @@ impl Attention {
             k_pos,
             q_blocks,
             k_blocks,
-            block_k: tiles.block_k,
+            // Scratch is sized by the problem, not by the requested tile.
+            block_k: tiles.block_k.min(k_pos.len()),
             kern,
         };
         let (dv, heads) = (dims.value_dim, dims.heads_q);
@@ -842,7 +882,8 @@ impl Attention {
             .as_slice_mut()
             .expect("a new array is in standard layout");
         // One task per query block (all heads), writing its own output rows.
-        let rows_per_block = (tiles.block_q * heads * dv).max(1);
+        // (`min(block_q, n_q) * H_q * d_v` is at most the output's size: no overflow.)
+        let rows_per_block = (tiles.block_q.min(dims.n_q) * heads * dv).max(1);
         let blocks_out = plan.q_blocks.iter().zip(
             out_slice
                 .chunks_mut(rows_per_block)

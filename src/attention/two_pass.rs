@@ -1,19 +1,21 @@
 //! Su's two-pass kernel (`rerope_patch.py`, posts 12-13), the naive baseline: full score
 //! matrices per piece, a band select, a causal mask, softmax, times V.
 //!
-//! Per query head `h` (kv head `g = h / (H_q / H_kv)`):
+//! Generalised to any map: one full pass per piece `p = (f_p, g_p)`, then the region
+//! rule picks a pass per entry. Per query head `h` (kv head `g = h / (H_q / H_kv)`):
 //!
 //! ```text
-//! S1[i, j] = c_i (R(i) q_i) . (R(j) k_j)            near piece, f(i) = i, g(j) = j
-//! S2[i, j] = c_i (R(f(i)) q_i) . (R(g(j)) k_j)      far piece (two-piece maps only)
-//! S[i, j]  = S1[i, j] if |q_pos[i] - k_pos[j]| < w else S2[i, j]
-//! O_i      = sum_{j visible} softmax_j(S[i, .]) v_j
+//! S_p[i, j] = c_i (R(f_p(i)) q_i) . (R(g_p(j)) k_j)    one full matrix per piece
+//! S[i, j]   = S_p[i, j] with p = region(q_pos[i], k_pos[j])   (ReRoPE: near iff |r| < w)
+//! O_i       = sum_{j visible} softmax_j(S[i, .]) v_j
 //! ```
 //!
-//! with `c_i = scale * s_i` (logit scale and log-n factor). Angles are computed in f64
+//! with `c_i = scale * s_i` (logit scale, log-n factor and the map's query factor);
+//! visible means causal, not hidden by the map (StreamingLLM) and allowed by the mask.
+//! Angles are computed in f64
 //! and cast to f32; scores, softmax (row max subtracted) and the weighted sum run in f32.
 //! Cost: one `n_q x n_k` score matrix per piece per head, about twice plain attention
-//! for two-piece maps.
+//! for two-piece maps and three times for Dual Chunk Attention.
 //!
 //! Su's defects are fixed here: the band mask is computed from the positions of the
 //! `(i, j)` entry itself and applied to every head (his `[batch, q, k]` mask broadcast
@@ -24,7 +26,7 @@
 use ndarray::{Array3, ArrayView3};
 
 use super::Attention;
-use super::rotated::{KeyForm, Prepared, axpy, scores_into};
+use super::rotated::{Prepared, axpy, scores_into};
 use crate::error::Result;
 
 impl Attention {
@@ -53,7 +55,7 @@ impl Attention {
         q_pos: &[usize],
         k_pos: &[usize],
     ) -> Result<Array3<f32>> {
-        let prep = self.prepare(q, k, v, q_pos, k_pos, KeyForm::HeadMajor)?;
+        let prep = self.prepare(q, k, v, q_pos, k_pos)?;
         let dims = prep.dims;
         let heads: Vec<Vec<f32>> = {
             let run = |h: usize| self.two_pass_head(&prep, h, q_pos, k_pos);
@@ -96,23 +98,28 @@ impl Attention {
         let g = h / dims.group();
         // One full score matrix per piece.
         let scores: Vec<Vec<f32>> = prep
-            .pieces
+            .q
             .iter()
-            .map(|piece| {
+            .zip(&prep.key_of)
+            .map(|(q, &key)| {
                 let mut s = vec![0f32; n_q * n_k];
-                let k = piece.k.as_ref().expect("head-major keys");
-                scores_into(piece.q.rows(h, 0..n_q), k.rows(g, 0..n_k), d, &mut s);
+                scores_into(q.rows(h, 0..n_q), prep.k[key].rows(g, 0..n_k), d, &mut s);
                 s
             })
             .collect();
         let mut out = vec![0f32; n_q * dv];
         let mut row = vec![0f32; n_k];
+        let mut visible = vec![false; n_k];
         for (i, &qp) in q_pos.iter().enumerate() {
-            // Band select, entry by entry from the entry's own positions.
-            for (j, (r, &kp)) in row.iter_mut().zip(k_pos).enumerate() {
-                *r = scores[prep.piece_index(qp, kp)][i * n_k + j];
+            // Region select, entry by entry from the entry's own positions.
+            for (j, &kp) in k_pos.iter().enumerate() {
+                let piece = self.entry(&prep.pieces, qp, kp);
+                visible[j] = piece.is_some();
+                if let Some(p) = piece {
+                    row[j] = scores[p][i * n_k + j];
+                }
             }
-            let visible = |j: usize| self.visible(qp, k_pos[j]);
+            let visible = |j: usize| visible[j]; // this row's visibility
             // Softmax over the visible keys, row max subtracted (NaN-ignoring max: a NaN
             // score still poisons the row through exp and the sum, as it should).
             let max = (0..n_k)

@@ -1,0 +1,406 @@
+//! What both caches share: the description and the values ([`Core`]), per-position
+//! trigonometry, row copies, and the softmax-times-values step.
+
+use ndarray::{ArrayView3, s};
+
+use super::RefreshPolicy;
+use crate::attention::kernels::{Kernels, MatMut, MatRef};
+use crate::attention::{Attention, Mask};
+use crate::error::{Result, RopeError};
+use crate::frequencies::Frequencies;
+use crate::position::PositionMap;
+use crate::rotary::{Layout, log_n_scale, rotate_lane_with};
+use crate::scaling::RopeConfig;
+
+/// cos/sin of `p * inv_freq_j` for one position, computed in f64 and cast to f32. No
+/// attention factor: the cache puts `m^2` into the logit scale, as
+/// [`Attention::scale_for`] does.
+#[derive(Debug)]
+pub(super) struct Trig {
+    pub(super) cos: Vec<f32>,
+    pub(super) sin: Vec<f32>,
+}
+
+impl Trig {
+    pub(super) fn new(pairs: usize) -> Self {
+        Trig {
+            cos: vec![0.0; pairs],
+            sin: vec![0.0; pairs],
+        }
+    }
+
+    pub(super) fn set(&mut self, inv_freq: &[f64], position: f64) {
+        for ((c, s), w) in self.cos.iter_mut().zip(self.sin.iter_mut()).zip(inv_freq) {
+            let (sv, cv) = (position * w).sin_cos();
+            *c = cv as f32;
+            *s = sv as f32;
+        }
+    }
+
+    pub(super) fn rotate(&self, lane: &mut [f32], layout: Layout) {
+        rotate_lane_with(lane, &self.cos, &self.sin, layout);
+    }
+}
+
+/// Appends row `(t, g)` of `x` (`[c, H, d]`) to `buf`: one slice copy when the row is
+/// contiguous (amortised `Vec` growth, no per-element push).
+pub(super) fn extend_row(buf: &mut Vec<f32>, x: &ArrayView3<f32>, t: usize, g: usize) {
+    let row = x.slice(s![t, g, ..]);
+    match row.as_slice() {
+        Some(r) => buf.extend_from_slice(r),
+        None => buf.extend(row.iter()),
+    }
+}
+
+/// Appends head `g` of every token of `x` (`[c, H, d]`) to `buf`.
+pub(super) fn extend_head(buf: &mut Vec<f32>, x: &ArrayView3<f32>, g: usize) {
+    let (c, _, d) = x.dim();
+    buf.reserve(c * d);
+    for t in 0..c {
+        extend_row(buf, x, t, g);
+    }
+}
+
+/// Softmax of each `n`-long row of `scores` (one row per query head of a group) with
+/// the row maximum subtracted, in f32, then `sum_j p_j v_j` into `out` (`[rows, d_v]`),
+/// with the vectorised exp and one streaming pass over the values
+/// ([`Kernels::pv_gemv`]). A NaN score makes its whole row NaN.
+pub(super) fn softmax_times_values(
+    kern: Kernels,
+    scores: &mut [f32],
+    n: usize,
+    values: &[f32],
+    dv: usize,
+    out: &mut [f32],
+) {
+    let rows = scores.len() / n.max(1);
+    let mut denoms = [0f32; 16];
+    let mut heap;
+    let denoms: &mut [f32] = if rows <= denoms.len() {
+        &mut denoms[..rows]
+    } else {
+        heap = vec![0f32; rows];
+        &mut heap
+    };
+    for (row, denom) in scores.chunks_exact_mut(n.max(1)).zip(denoms.iter_mut()) {
+        let max = kern.row_max(row);
+        // exp(NaN) stays NaN, so a NaN score makes the sum, and so the row, NaN.
+        *denom = kern.exp_sub_sum(row, max);
+    }
+    out.fill(0.0);
+    if dv == 0 || n == 0 {
+        return;
+    }
+    kern.pv_gemv(
+        mat(scores, rows, n, n),
+        mat(&values[..n * dv], n, dv, dv),
+        mat_mut(out, rows, dv, dv),
+    )
+    .expect("decode shapes are consistent");
+    for (acc, &denom) in out.chunks_exact_mut(dv).zip(denoms.iter()) {
+        kern.scale(acc, 1.0 / denom);
+    }
+}
+
+pub(super) fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_> {
+    MatRef::new(data, rows, cols, stride).expect("decode shapes are consistent")
+}
+
+pub(super) fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<'_> {
+    MatMut::new(data, rows, cols, stride).expect("decode shapes are consistent")
+}
+
+/// Largest number of key/value heads a cache accepts.
+pub const MAX_HEADS: usize = 1 << 16;
+/// Largest key or value head dim a cache accepts.
+pub const MAX_HEAD_DIM: usize = 1 << 20;
+
+/// One empty buffer per kv head, allocated fallibly.
+pub(super) fn per_head(heads: usize) -> Result<Vec<Vec<f32>>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(heads).map_err(|_| {
+        RopeError::invalid("heads_kv", heads, "could not allocate one buffer per head")
+    })?;
+    v.resize_with(heads, Vec::new);
+    Ok(v)
+}
+
+/// State shared by both caches: the description, the frequencies in force, the values.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Core {
+    pub(super) config: RopeConfig,
+    pub(super) layout: Layout,
+    pub(super) map: PositionMap,
+    pub(super) heads_kv: usize,
+    pub(super) head_dim: usize,
+    pub(super) value_dim: usize,
+    pub(super) scale: Option<f64>,
+    pub(super) log_n_train_len: Option<usize>,
+    pub(super) dca_train_len: Option<usize>,
+    pub(super) mask: Mask,
+    pub(super) policy: RefreshPolicy,
+    /// The frequencies every cached rotated key is currently rotated with.
+    pub(super) freqs: Frequencies,
+    /// The length `L` that selected `freqs`.
+    pub(super) freq_len: usize,
+    pub(super) refreshes: usize,
+    pub(super) len: usize,
+    /// Per kv head, `[len, value_dim]`.
+    pub(super) values: Vec<Vec<f32>>,
+}
+
+impl Core {
+    pub(super) fn new(
+        config: RopeConfig,
+        layout: Layout,
+        map: PositionMap,
+        heads_kv: usize,
+        head_dim: usize,
+        value_dim: usize,
+    ) -> Result<Self> {
+        map.validate()?;
+        if !(1..=MAX_HEADS).contains(&heads_kv) {
+            return Err(RopeError::invalid(
+                "heads_kv",
+                heads_kv,
+                format!("must be in 1..={MAX_HEADS}"),
+            ));
+        }
+        for (field, dim) in [("head_dim", head_dim), ("value_dim", value_dim)] {
+            if dim > MAX_HEAD_DIM {
+                return Err(RopeError::invalid(
+                    field,
+                    dim,
+                    format!("must be <= {MAX_HEAD_DIM}"),
+                ));
+            }
+        }
+        if head_dim < config.rotary_dim() {
+            return Err(RopeError::shape(
+                "head_dim",
+                format!(">= rotary_dim ({})", config.rotary_dim()),
+                head_dim,
+            ));
+        }
+        let policy = RefreshPolicy::default();
+        let freq_len = policy.frequency_len(config.scaling(), 0);
+        let freqs = config.frequencies_for_len(freq_len);
+        Ok(Core {
+            config,
+            layout,
+            map,
+            heads_kv,
+            head_dim,
+            value_dim,
+            scale: None,
+            log_n_train_len: None,
+            dca_train_len: None,
+            mask: Mask::NONE,
+            policy,
+            freqs,
+            freq_len,
+            refreshes: 0,
+            len: 0,
+            values: per_head(heads_kv)?,
+        })
+    }
+
+    // The options are validated by their one definition in `Attention`.
+
+    pub(super) fn set_scale(&mut self, scale: f64) -> Result<()> {
+        self.attention().with_scale(scale)?;
+        self.scale = Some(scale);
+        Ok(())
+    }
+
+    pub(super) fn set_dca_logit_scale(&mut self, train_len: usize) -> Result<()> {
+        self.attention().with_dca_logit_scale(train_len)?;
+        self.dca_train_len = Some(train_len);
+        Ok(())
+    }
+
+    /// Sets the mask (validated by [`Attention::with_mask`]); an evicting cache keeps no
+    /// keys a mask could hide beyond its own window, so it refuses one.
+    pub(super) fn set_mask(&mut self, mask: Mask, evicting: bool) -> Result<()> {
+        if evicting && mask != Mask::NONE {
+            return Err(RopeError::invalid(
+                "mask",
+                format!("{mask:?}"),
+                "a StreamingLLM cache takes no extra mask (its window already bounds it)",
+            ));
+        }
+        self.attention().with_mask(mask)?;
+        self.mask = mask;
+        Ok(())
+    }
+
+    /// The first key position the mask lets a query at position `i` see (the visible
+    /// keys of a causal query under a sliding window or chunked mask are a suffix
+    /// `lo..=i`).
+    pub(super) fn first_visible(&self, i: usize) -> usize {
+        let window = self
+            .mask
+            .sliding_window()
+            .map_or(0, |w| (i + 1).saturating_sub(w));
+        let chunk = self.mask.chunk().map_or(0, |c| i / c * c);
+        window.max(chunk)
+    }
+
+    pub(super) fn set_log_n(&mut self, train_len: usize) -> Result<()> {
+        self.attention().with_log_n(train_len)?;
+        self.log_n_train_len = Some(train_len);
+        Ok(())
+    }
+
+    /// The frequencies that must be in force at cache length `len`, if they differ from
+    /// the current ones; updates the selecting length either way.
+    pub(super) fn frequencies_at(&mut self, len: usize) -> Option<Frequencies> {
+        let scaling = self.config.scaling();
+        if !scaling.is_length_dependent() {
+            return None;
+        }
+        let l = self.policy.frequency_len(scaling, len);
+        if l == self.freq_len {
+            return None;
+        }
+        self.freq_len = l;
+        let f = self.config.frequencies_for_len(l);
+        (f != self.freqs).then_some(f)
+    }
+
+    /// The description of the attention the cache computes right now.
+    pub(super) fn attention(&self) -> Attention {
+        Attention {
+            freqs: self.freqs.clone(),
+            layout: self.layout,
+            map: self.map,
+            causal: true,
+            scale: self.scale,
+            log_n_train_len: self.log_n_train_len,
+            dca_train_len: self.dca_train_len,
+            mask: self.mask,
+        }
+    }
+
+    /// `scale * s_i` for a query at `position`.
+    pub(super) fn query_factor(&self, position: usize) -> f32 {
+        let scale = crate::attention::logit_scale(&self.freqs, self.scale, self.head_dim)
+            * self
+                .dca_train_len
+                .map_or(1.0, |l| crate::attention::dca_logit_factor(self.len, l));
+        let s = self
+            .log_n_train_len
+            .map_or(1.0, |l| log_n_scale(position, l))
+            * self.map.query_scale(position);
+        (scale * s) as f32
+    }
+
+    /// Checks a chunk of keys and values; returns its length.
+    pub(super) fn check_kv(&self, k: &ArrayView3<f32>, v: &ArrayView3<f32>) -> Result<usize> {
+        let (c, hk, d) = k.dim();
+        if (hk, d) != (self.heads_kv, self.head_dim) {
+            return Err(RopeError::shape(
+                "k [c, H_kv, head_dim]",
+                format!("[_, {}, {}]", self.heads_kv, self.head_dim),
+                format!("[{c}, {hk}, {d}]"),
+            ));
+        }
+        let (cv, hv, dv) = v.dim();
+        if (cv, hv, dv) != (c, self.heads_kv, self.value_dim) {
+            return Err(RopeError::shape(
+                "v [c, H_kv, value_dim]",
+                format!("[{c}, {}, {}]", self.heads_kv, self.value_dim),
+                format!("[{cv}, {hv}, {dv}]"),
+            ));
+        }
+        if self
+            .len
+            .checked_add(c)
+            .is_none_or(|n| n > crate::position::MAX_POSITION)
+        {
+            return Err(RopeError::invalid(
+                "cache length",
+                format!("{} + {c}", self.len),
+                format!(
+                    "must stay <= {} (2^53 positions: angles are computed in f64)",
+                    crate::position::MAX_POSITION
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Checks the shape of queries against `n_q` positions; returns the GQA group size.
+    pub(super) fn check_q_shape(&self, q: &ArrayView3<f32>, n_pos: usize) -> Result<usize> {
+        let (n_q, hq, d) = q.dim();
+        if d != self.head_dim {
+            return Err(RopeError::shape("q head_dim", self.head_dim, d));
+        }
+        if hq == 0 || hq % self.heads_kv != 0 {
+            return Err(RopeError::shape(
+                "query heads H_q",
+                format!(
+                    "a non-zero multiple of the key/value heads H_kv = {}",
+                    self.heads_kv
+                ),
+                hq,
+            ));
+        }
+        if n_pos != n_q {
+            return Err(RopeError::shape(
+                "q_pos",
+                format!("one per query ({n_q})"),
+                n_pos,
+            ));
+        }
+        Ok(hq / self.heads_kv)
+    }
+
+    /// Checks a prefill chunk: keys, values and one query per token; returns its length.
+    pub(super) fn check_chunk(
+        &self,
+        q: &ArrayView3<f32>,
+        k: &ArrayView3<f32>,
+        v: &ArrayView3<f32>,
+    ) -> Result<usize> {
+        let c = self.check_kv(k, v)?;
+        if q.dim().0 != c {
+            return Err(RopeError::shape(
+                "q [c, H_q, head_dim] of a prefill chunk",
+                format!("one query per appended token ({c})"),
+                q.dim().0,
+            ));
+        }
+        self.check_q_shape(q, c)?;
+        Ok(c)
+    }
+
+    /// Checks queries and their positions (each `< len`); returns the GQA group size.
+    pub(super) fn check_queries(&self, q: &ArrayView3<f32>, q_pos: &[usize]) -> Result<usize> {
+        let group = self.check_q_shape(q, q_pos.len())?;
+        if let Some((a, &p)) = q_pos.iter().enumerate().find(|(_, p)| **p >= self.len) {
+            return Err(RopeError::invalid(
+                format!("q_pos[{a}]"),
+                p,
+                format!(
+                    "must be < the cache length {} (a query attends to cached keys at positions <= its own; append its key first)",
+                    self.len
+                ),
+            ));
+        }
+        Ok(group)
+    }
+
+    pub(super) fn push_values(&mut self, v: &ArrayView3<f32>) {
+        for (g, buf) in self.values.iter_mut().enumerate() {
+            extend_head(buf, v, g);
+        }
+    }
+
+    /// Copies query token `a` of `q` into `buf` (`[H_q, d]`), times `factor`.
+    pub(super) fn load_query(q: &ArrayView3<f32>, a: usize, factor: f32, buf: &mut [f32]) {
+        for (dst, &src) in buf.iter_mut().zip(q.slice(s![a, .., ..]).iter()) {
+            *dst = src * factor;
+        }
+    }
+}
