@@ -47,7 +47,6 @@ pub mod attention;
 pub mod config;
 pub mod error;
 pub mod frequencies;
-pub mod npy;
 pub mod position;
 pub mod rotary;
 pub mod scaling;
