@@ -55,7 +55,6 @@ pub mod error;
 mod frequencies;
 #[cfg(feature = "gguf")]
 pub mod gguf;
-pub mod npy;
 pub mod position;
 pub mod rotary;
 mod scheme;

@@ -560,7 +560,6 @@ fn streaming_hides_the_middle() {
 #[test]
 fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
     use ropex::KvCache;
-    use ropex::npy;
     let root =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/position_maps_ref");
     let mut cases: Vec<_> = std::fs::read_dir(&root)
@@ -573,7 +572,7 @@ fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
         let map: PositionMap = meta["map"].as_str().unwrap().parse().unwrap();
-        let read = |f: &str| npy::read_array3(dir.join(f)).unwrap();
+        let read = |f: &str| -> ndarray::Array3<f32> { ndarray_npy::read_npy(dir.join(f)).unwrap() };
         let (q, k, v, want) = (read("q.npy"), read("k.npy"), read("v.npy"), read("out.npy"));
         let (n, _, d) = q.dim();
         let cfg = RopeConfig::new(d, 10_000.0).unwrap();

@@ -11,7 +11,7 @@ RotaryEmbedding for "default") and with `ropex freqs --json`, and reports:
   - VALUE mismatches (relative error > 5e-6; pairs between 1e-6 and 5e-6 are counted
     separately: transformers' f32 blend rounding, see tests/hf_golden.rs).
 
-Usage (after `cargo build --example ropex`):
+Usage (after `cargo build -p ropex-cli`):
     python3 tools/hf_diff.py [SEED] [N] [PATH_TO_ROPEX_BINARY]
 """
 import copy, json, random, subprocess, sys, math, logging, os, tempfile, warnings
@@ -28,7 +28,7 @@ hl.set_verbosity_warning(); hl.disable_default_handler(); logging.getLogger("tra
 warnings.simplefilter("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = sys.argv[3] if len(sys.argv) > 3 else os.path.join(
-    os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "examples", "ropex")
+    os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "ropex")
 TMP = tempfile.mkdtemp(prefix="ropex-hf-diff-")
 ROT = {"llama": ("transformers.models.llama.modeling_llama", "LlamaRotaryEmbedding"),
        "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RotaryEmbedding"),

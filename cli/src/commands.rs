@@ -2,28 +2,27 @@
 
 use std::io::Write;
 
-use ropex::attention::Attention;
-use ropex::config::{ModelRope, ParseOptions};
-use ropex::{Frequencies, Layout, PositionMap, Regime, RopeConfig, npy};
+use std::path::Path;
 
-use crate::args::{Spec, Usage};
+use ndarray::Array3;
+use ndarray_npy::{ReadNpyError, read_npy, write_npy};
+use ropex::attention::Attention;
+use ropex::config::ModelRope;
+use ropex::{Frequencies, Layout, PositionMap, Regime, RopeConfig};
+use serde::Serialize;
+
+use crate::args::{
+    AttendArgs, ConfigOptions, ExplainArgs, FreqsArgs, Kernel, LayoutArg, PositionsArgs,
+};
 use crate::{Failure, write_out};
 
-fn parse_options(o: &crate::args::Opts) -> ParseOptions {
-    ParseOptions {
-        strict: o.flag("strict"),
-        extensions: !o.flag("no-extensions"),
-    }
+fn usage(message: impl Into<String>) -> Failure {
+    Failure::Usage(message.into())
 }
 
 /// Reads the config and reports its warnings on `err`.
-fn load(
-    path: &str,
-    layer_type: Option<&str>,
-    opts: &ParseOptions,
-    err: &mut dyn Write,
-) -> Result<ModelRope, Failure> {
-    let rope = ModelRope::from_path_with(path, layer_type, opts)?;
+fn load(path: &Path, read: &ConfigOptions, err: &mut dyn Write) -> Result<ModelRope, Failure> {
+    let rope = ModelRope::from_path_with(path, read.layer_type.as_deref(), &read.parse_options())?;
     for w in &rope.warnings {
         // Diagnostics only: a failing stderr is not worth failing the command.
         let _ = writeln!(err, "warning: {w}");
@@ -47,29 +46,27 @@ fn describe(rope: &ModelRope) -> String {
     )
 }
 
-pub fn freqs(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
-    let o = Spec {
-        command: "freqs",
-        values: &["config", "seq-len", "layer-type"],
-        flags: &["json", "strict", "no-extensions"],
-    }
-    .parse(args)?;
-    let path = o.required("config")?;
-    let seq_len: Option<usize> = o.parsed("seq-len", "a non-negative integer")?;
-    let rope = load(path, o.str("layer-type"), &parse_options(&o), err)?;
+/// `freqs --json`: exactly these two keys, in this order.
+#[derive(Serialize)]
+struct FreqsJson<'a> {
+    inv_freq: &'a [f64],
+    attention_factor: f64,
+}
+
+pub fn freqs(a: &FreqsArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
+    let seq_len = a.seq_len;
+    let rope = load(&a.config, &a.read, err)?;
     let f = match seq_len {
         Some(n) => rope.frequencies_for_len(n),
         None => rope.frequencies(),
     };
-    if o.flag("json") {
-        let inv = serde_json::to_string(f.inv_freq())
-            .map_err(|e| Failure::Run(format!("cannot encode JSON: {e}")))?;
-        let att = serde_json::to_string(&f.attention_factor())
-            .map_err(|e| Failure::Run(format!("cannot encode JSON: {e}")))?;
-        return write_out(
-            out,
-            &format!("{{\"inv_freq\": {inv}, \"attention_factor\": {att}}}\n"),
-        );
+    if a.json {
+        let json = serde_json::to_string(&FreqsJson {
+            inv_freq: f.inv_freq(),
+            attention_factor: f.attention_factor(),
+        })
+        .map_err(|e| Failure::Run(format!("cannot encode JSON: {e}")))?;
+        return write_out(out, &(json + "\n"));
     }
     let mut s = format!("# {}\n", describe(&rope));
     s += &format!(
@@ -87,31 +84,22 @@ pub fn freqs(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Resul
     write_out(out, &s)
 }
 
-pub fn explain(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
-    let o = Spec {
-        command: "explain",
-        values: &["config", "train-len", "target-len", "seq-len", "layer-type"],
-        flags: &["strict", "no-extensions"],
-    }
-    .parse(args)?;
-    let path = o.required("config")?;
-    let rope = load(path, o.str("layer-type"), &parse_options(&o), err)?;
-    let train_len = match o.parsed::<usize>("train-len", "a positive integer")? {
+pub fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
+    let rope = load(&a.config, &a.read, err)?;
+    let train_len = match a.train_len {
         Some(l) => l,
         None => rope
             .train_len()
-            .ok_or_else(|| Usage("the config names no training length; give --train-len".into()))?,
+            .ok_or_else(|| usage("the config names no training length; give --train-len"))?,
     };
     if train_len == 0 {
-        return Err(Usage("--train-len must be >= 1".into()).into());
+        return Err(usage("--train-len must be >= 1"));
     }
-    let target_len = match o.parsed::<usize>("target-len", "a positive integer")? {
+    let target_len = match a.target_len {
         Some(l) => Some(l),
         None => rope.max_position_embeddings.filter(|&m| m > train_len),
     };
-    let seq_len = o
-        .parsed::<usize>("seq-len", "a non-negative integer")?
-        .or(target_len);
+    let seq_len = a.seq_len.or(target_len);
     let f = match seq_len {
         Some(n) => rope.frequencies_for_len(n),
         None => rope.frequencies(),
@@ -233,58 +221,22 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
-/// `rope | rerope:W | leaky:W:K | interp:S`.
-fn parse_map(s: &str) -> Result<PositionMap, Failure> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let bad = |what: &str| {
-        Failure::Usage(format!(
-            "--map '{s}': {what} (expected rope, rerope:W, leaky:W:K or interp:S)"
-        ))
-    };
-    let window = |w: &str| -> Result<usize, Failure> {
-        w.parse()
-            .map_err(|_| bad(&format!("window '{w}' is not a non-negative integer")))
-    };
-    let number = |x: &str, what: &str| -> Result<f64, Failure> {
-        x.parse()
-            .map_err(|_| bad(&format!("{what} '{x}' is not a number")))
-    };
-    Ok(match parts.as_slice() {
-        ["rope"] => PositionMap::Rope,
-        ["rerope", w] => PositionMap::rerope(window(w)?)?,
-        ["leaky" | "leaky_rerope", w, k] => {
-            PositionMap::leaky_rerope(window(w)?, number(k, "leak")?)?
-        }
-        ["interp" | "interpolated", f] => PositionMap::interpolated(number(f, "factor")?)?,
-        _ => return Err(bad("unknown map")),
-    })
-}
-
-pub fn positions(args: &[String], out: &mut dyn Write) -> Result<(), Failure> {
-    let o = Spec {
-        command: "positions",
-        values: &["map", "n", "offset", "keys"],
-        flags: &["non-causal"],
-    }
-    .parse(args)?;
-    let map = parse_map(o.required("map")?)?;
-    let n: usize = o.parsed("n", "a positive integer")?.unwrap_or(16);
-    let offset: usize = o.parsed("offset", "a non-negative integer")?.unwrap_or(0);
+pub fn positions(a: &PositionsArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let (map, n, offset) = (a.map, a.n, a.offset);
     let end = offset
         .checked_add(n)
-        .ok_or_else(|| Usage("--offset + --n is too large".into()))?;
-    let keys: usize = o.parsed("keys", "a positive integer")?.unwrap_or(end);
+        .ok_or_else(|| usage("--offset + --n is too large"))?;
+    let keys = a.keys.unwrap_or(end);
     const LIMIT: usize = 1 << 20;
     if n == 0 || keys == 0 {
-        return Err(Usage("--n and --keys must be >= 1".into()).into());
+        return Err(usage("--n and --keys must be >= 1"));
     }
     if n.saturating_mul(keys) > LIMIT {
-        return Err(Usage(format!(
+        return Err(usage(format!(
             "a {n} x {keys} matrix is too large to print (at most {LIMIT} entries)"
-        ))
-        .into());
+        )));
     }
-    let causal = !o.flag("non-causal");
+    let causal = !a.non_causal;
     let m = map.position_matrix(n, keys, offset)?;
     let cells: Vec<Vec<String>> = (0..n)
         .map(|a| {
@@ -331,72 +283,43 @@ pub fn positions(args: &[String], out: &mut dyn Write) -> Result<(), Failure> {
     write_out(out, &s)
 }
 
-pub fn attend(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
-    let o = Spec {
-        command: "attend",
-        values: &[
-            "q",
-            "k",
-            "v",
-            "out",
-            "map",
-            "config",
-            "base",
-            "layer-type",
-            "seq-len",
-            "layout",
-            "kernel",
-            "log-n",
-            "scale",
-        ],
-        flags: &["non-causal", "strict", "no-extensions"],
-    }
-    .parse(args)?;
-    let (qp, kp, vp, op) = (
-        o.required("q")?,
-        o.required("k")?,
-        o.required("v")?,
-        o.required("out")?,
-    );
-    let layout = match o.str("layout").unwrap_or("half") {
-        "half" => Layout::Half,
-        "interleaved" => Layout::Interleaved,
-        other => {
-            return Err(Usage(format!(
-                "--layout must be half or interleaved, got '{other}'"
-            ))
-            .into());
-        }
+/// Reads a rank-3 `.npy` file of `'<f4'` or `'<f8'` values (the latter narrowed to f32).
+fn read_array3(path: &Path) -> Result<Array3<f32>, Failure> {
+    let bad = |e: ReadNpyError| match e {
+        ReadNpyError::Io(e) => Failure::Run(format!("cannot read {}: {e}", path.display())),
+        other => Failure::Run(format!(
+            "{} is not a valid .npy file of rank-3 '<f4' or '<f8' values: {other}",
+            path.display()
+        )),
     };
-    let kernel = o.str("kernel").unwrap_or("reference");
-    if !matches!(kernel, "reference" | "two-pass" | "tiled") {
-        return Err(Usage(format!(
-            "--kernel must be reference, two-pass or tiled, got '{kernel}'"
-        ))
-        .into());
+    match read_npy::<_, Array3<f32>>(path) {
+        Ok(a) => Ok(a),
+        Err(ReadNpyError::WrongDescriptor(_)) => read_npy::<_, Array3<f64>>(path)
+            .map(|a| a.mapv(|x| x as f32))
+            .map_err(bad),
+        Err(e) => Err(bad(e)),
     }
-    let base: Option<f64> = o.parsed("base", "a number")?;
-    let log_n: Option<usize> = o.parsed("log-n", "a positive integer")?;
-    let scale: Option<f64> = o.parsed("scale", "a number")?;
-    let seq_len: Option<usize> = o.parsed("seq-len", "a non-negative integer")?;
+}
 
+pub fn attend(a: &AttendArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
+    let layout = match a.layout {
+        LayoutArg::Half => Layout::Half,
+        LayoutArg::Interleaved => Layout::Interleaved,
+    };
     // Where the frequencies come from: Ok(config path) or Err(base).
-    let source: Result<&str, f64> = match (o.str("config"), base) {
+    let source: Result<&Path, f64> = match (&a.config, a.base) {
         (Some(path), None) => Ok(path),
         (None, Some(b)) => Err(b),
-        (Some(_), Some(_)) => {
-            return Err(Usage("give either --config or --base, not both".into()).into());
-        }
+        (Some(_), Some(_)) => return Err(usage("give either --config or --base, not both")),
         (None, None) => {
-            return Err(Usage(
-                "'attend' needs --config FILE or --base B for the frequencies".into(),
-            )
-            .into());
+            return Err(usage(
+                "'attend' needs --config FILE or --base B for the frequencies",
+            ));
         }
     };
-    let q = npy::read_array3(qp)?;
-    let k = npy::read_array3(kp)?;
-    let v = npy::read_array3(vp)?;
+    let q = read_array3(&a.q)?;
+    let k = read_array3(&a.k)?;
+    let v = read_array3(&a.v)?;
     let (n_q, _, d) = q.dim();
     let n_k = k.dim().0;
     if n_q > n_k {
@@ -407,36 +330,40 @@ pub fn attend(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Resu
 
     let (freqs, config_map): (Frequencies, Option<PositionMap>) = match source {
         Ok(path) => {
-            let rope = load(path, o.str("layer-type"), &parse_options(&o), err)?;
+            let rope = load(path, &a.read, err)?;
             (
-                rope.frequencies_for_len(seq_len.unwrap_or(n_k)),
+                rope.frequencies_for_len(a.seq_len.unwrap_or(n_k)),
                 rope.position_map,
             )
         }
         Err(b) => (RopeConfig::new(d, b)?.frequencies(), None),
     };
-    let map = match o.str("map") {
-        Some(m) => parse_map(m)?,
-        None => config_map.unwrap_or(PositionMap::Rope),
-    };
-    let mut att = Attention::new(freqs, layout, map).with_causal(!o.flag("non-causal"));
-    if let Some(l) = log_n {
+    let map = a.map.or(config_map).unwrap_or(PositionMap::Rope);
+    let mut att = Attention::new(freqs, layout, map).with_causal(!a.non_causal);
+    if let Some(l) = a.log_n {
         att = att.with_log_n(l)?;
     }
-    if let Some(s) = scale {
+    if let Some(s) = a.scale {
         att = att.with_scale(s)?;
     }
     let q_pos: Vec<usize> = (n_k - n_q..n_k).collect();
     let k_pos: Vec<usize> = (0..n_k).collect();
-    let result = match kernel {
-        "reference" => att.reference(q.view(), k.view(), v.view(), &q_pos, &k_pos)?,
-        "two-pass" => att.two_pass(q.view(), k.view(), v.view(), &q_pos, &k_pos)?,
-        _ => att.tiled(q.view(), k.view(), v.view(), &q_pos, &k_pos)?,
+    let (q, k, v) = (q.view(), k.view(), v.view());
+    let result = match a.kernel {
+        Kernel::Reference => att.reference(q, k, v, &q_pos, &k_pos)?,
+        Kernel::TwoPass => att.two_pass(q, k, v, &q_pos, &k_pos)?,
+        Kernel::Tiled => att.tiled(q, k, v, &q_pos, &k_pos)?,
     };
-    npy::write_array3(op, result.view())?;
-    let (a, b, c) = result.dim();
+    let op = a.out.display();
+    write_npy(&a.out, &result).map_err(|e| Failure::Run(format!("cannot write {op}: {e}")))?;
+    let (x, y, z) = result.dim();
+    let kernel = match a.kernel {
+        Kernel::Reference => "reference",
+        Kernel::TwoPass => "two-pass",
+        Kernel::Tiled => "tiled",
+    };
     write_out(
         out,
-        &format!("wrote {op}: [{a}, {b}, {c}] f32 ({kernel} kernel, {map:?}, {layout:?})\n"),
+        &format!("wrote {op}: [{x}, {y}, {z}] f32 ({kernel} kernel, {map:?}, {layout:?})\n"),
     )
 }

@@ -4,11 +4,11 @@
 
 use std::time::Instant;
 
-use ropex::attention::{Attention, RefreshPolicy, TileConfig};
+use ropex::attention::{Attention, RefreshPolicy};
 use ropex::position::leak_for_target;
-use ropex::{PositionMap, RopeConfig, Scaling, Yarn};
+use ropex::{Frequencies, PositionMap, Scaling, Yarn};
+use ropex_lm::{ModelError, Plan, Result, TinyLm, nll_rows};
 
-use crate::model::{ModelError, Plan, Result, Segment, TinyLm, nll_rows};
 use crate::progress::Progress;
 
 /// NTK-mixed exponent (Su, post 11).
@@ -197,8 +197,8 @@ impl Scheme {
             }
         };
         let log_n = self.log_n && len > train_len;
-        let attention = |rope: &RopeConfig, seq_len: usize| -> Result<Attention> {
-            let att = Attention::new(rope.frequencies_for_len(seq_len), model.layout(), map);
+        let attention = |freqs: Frequencies| -> Result<Attention> {
+            let att = Attention::new(freqs, model.layout(), map);
             Ok(if log_n {
                 att.with_log_n(train_len)?
             } else {
@@ -215,57 +215,14 @@ impl Scheme {
                 Freq::NtkMixed => Scaling::ntk_mixed(s, NTK_MIXED_B),
                 Freq::Yarn => Scaling::Yarn(Yarn::new(s, train_len)),
                 Freq::Dynamic => {
-                    let dynamic = Scaling::dynamic(1.0, train_len);
-                    let rope = rope.with_scaling(dynamic.clone())?;
-                    // (frequency length, queries) runs over the positions.
-                    let mut runs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
-                    for p in 0..len {
-                        let flen = RefreshPolicy::PowerOfTwo
-                            .frequency_len(&dynamic, p + 1)
-                            .max(train_len);
-                        match runs.last_mut() {
-                            Some((f, queries)) if *f == flen => queries.end = p + 1,
-                            _ => runs.push((flen, p..p + 1)),
-                        }
-                    }
-                    let mut segments = runs
-                        .into_iter()
-                        .map(|(flen, queries)| {
-                            Ok(Segment {
-                                queries,
-                                attention: attention(&rope, flen)?,
-                            })
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    return Ok(if segments.len() == 1 {
-                        Plan::Single(segments.remove(0).attention)
-                    } else {
-                        Plan::Segments(segments)
-                    });
+                    let rope = rope.with_scaling(Scaling::dynamic(1.0, train_len))?;
+                    return Plan::refreshed(&rope, RefreshPolicy::PowerOfTwo, len, attention);
                 }
             }
         };
         let rope = rope.with_scaling(scaling)?;
-        Ok(Plan::Single(attention(&rope, len)?))
+        Ok(Plan::Single(attention(rope.frequencies_for_len(len))?))
     }
-}
-
-/// Window end offsets (exclusive), evenly spaced over a text of `n_bytes`, shared by every
-/// length: the window of length `L` ending at `e` is `text[e - L .. e]`, its targets
-/// `text[e - L + 1 ..= e]`. The same formula as `tools/train_tiny_lm.py`'s
-/// `eval_endpoints`, so the two agree for the same count and longest length.
-pub fn endpoints(n_bytes: usize, max_len: usize, windows: usize) -> Result<Vec<usize>> {
-    if n_bytes < max_len + 1 {
-        return Err(ModelError::Input(format!(
-            "the text has {n_bytes} bytes, shorter than one window: the longest context \
-             ({max_len} bytes) needs at least {} bytes",
-            max_len + 1
-        )));
-    }
-    let (lo, hi) = (max_len, n_bytes - 1);
-    Ok((0..windows)
-        .map(|n| lo + n * (hi - lo) / windows.saturating_sub(1).max(1))
-        .collect())
 }
 
 /// What to evaluate.
@@ -273,7 +230,7 @@ pub fn endpoints(n_bytes: usize, max_len: usize, windows: usize) -> Result<Vec<u
 pub struct Setup {
     /// Context lengths, ascending.
     pub lengths: Vec<usize>,
-    /// Window end offsets (see [`endpoints`]).
+    /// Window end offsets (see [`ropex_lm::protocol::endpoints`]).
     pub ends: Vec<usize>,
     /// Bytes scored at the end of every window (the training length).
     pub scored: usize,
@@ -304,7 +261,7 @@ pub struct Results {
     /// `tiles[scheme][length]`: score-tile products (`Q K^T` per 64 x 64 tile, both pieces
     /// counted for tiles that straddle a band edge) of the tiled kernel over one causal
     /// prefill of the window, per head and layer: the compute cost of the position map,
-    /// independent of the machine (see [`plan_tile_products`]).
+    /// independent of the machine (see [`Plan::tile_products`]).
     pub tiles: Vec<Vec<usize>>,
     /// Score-tile products of plain RoPE at each length (the baseline for `tiles`).
     pub rope_tiles: Vec<usize>,
@@ -319,36 +276,6 @@ pub struct Results {
 /// model).
 fn cost(len: usize) -> f64 {
     len as f64 * (1.0 + len as f64 / 3000.0)
-}
-
-/// Score-tile products `Q K^T` the tiled kernel evaluates for one head of one layer over a
-/// causal prefill of `len` tokens under `plan` (from the kernel's own tile statistics on a
-/// zero input; they depend only on positions, map and tile size).
-pub fn plan_tile_products(model: &TinyLm, plan: &Plan, len: usize) -> Result<usize> {
-    let d = model.config().head_dim;
-    let pos: Vec<usize> = (0..len).collect();
-    let zeros = ndarray::Array3::<f32>::zeros((len, 1, d));
-    let segments: Vec<(std::ops::Range<usize>, &Attention)> = match plan {
-        Plan::Single(a) => vec![(0..len, a)],
-        Plan::Segments(s) => s
-            .iter()
-            .map(|s| (s.queries.clone(), &s.attention))
-            .collect(),
-    };
-    let mut products = 0;
-    for (q, att) in segments {
-        let k = zeros.slice(ndarray::s![..q.end, .., ..]);
-        let (_, stats) = att.tiled_with(
-            zeros.slice(ndarray::s![q.clone(), .., ..]),
-            k,
-            k,
-            &pos[q.clone()],
-            &pos[..q.end],
-            &TileConfig::DEFAULT,
-        )?;
-        products += stats.dot_products();
-    }
-    Ok(products)
 }
 
 /// Runs every scheme at every length over every window.
@@ -414,7 +341,7 @@ pub fn evaluate(
             main.layout(),
             PositionMap::Rope,
         );
-        rope_tiles.push(plan_tile_products(main, &Plan::Single(plain), len)?);
+        rope_tiles.push(Plan::Single(plain).tile_products(main.config().head_dim, len)?);
         let scored = setup.scored.min(len);
         let mut run_loss = Vec::with_capacity(runs.len());
         let mut run_ms = Vec::with_capacity(runs.len());
@@ -446,7 +373,7 @@ pub fn evaluate(
             }
             let n = setup.ends.len() as f64;
             run_ms.push(fastest * 1e3);
-            run_tiles.push(plan_tile_products(model, plan, len)?);
+            run_tiles.push(plan.tile_products(model.config().head_dim, len)?);
             run_loss.push(total_nll / (n * scored as f64));
             run_curve.push(per_pos.then(|| per_position.iter().map(|v| v / n).collect()));
         }

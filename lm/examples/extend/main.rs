@@ -9,7 +9,6 @@
 //! in bold) and writes two SVG plots; `--help` lists the flags.
 
 mod eval;
-mod model;
 mod plot;
 mod progress;
 
@@ -17,131 +16,99 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use clap::Parser;
 use eval::{Checkpoint, Results, Scheme, Setup};
-use model::TinyLm;
 use plot::Line;
 use progress::Progress;
+use ropex_lm::TinyLm;
+use ropex_lm::protocol::endpoints;
 
+/// Windows per length, `--quick` included: the acceptance check then scores exactly the
+/// windows of the published table (see [`check_16x`] for why fewer would be noisy).
 const DEFAULT_WINDOWS: usize = 10;
-const QUICK_WINDOWS: usize = 4;
 
-const HELP: &str = "\
-Held-out loss of a tiny byte-level RoPE model read at 1x..16x its training length
-under every context-extension scheme ropex implements (Su's protocol: the same final
-bytes scored at every length).
-
-USAGE: cargo run --release --example extend -- [FLAGS]
-
-FLAGS:
-  --text FILE             UTF-8 text to evaluate (default assets/heldout_shakespeare.txt)
-  --model DIR             checkpoint with config.json + model.safetensors
-                          (default assets/tiny_lm_rope)
-  --inv-leaky-model DIR   checkpoint trained with inverse Leaky ReRoPE, read with plain
-                          RoPE (default assets/tiny_lm_inv_leaky)
-  --schemes a,b,c         schemes to run (default: all; --quick: a subset)
-  --windows N             windows per length (default 10; --quick: 4)
-  --quick                 fewer windows and schemes (what CI runs)
-  --long                  also 32x and 64x (about 15x the default run time;
-                          combine with --schemes or --windows)
-  --json                  print the results as JSON instead of the table
-  --check                 exit non-zero unless the 16x acceptance check holds (RoPE
-                          >= 1.5x its 1x loss, best ReRoPE/Leaky within +5%)
-  --out-dir DIR           where the SVG plots go (default target/extend)
-  --help                  this text
-
+const SCHEMES_HELP: &str = "\
 SCHEMES (each base scheme also with \"-logn\": log-n query scaling, L_train = 128):
   rope, pi, ntk, ntk-mixed, dynamic, yarn, rerope-w32, rerope-w64, leaky-w64, inv-leaky
   (ReRoPE windows L/4 and L/2 and the Leaky window L/2 of the model's training length L;
-  inv-leaky reads --inv-leaky-model with plain RoPE)
-";
+  inv-leaky reads --inv-leaky-model with plain RoPE)";
 
-/// Command-line options.
-#[derive(Debug)]
+/// `rel` under the repository root, where the checkpoints and texts live (this crate is
+/// its `lm/` member).
+fn manifest(rel: &str) -> PathBuf {
+    let lm = Path::new(env!("CARGO_MANIFEST_DIR"));
+    lm.parent().unwrap_or(lm).join(rel)
+}
+
+/// Held-out loss of a tiny byte-level RoPE model read at 1x..16x its training length
+/// under every context-extension scheme ropex implements (Su's protocol: the same final
+/// bytes scored at every length).
+#[derive(Debug, Parser)]
+#[command(
+    name = "extend",
+    override_usage = "cargo run --release --example extend -- [FLAGS]",
+    after_help = SCHEMES_HELP
+)]
 struct Args {
+    /// UTF-8 text to evaluate [default: assets/heldout_shakespeare.txt]
+    #[arg(long, value_name = "FILE", default_value_os_t = manifest("assets/heldout_shakespeare.txt"), hide_default_value = true)]
     text: PathBuf,
+    /// checkpoint with config.json + model.safetensors [default: assets/tiny_lm_rope]
+    #[arg(long, value_name = "DIR", default_value_os_t = manifest("assets/tiny_lm_rope"), hide_default_value = true)]
     model: PathBuf,
+    /// checkpoint trained with inverse Leaky ReRoPE, read with plain RoPE
+    /// [default: assets/tiny_lm_inv_leaky]
+    #[arg(long, value_name = "DIR", default_value_os_t = manifest("assets/tiny_lm_inv_leaky"), hide_default_value = true)]
     inv_leaky_model: PathBuf,
-    schemes: Option<Vec<String>>,
+    /// schemes to run, comma-separated (default: all; --quick: a subset)
+    #[arg(long, value_name = "a,b,c", value_parser = parse_schemes)]
+    schemes: Option<SchemeList>,
+    /// windows per length [default: 10]
+    #[arg(long, value_name = "N", value_parser = parse_windows)]
     windows: Option<usize>,
+    /// 7 of the schemes, on the same windows (what CI runs with --check)
+    #[arg(long)]
     quick: bool,
+    /// also 32x and 64x (about 15x the default run time; combine with --schemes or
+    /// --windows)
+    #[arg(long)]
     long: bool,
+    /// print the results as JSON instead of the table
+    #[arg(long)]
     json: bool,
+    /// exit non-zero unless the 16x acceptance check holds (RoPE >= 1.5x its 1x loss,
+    /// best ReRoPE/Leaky within +5% of its 1x loss)
+    #[arg(long)]
     check: bool,
+    /// where the SVG plots go [default: target/extend]
+    #[arg(long, value_name = "DIR", default_value_os_t = manifest("target/extend"), hide_default_value = true)]
     out_dir: PathBuf,
 }
 
-fn manifest(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
+/// The keys given to `--schemes`.
+#[derive(Debug, Clone)]
+struct SchemeList(Vec<String>);
 
-enum Cli {
-    Run(Args),
-    Help,
-}
-
-fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Cli, String> {
-    let mut args = Args {
-        text: manifest("assets/heldout_shakespeare.txt"),
-        model: manifest("assets/tiny_lm_rope"),
-        inv_leaky_model: manifest("assets/tiny_lm_inv_leaky"),
-        schemes: None,
-        windows: None,
-        quick: false,
-        long: false,
-        json: false,
-        check: false,
-        out_dir: manifest("target/extend"),
-    };
-    let mut it = argv.into_iter();
-    while let Some(flag) = it.next() {
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (flag.clone(), None),
-        };
-        let mut value = |what: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs {what}"))
-        };
-        match name.as_str() {
-            "--text" => args.text = value("a file")?.into(),
-            "--model" => args.model = value("a directory")?.into(),
-            "--inv-leaky-model" => args.inv_leaky_model = value("a directory")?.into(),
-            "--out-dir" => args.out_dir = value("a directory")?.into(),
-            "--schemes" => {
-                let list: Vec<String> = value("a comma-separated list")?
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                if list.is_empty() {
-                    return Err("--schemes needs at least one scheme".into());
-                }
-                args.schemes = Some(list);
-            }
-            "--windows" => {
-                let v = value("a number")?;
-                let n: usize = v
-                    .parse()
-                    .map_err(|_| format!("--windows needs a positive number, got {v:?}"))?;
-                if n == 0 {
-                    return Err("--windows must be at least 1".into());
-                }
-                args.windows = Some(n);
-            }
-            "--quick" | "--long" | "--json" | "--check" | "--help" | "-h" if inline.is_some() => {
-                return Err(format!("{name} takes no value"));
-            }
-            "--quick" => args.quick = true,
-            "--long" => args.long = true,
-            "--json" => args.json = true,
-            "--check" => args.check = true,
-            "--help" | "-h" => return Ok(Cli::Help),
-            other => return Err(format!("unknown argument {other:?} (see --help)")),
-        }
+/// `--schemes`: a comma-separated, non-empty list.
+fn parse_schemes(s: &str) -> Result<SchemeList, String> {
+    let list: Vec<String> = s
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err("--schemes needs at least one scheme".into());
     }
-    Ok(Cli::Run(args))
+    Ok(SchemeList(list))
+}
+
+/// `--windows`: a positive number.
+fn parse_windows(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("--windows must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("--windows needs a positive number, got {s:?}")),
+    }
 }
 
 /// Reads a UTF-8 text, with CRLF line ends turned into LF (the training corpus has LF).
@@ -167,7 +134,7 @@ fn read_text(path: &Path) -> Result<Vec<u8>, String> {
 fn select_schemes(args: &Args, train_len: usize) -> Result<Vec<Scheme>, String> {
     let all = eval::catalogue(train_len);
     let wanted: Vec<String> = match (&args.schemes, args.quick) {
-        (Some(list), _) => list.clone(),
+        (Some(SchemeList(list)), _) => list.clone(),
         (None, true) => all
             .iter()
             .filter(|s| s.quick)
@@ -223,8 +190,15 @@ fn markdown(schemes: &[Scheme], lengths: &[usize], train_len: usize, res: &Resul
     out
 }
 
-/// The issue's acceptance check at 16x: plain RoPE's loss at least 1.5x its 1x loss, and
-/// the best ReRoPE / Leaky variant within 5% of its own 1x loss (or below it).
+/// The acceptance check at 16x: plain RoPE's loss at least 1.5x its 1x loss, and the best
+/// ReRoPE / Leaky variant within 5% of its own 1x loss (or below it).
+///
+/// How noisy the ratio is, measured on the held-out plays with 2, 3, 4, 5, 6, 8, 10, 12,
+/// 16 and 20 windows (each count places its windows differently): the best variant's
+/// 16x / 1x ranges from -1.1% to +2.2% (+1.1% at 10), RoPE's from 2.59x to 2.94x, while a
+/// single scheme moves by up to 4 points (ReRoPE w = 32: +3.9% to +7.9%). With 10 windows
+/// the check reproduces the published table and sits 3.9 points inside its bound, 2.8
+/// points beyond the worst placement seen.
 fn check_16x(
     schemes: &[Scheme],
     lengths: &[usize],
@@ -280,13 +254,9 @@ fn run(args: Args) -> Result<(), String> {
         &[1, 2, 4, 8, 16]
     };
     let lengths: Vec<usize> = multiples.iter().map(|m| m * train_len).collect();
-    let windows = args.windows.unwrap_or(if args.quick {
-        QUICK_WINDOWS
-    } else {
-        DEFAULT_WINDOWS
-    });
+    let windows = args.windows.unwrap_or(DEFAULT_WINDOWS);
     let max_len = *lengths.last().ok_or("no lengths")?;
-    let ends = eval::endpoints(text.len(), max_len, windows)
+    let ends = endpoints(text.len(), max_len, windows)
         .map_err(|e| format!("{}: {e}", args.text.display()))?;
     let per_position_len = Some(16 * train_len).filter(|l| lengths.contains(l));
     let setup = Setup {
@@ -295,7 +265,7 @@ fn run(args: Args) -> Result<(), String> {
         scored: train_len,
         per_position_len,
     };
-    let mut progress = Progress::new(true);
+    let mut progress = Progress::new();
     let res = eval::evaluate(
         &main_model,
         inv_leaky.as_ref(),
@@ -457,21 +427,11 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match parse_args(std::env::args().skip(1)) {
-        Ok(Cli::Help) => {
-            print!("{HELP}");
-            ExitCode::SUCCESS
-        }
-        Ok(Cli::Run(args)) => match run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            ExitCode::FAILURE
         }
     }
 }

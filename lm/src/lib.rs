@@ -1,0 +1,47 @@
+//! # ropex-lm: a tiny RoPE language model run through ropex
+//!
+//! The byte-level language model of `tools/train_tiny_lm.py` (RMSNorm, SwiGLU, rotary
+//! attention), loaded from a `config.json` and a `model.safetensors` and run in f32 with
+//! every attention call going through ropex's tiled kernel, with ropex's frequencies and
+//! position maps. It is what the `extend` example evaluates and what the logit-parity
+//! test compares against PyTorch.
+//!
+//! - [`ModelConfig`] / [`TensorSpec`]: the checkpoint's `config.json` ([`config`]);
+//! - [`TinyLm::load`]: weights from safetensors, checked against the architecture
+//!   ([`weights`]);
+//! - [`TinyLm::forward`]: logits under a [`Plan`] ([`model`]);
+//! - [`Plan`]: which [`ropex::Attention`] serves which queries, including the segmented
+//!   plans of length-dependent schemes ([`plan`]);
+//! - [`protocol::endpoints`]: the windows of Su's evaluation protocol.
+//!
+//! This crate is part of the ropex workspace and is not published: it depends on ropex,
+//! never the other way round.
+//!
+//! ```no_run
+//! use ropex::{Attention, PositionMap};
+//! use ropex_lm::{Plan, TinyLm, nll_rows};
+//!
+//! let model = TinyLm::load("assets/tiny_lm_rope".as_ref())?;
+//! let att = Attention::new(
+//!     model.config().rope()?.frequencies(),
+//!     model.layout(),
+//!     PositionMap::rerope(64)?,
+//! );
+//! let text = b"To be, or not to be, that is the question";
+//! let logits = model.forward(&text[..text.len() - 1], &Plan::Single(att), 0)?;
+//! let nll = nll_rows(logits.view(), &text[1..]);
+//! # Ok::<(), ropex_lm::ModelError>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod plan;
+pub mod protocol;
+pub mod weights;
+
+pub use config::{ModelConfig, TensorSpec};
+pub use error::{ModelError, Result};
+pub use model::{TinyLm, attend, nll_rows};
+pub use plan::{Plan, Segment};

@@ -1,0 +1,194 @@
+//! The forward pass of the tiny byte-level RoPE language model of
+//! `tools/train_tiny_lm.py`, with ropex doing the position work.
+//!
+//! Architecture (the training script's docstring is the authoritative text):
+//!
+//! ```text
+//! x = tok_emb[bytes]                                   # [T, d_model]
+//! for each layer:
+//!     x = x + wo(attn(rmsnorm(x; attn_norm)))           # q, k, v = wq a, wk a, wv a
+//!     m = rmsnorm(x; mlp_norm)
+//!     x = x + w2(silu(w1 m) * (w3 m))                   # SwiGLU
+//! logits = lm_head(rmsnorm(x; norm))
+//! rmsnorm(x; g) = x / sqrt(mean(x^2) + eps) * g
+//! ```
+//!
+//! Linear weights are `[out, in]` (`y = x W^T`), heads are contiguous slices of the
+//! projections, and attention is whatever a ropex [`Attention`] describes: frequencies
+//! (any [`ropex::Scaling`]), layout, position map and log-n, one per [`Plan`] segment.
+//! Every attention call goes through [`attend`], the one place that picks the ropex
+//! kernel.
+
+use std::fmt;
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, s};
+use ropex::Layout;
+use ropex::attention::Attention;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::plan::Plan;
+
+/// One transformer block's weights.
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Array1<f32>,
+    pub(crate) wq: Array2<f32>,
+    pub(crate) wk: Array2<f32>,
+    pub(crate) wv: Array2<f32>,
+    pub(crate) wo: Array2<f32>,
+    pub(crate) mlp_norm: Array1<f32>,
+    pub(crate) w1: Array2<f32>,
+    pub(crate) w3: Array2<f32>,
+    pub(crate) w2: Array2<f32>,
+}
+
+/// A loaded checkpoint: configuration and f32 weights.
+pub struct TinyLm {
+    pub(crate) config: ModelConfig,
+    pub(crate) layout: Layout,
+    pub(crate) tok_emb: Array2<f32>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Array1<f32>,
+    pub(crate) lm_head: Array2<f32>,
+}
+
+impl fmt::Debug for TinyLm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TinyLm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TinyLm {
+    /// The checkpoint's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The rotary layout the model was trained with.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Logits `[T - from, vocab]` for positions `from..T` of `tokens` (the next-byte
+    /// distribution after each of those positions), with attention as `plan` says.
+    ///
+    /// Only the rows that are asked for are computed in the last layer, so scoring the
+    /// final bytes of a long window costs less than a full forward pass.
+    pub fn forward(&self, tokens: &[u8], plan: &Plan, from: usize) -> Result<Array2<f32>> {
+        let t = tokens.len();
+        if t == 0 || from >= t {
+            return Err(ModelError::Input(format!(
+                "forward pass over {t} tokens asked for logits from position {from}"
+            )));
+        }
+        let segments = plan.segments(t)?;
+        let cfg = &self.config;
+        let (h, dh) = (cfg.n_heads, cfg.head_dim);
+        let eps = cfg.norm_eps as f32;
+        let positions: Vec<usize> = (0..t).collect();
+
+        let mut x = Array2::<f32>::zeros((t, cfg.d_model));
+        for (mut row, &b) in x.rows_mut().into_iter().zip(tokens) {
+            row.assign(&self.tok_emb.row(b as usize));
+        }
+        let n_layers = self.layers.len();
+        for (l, layer) in self.layers.iter().enumerate() {
+            // The last layer only computes the rows whose logits are wanted.
+            let q_from = if l + 1 == n_layers { from } else { 0 };
+            let a = rms_norm(x.view(), &layer.attn_norm, eps);
+            let q = a.slice(s![q_from.., ..]).dot(&layer.wq.t());
+            let k = a.dot(&layer.wk.t());
+            let v = a.dot(&layer.wv.t());
+            let q = q
+                .into_shape_with_order((t - q_from, h, dh))
+                .map_err(|e| ModelError::Input(e.to_string()))?;
+            let k = k
+                .into_shape_with_order((t, h, dh))
+                .map_err(|e| ModelError::Input(e.to_string()))?;
+            let v = v
+                .into_shape_with_order((t, h, dh))
+                .map_err(|e| ModelError::Input(e.to_string()))?;
+            let mut heads = Array3::<f32>::zeros((t - q_from, h, dh));
+            for (range, att) in &segments {
+                let start = range.start.max(q_from);
+                if start >= range.end {
+                    continue;
+                }
+                let out = attend(
+                    att,
+                    q.slice(s![start - q_from..range.end - q_from, .., ..]),
+                    k.slice(s![..range.end, .., ..]),
+                    v.slice(s![..range.end, .., ..]),
+                    &positions[start..range.end],
+                    &positions[..range.end],
+                )?;
+                heads
+                    .slice_mut(s![start - q_from..range.end - q_from, .., ..])
+                    .assign(&out);
+            }
+            let heads = heads
+                .into_shape_with_order((t - q_from, h * dh))
+                .map_err(|e| ModelError::Input(e.to_string()))?;
+            let attn_out = heads.dot(&layer.wo.t());
+            if q_from > 0 {
+                x = x.slice(s![q_from.., ..]).to_owned();
+            }
+            x += &attn_out;
+
+            let m = rms_norm(x.view(), &layer.mlp_norm, eps);
+            let mut gate = m.dot(&layer.w1.t());
+            let up = m.dot(&layer.w3.t());
+            ndarray::Zip::from(&mut gate)
+                .and(&up)
+                .for_each(|g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
+            x += &gate.dot(&layer.w2.t());
+        }
+        if n_layers == 0 && from > 0 {
+            x = x.slice(s![from.., ..]).to_owned();
+        }
+        let xn = rms_norm(x.view(), &self.norm, eps);
+        Ok(xn.dot(&self.lm_head.t()))
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * g`, row by row.
+fn rms_norm(x: ArrayView2<f32>, g: &Array1<f32>, eps: f32) -> Array2<f32> {
+    let mut out = x.to_owned();
+    let d = x.ncols() as f32;
+    for mut row in out.axis_iter_mut(Axis(0)) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d;
+        let inv = 1.0 / (ms + eps).sqrt();
+        row.zip_mut_with(g, |v, &w| *v = *v * inv * w);
+    }
+    out
+}
+
+/// Negative log-likelihood (nats) of `target` under each row of `logits`, in f64.
+pub fn nll_rows(logits: ArrayView2<f32>, targets: &[u8]) -> Vec<f64> {
+    logits
+        .rows()
+        .into_iter()
+        .zip(targets)
+        .map(|(row, &y)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            max + z.ln() - row[y as usize] as f64
+        })
+        .collect()
+}
+
+/// The attention kernel every layer calls: `q` `[n_q, H, d]` at `q_pos`, `k`/`v`
+/// `[n_k, H, d]` at `k_pos`, unrotated; returns `[n_q, H, d]`. This is ropex's tiled
+/// kernel ([`Attention::tiled`]): band-classified tiles with an online softmax.
+pub fn attend(
+    att: &Attention,
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    q_pos: &[usize],
+    k_pos: &[usize],
+) -> Result<Array3<f32>> {
+    Ok(att.tiled(q, k, v, q_pos, k_pos)?)
+}
