@@ -55,23 +55,22 @@ pub mod error;
 mod frequencies;
 #[cfg(feature = "gguf")]
 pub mod gguf;
+pub mod limits;
 pub mod position;
 pub mod rotary;
 mod scheme;
-
-// The module path used before `scheme/` existed, for crate-internal imports.
-use scheme as scaling;
 
 pub use ndarray;
 
 pub use attention::{Attention, KvCache, KvCacheRerotating, RefreshPolicy, TileConfig, TileStats};
 pub use error::{Result, RopeError};
 pub use frequencies::Frequencies;
+pub use limits::{MAX_HEAD_DIM, MAX_HEADS, MAX_POSITION};
 pub use position::{Affine, Piece, Pieces, PositionMap};
-pub use rotary::{Layout, MAX_POSITION, RotaryTable, apply_log_n, log_n_scale};
+pub use rotary::{Layout, RotaryTable, apply_log_n, log_n_scale};
 pub use scheme::{
-    Checks, Llama3, LongRope, MAX_HEAD_DIM, MIN_DIVISOR, PairReport, Regime, RopeConfig, Scaling,
-    Yarn, beta, digits,
+    Checks, Llama3, LongRope, MIN_DIVISOR, PairReport, Regime, RopeConfig, Scaling, Yarn, beta,
+    digits,
 };
 
 /// The README's code blocks, compiled and run as doctests.

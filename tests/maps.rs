@@ -499,8 +499,8 @@ fn bad_input_is_a_typed_error_at_any_size() {
             invalid(p.run(&att, kernel));
         }
     }
-    // Positions past 2^53.
-    let far = [0, 1, 2, 3, (1usize << 53) + 1];
+    // Positions past ropex::MAX_POSITION.
+    let far = [0, 1, 2, 3, ropex::MAX_POSITION + 1];
     for kernel in [Kernel::Reference].into_iter().chain(KERNELS) {
         invalid(
             rope.run(kernel, p.q.view(), p.k.view(), p.v.view(), &far, &p.k_pos)
@@ -572,7 +572,8 @@ fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
         let map: PositionMap = meta["map"].as_str().unwrap().parse().unwrap();
-        let read = |f: &str| -> ndarray::Array3<f32> { ndarray_npy::read_npy(dir.join(f)).unwrap() };
+        let read =
+            |f: &str| -> ndarray::Array3<f32> { ndarray_npy::read_npy(dir.join(f)).unwrap() };
         let (q, k, v, want) = (read("q.npy"), read("k.npy"), read("v.npy"), read("out.npy"));
         let (n, _, d) = q.dim();
         let cfg = RopeConfig::new(d, 10_000.0).unwrap();

@@ -21,6 +21,7 @@ use super::kernels::{Kernels, MatRef, PackedKeys};
 use super::{Attention, Dims};
 use crate::error::Result;
 use crate::position::{Pieces, PositionFn};
+use crate::rotary::trig::cos_sin_into;
 use crate::rotary::{Layout, cast, rotate_lane_with};
 
 /// `heads` row-major `[rows, width]` matrices over one buffer: row `t` of head `h`
@@ -141,7 +142,8 @@ impl Trig {
         let constant = pos.is_constant();
         let pairs = inv.len();
         if constant {
-            let (sin, cos) = inv.iter().map(|&w| (pos.at(0.0) * w).sin_cos()).unzip();
+            let (mut sin, mut cos) = (vec![0f64; pairs], vec![0f64; pairs]);
+            cos_sin_into(inv, pos.at(0.0), 1.0, &mut cos, &mut sin);
             return Trig {
                 sin,
                 cos,
@@ -175,9 +177,7 @@ impl Trig {
                     cos[r.start + i] = c0 * cd - s0 * sd;
                 }
             } else {
-                for ((s, c), &w) in sin[r.clone()].iter_mut().zip(&mut cos[r]).zip(inv) {
-                    (*s, *c) = (x * w).sin_cos();
-                }
+                cos_sin_into(inv, x, 1.0, &mut cos[r.clone()], &mut sin[r]);
             }
             prev_x = x;
         }

@@ -23,8 +23,8 @@
 //! `causal`). StreamingLLM hides the keys between its sinks and its window; their
 //! closed form is NaN as well ([`PositionMap::sees`] says which entries are visible).
 //!
-//! Positions are limited to [`MAX_POSITION`] (`2^53`, where `f64` stops representing
-//! every integer); larger ones get a typed error.
+//! Positions are limited to [`MAX_POSITION`] (`2^32`, see [`crate::limits`]); larger
+//! ones get a typed error.
 //!
 //! Maps are written on the command line and in configs as `rope`, `rerope:W`,
 //! `leaky:W:K`, `interp:S`, `self-extend:G:W` (or `self-extend:G:W:SCALE_BASE`),
@@ -58,9 +58,7 @@ pub use syntax::MAP_SYNTAX;
 
 use crate::error::{Result, RopeError};
 
-/// The largest accepted token position: `2^53`, the end of the range where `f64`
-/// represents every integer (angles are computed in `f64`).
-pub const MAX_POSITION: usize = 1 << 53;
+pub use crate::limits::MAX_POSITION;
 
 /// Checks that every position is at most [`MAX_POSITION`].
 pub(crate) fn check_positions(what: &str, positions: &[usize]) -> Result<()> {
@@ -72,7 +70,7 @@ pub(crate) fn check_positions(what: &str, positions: &[usize]) -> Result<()> {
         Some((a, &p)) => Err(RopeError::invalid(
             format!("{what}[{a}]"),
             p,
-            format!("must be <= {MAX_POSITION} (2^53: angles are computed in f64)"),
+            format!("must be <= {MAX_POSITION} (ropex::limits::MAX_POSITION)"),
         )),
         None => Ok(()),
     }
@@ -299,7 +297,7 @@ impl PositionMap {
             return Err(RopeError::invalid(
                 "position_matrix positions",
                 format!("queries {q_offset} + {n_q}, keys {n_k}"),
-                format!("must stay <= {MAX_POSITION} (2^53)"),
+                format!("must stay <= {MAX_POSITION} (ropex::limits::MAX_POSITION)"),
             ));
         }
         let cells = n_q

@@ -18,13 +18,12 @@
 //! ~0.03 rad, the f64 path by less than 1e-7.
 //!
 //! ## Limits
-//! Positions are at most [`MAX_POSITION`] `= 2^32` in magnitude: there the f64 angle
-//! `p w` of a pair turning at most 1 rad per token is still within `2^32 * 2^-53 ~ 5e-7`
-//! rad of exact, below the f32 rounding of its cos/sin. A table is allocated with
+//! Positions are at most [`crate::MAX_POSITION`] `= 2^32` in magnitude (see
+//! [`crate::limits`]). A table is allocated with
 //! `try_reserve`, so a table too large for memory is a [`RopeError::Allocation`] naming the
 //! size, never an abort.
 
-mod trig;
+pub(crate) mod trig;
 
 use ndarray::ArrayViewMut3;
 use num_traits::Float;
@@ -34,9 +33,8 @@ use crate::frequencies::Frequencies;
 pub(crate) use trig::cast;
 use trig::cos_sin_into;
 
-/// The largest position magnitude a [`RotaryTable`] holds, `2^32` (see the
-/// [module docs](self)): `RotaryTable::new` takes at most `2^32 + 1` rows.
-pub const MAX_POSITION: f64 = 4_294_967_296.0;
+/// [`crate::limits::MAX_POSITION`] as the f64 magnitude a table's positions may reach.
+const MAX_POSITION: f64 = crate::limits::MAX_POSITION as f64;
 
 /// How a head's dims are paired for rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,7 +92,7 @@ impl<T: Float> RotaryTable<T> {
             return Err(RopeError::invalid(
                 "rotary table len",
                 len,
-                "must be <= 2^32 + 1 (positions up to ropex::rotary::MAX_POSITION = 2^32)",
+                "must be <= 2^32 + 1 (positions up to ropex::MAX_POSITION = 2^32)",
             ));
         }
         Self::build(freqs, (0..len).map(|p| p as f64), layout)
@@ -119,7 +117,7 @@ impl<T: Float> RotaryTable<T> {
             return Err(RopeError::invalid(
                 format!("positions[{r}]"),
                 p,
-                "must be at most 2^32 in magnitude (ropex::rotary::MAX_POSITION)",
+                "must be at most 2^32 in magnitude (ropex::MAX_POSITION)",
             ));
         }
         Self::build(freqs, positions.iter().copied(), layout)

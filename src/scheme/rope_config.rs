@@ -232,9 +232,7 @@ impl RopeConfig {
     }
 }
 
-/// The largest head dim ropex accepts, `2^16` (real models use 64 to 512): every
-/// per-pair buffer then stays small, whatever a caller passes.
-pub const MAX_HEAD_DIM: usize = 1 << 16;
+pub use crate::limits::MAX_HEAD_DIM;
 
 fn check_rotary_dim(field: &str, d: usize) -> Result<()> {
     if d == 0 || d % 2 == 1 {

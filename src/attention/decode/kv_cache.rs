@@ -4,13 +4,13 @@ use ndarray::{Array3, ArrayView3, s};
 
 use super::shared::{Core, Trig, extend_row, mat, mat_mut, per_head, softmax_times_values};
 use super::{DecodeCache, RefreshPolicy};
+use crate::RopeConfig;
 use crate::attention::Attention;
 use crate::attention::kernels::Kernels;
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::{Piece, PositionFn, PositionMap, Region};
 use crate::rotary::Layout;
-use crate::scaling::RopeConfig;
 
 /// Band keys rebuilt for one [`KvCache::attend`] call: disjoint position spans
 /// `(start, end, offset)`, the keys of span positions stored back to back from token

@@ -101,7 +101,6 @@ use ndarray::{Array3, ArrayView3};
 pub use kv_cache::KvCache;
 pub use policy::RefreshPolicy;
 pub use rerotating::KvCacheRerotating;
-pub use shared::{MAX_HEAD_DIM, MAX_HEADS};
 
 use crate::error::Result;
 

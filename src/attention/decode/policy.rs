@@ -1,6 +1,6 @@
 //! When a cache re-rotates its keys under a length-dependent scheme.
 
-use crate::scaling::Scaling;
+use crate::Scaling;
 
 /// When a cache recomputes the frequencies of a length-dependent scheme, and so
 /// re-rotates its cached keys (see the [module docs](super)).
@@ -34,22 +34,10 @@ impl RefreshPolicy {
     pub fn frequency_len(self, scaling: &Scaling, len: usize) -> usize {
         match self {
             RefreshPolicy::EveryChange => len,
-            RefreshPolicy::PowerOfTwo => match length_threshold(scaling) {
+            RefreshPolicy::PowerOfTwo => match scaling.length_threshold() {
                 Some(l0) if len > l0 => len.checked_next_power_of_two().unwrap_or(len),
                 _ => len,
             },
         }
-    }
-}
-
-/// `L0` of a length-dependent scheme: the length up to which its frequencies are fixed.
-fn length_threshold(scaling: &Scaling) -> Option<usize> {
-    match scaling {
-        Scaling::Dynamic {
-            original_max_position_embeddings,
-            ..
-        } => Some(*original_max_position_embeddings),
-        Scaling::LongRope(l) => Some(l.original_max_position_embeddings),
-        _ => None,
     }
 }

@@ -4,6 +4,7 @@ use ndarray::{Array3, ArrayView3};
 
 use super::shared::{Core, Trig, extend_head, per_head, softmax_times_values};
 use super::{DecodeCache, RefreshPolicy};
+use crate::RopeConfig;
 use crate::attention::Attention;
 use crate::attention::kernels::Kernels;
 use crate::attention::rotated::dot;
@@ -11,7 +12,6 @@ use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::PositionMap;
 use crate::rotary::Layout;
-use crate::scaling::RopeConfig;
 
 /// Su's decode (`bojone/rerope`), the baseline: caches raw keys and, at every step,
 /// rotates every visible cached key by `-P(i, j)` and dots it with the unrotated query:

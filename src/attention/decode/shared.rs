@@ -4,13 +4,13 @@
 use ndarray::{ArrayView3, s};
 
 use super::RefreshPolicy;
+use crate::RopeConfig;
 use crate::attention::kernels::{Kernels, MatMut, MatRef};
 use crate::attention::{Attention, Mask};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::PositionMap;
 use crate::rotary::{Layout, log_n_scale, rotate_lane_with};
-use crate::scaling::RopeConfig;
 
 /// cos/sin of `p * inv_freq_j` for one position, computed in f64 and cast to f32. No
 /// attention factor: the cache puts `m^2` into the logit scale, as
@@ -30,11 +30,7 @@ impl Trig {
     }
 
     pub(super) fn set(&mut self, inv_freq: &[f64], position: f64) {
-        for ((c, s), w) in self.cos.iter_mut().zip(self.sin.iter_mut()).zip(inv_freq) {
-            let (sv, cv) = (position * w).sin_cos();
-            *c = cv as f32;
-            *s = sv as f32;
-        }
+        crate::rotary::trig::cos_sin_into(inv_freq, position, 1.0, &mut self.cos, &mut self.sin);
     }
 
     pub(super) fn rotate(&self, lane: &mut [f32], layout: Layout) {
@@ -110,10 +106,7 @@ pub(super) fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize)
     MatMut::new(data, rows, cols, stride).expect("decode shapes are consistent")
 }
 
-/// Largest number of key/value heads a cache accepts.
-pub const MAX_HEADS: usize = 1 << 16;
-/// Largest key or value head dim a cache accepts.
-pub const MAX_HEAD_DIM: usize = 1 << 20;
+use crate::limits::{MAX_HEAD_DIM, MAX_HEADS};
 
 /// One empty buffer per kv head, allocated fallibly.
 pub(super) fn per_head(heads: usize) -> Result<Vec<Vec<f32>>> {
@@ -316,14 +309,14 @@ impl Core {
         if self
             .len
             .checked_add(c)
-            .is_none_or(|n| n > crate::position::MAX_POSITION)
+            .is_none_or(|n| n > crate::limits::MAX_POSITION)
         {
             return Err(RopeError::invalid(
                 "cache length",
                 format!("{} + {c}", self.len),
                 format!(
-                    "must stay <= {} (2^53 positions: angles are computed in f64)",
-                    crate::position::MAX_POSITION
+                    "must stay <= {} (ropex::limits::MAX_POSITION)",
+                    crate::limits::MAX_POSITION
                 ),
             ));
         }
