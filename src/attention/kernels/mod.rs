@@ -202,7 +202,14 @@ impl Kernels {
     }
 
     /// The implementation for `isa`, or `None` if this CPU cannot run it.
+    ///
+    /// Under Miri only [`Isa::Portable`] exists (Miri does not interpret most SIMD
+    /// intrinsics), so every test that loops over [`Kernels::all_supported`] checks the
+    /// portable path's pointer arithmetic there.
     pub fn with_isa(isa: Isa) -> Option<Kernels> {
+        if cfg!(miri) && isa != Isa::Portable {
+            return None;
+        }
         let imp = match isa {
             Isa::Portable => Some(Imp::Portable(Portable)),
             #[cfg(target_arch = "x86_64")]
@@ -662,8 +669,11 @@ impl PackedKeys {
     /// during decode): the result is what [`Kernels::pack_keys`] gives for all keys.
     /// The first append to an empty buffer sets the head dim.
     ///
+    /// Keys of head dim 0 hold no data: appending them only counts them.
+    ///
     /// # Errors
-    /// [`RopeError::ShapeMismatch`] if the buffer holds keys of another head dim.
+    /// [`RopeError::ShapeMismatch`] if the buffer holds keys of another head dim;
+    /// [`RopeError::InvalidParameter`] if the key count would overflow `usize`.
     pub fn append(&mut self, k: MatRef<'_>) -> Result<()> {
         if self.n == 0 {
             self.d = k.cols;
@@ -673,6 +683,17 @@ impl PackedKeys {
                 self.d.to_string(),
                 k.cols.to_string(),
             ));
+        }
+        let total = self.n.checked_add(k.rows).ok_or_else(|| {
+            RopeError::invalid(
+                "PackedKeys::append rows",
+                k.rows,
+                format!("must keep the key count ({} + rows) within usize", self.n),
+            )
+        })?;
+        if self.d == 0 {
+            self.n = total;
+            return Ok(());
         }
         let (p, d) = (Self::PANEL, self.d);
         for r in 0..k.rows {
@@ -780,6 +801,10 @@ impl<'a> MatRef<'a> {
     /// If `i >= rows`.
     pub fn row(&self, i: usize) -> &'a [f32] {
         assert!(i < self.rows, "row {i} of {}", self.rows);
+        if self.cols == 0 {
+            // `[rows, 0]` may have any stride over any slice: no offset is formed.
+            return &self.data[..0];
+        }
         &self.data[i * self.stride..i * self.stride + self.cols]
     }
 
@@ -787,7 +812,7 @@ impl<'a> MatRef<'a> {
     pub fn sub_rows(&self, start: usize, len: usize) -> MatRef<'a> {
         let start = start.min(self.rows);
         let len = len.min(self.rows - start);
-        let off = (start * self.stride).min(self.data.len());
+        let off = start.saturating_mul(self.stride).min(self.data.len());
         MatRef {
             data: &self.data[off..],
             rows: len,
@@ -846,6 +871,9 @@ impl<'a> MatMut<'a> {
     /// If `i >= rows`.
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
         assert!(i < self.rows, "row {i} of {}", self.rows);
+        if self.cols == 0 {
+            return &mut self.data[..0];
+        }
         &mut self.data[i * self.stride..i * self.stride + self.cols]
     }
 
@@ -863,7 +891,7 @@ impl<'a> MatMut<'a> {
     pub fn sub_rows_mut(&mut self, start: usize, len: usize) -> MatMut<'_> {
         let start = start.min(self.rows);
         let len = len.min(self.rows - start);
-        let off = (start * self.stride).min(self.data.len());
+        let off = start.saturating_mul(self.stride).min(self.data.len());
         MatMut {
             data: &mut self.data[off..],
             rows: len,

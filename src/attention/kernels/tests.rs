@@ -360,6 +360,169 @@ fn qk_empty_dims() {
     }
 }
 
+/// `[rows, 0]` matrices may carry any stride over any slice (they hold no element), so
+/// no kernel may offset a pointer by `row * stride` for them: a stride of `2^40` over an
+/// empty slice must give empty dot products, and a stride near `usize::MAX / 2` (where
+/// `row * stride` overflows) must not panic either.
+#[test]
+fn zero_width_matrices_with_any_stride() {
+    for kern in Kernels::all_supported() {
+        for stride in [1usize << 40, usize::MAX / 2] {
+            let keys = MatRef::new(&[], 9, 0, stride).unwrap();
+            for g in [1, 3, 8, 11] {
+                let q = MatRef::new(&[], g, 0, stride).unwrap();
+                let mut s = vec![GUARD; g * 9];
+                kern.qk_gemv(q, keys, MatMut::contiguous(&mut s, g, 9).unwrap(), 2.0)
+                    .unwrap();
+                assert_eq!(s, vec![0.0; g * 9], "qk_gemv {:?} g {g}", kern.isa());
+                let mut s = vec![GUARD; g * 9];
+                kern.qk_tile(q, keys, MatMut::contiguous(&mut s, g, 9).unwrap(), 2.0)
+                    .unwrap();
+                assert_eq!(s, vec![0.0; g * 9], "qk_tile {:?} g {g}", kern.isa());
+            }
+            // Packing `[9, 0]` keys gives 9 keys of head dim 0 and no data.
+            let mut packed = PackedKeys::new();
+            kern.pack_keys(keys, &mut packed);
+            assert_eq!((packed.len(), packed.head_dim()), (9, 0));
+            let mut s = vec![GUARD; 2 * 9];
+            kern.qk_tile_packed(
+                MatRef::new(&[], 2, 0, stride).unwrap(),
+                &packed,
+                0,
+                MatMut::contiguous(&mut s, 2, 9).unwrap(),
+                1.0,
+            )
+            .unwrap();
+            assert_eq!(s, vec![0.0; 18]);
+            // `O += P V` with `dv = 0`, and with `k = 0`, touches nothing.
+            let p = [1.0f32; 18];
+            let mut o: Vec<f32> = Vec::new();
+            kern.pv_tile(
+                MatRef::contiguous(&p, 2, 9).unwrap(),
+                keys,
+                MatMut::new(&mut o, 2, 0, stride).unwrap(),
+            )
+            .unwrap();
+            kern.pv_gemv(
+                MatRef::contiguous(&p, 2, 9).unwrap(),
+                keys,
+                MatMut::new(&mut o, 2, 0, stride).unwrap(),
+            )
+            .unwrap();
+            let mut o = vec![3.0f32; 4];
+            kern.pv_gemv(
+                MatRef::new(&[], 2, 0, stride).unwrap(),
+                MatRef::new(&[], 0, 2, 2).unwrap(),
+                MatMut::contiguous(&mut o, 2, 2).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(o, vec![3.0; 4]);
+            // Zero-width rows are empty slices, whatever the stride.
+            assert!(keys.row(8).is_empty());
+            assert_eq!(keys.sub_rows(5, 9).rows(), 4);
+        }
+    }
+}
+
+/// Head dim 0 in `pack_keys` and `PackedKeys::append`: keys are counted, nothing is
+/// stored, nothing panics; a later append of another head dim is a shape error.
+#[test]
+fn packed_keys_with_head_dim_zero() {
+    for kern in Kernels::all_supported() {
+        let empty = MatRef::new(&[], 40, 0, 0).unwrap();
+        let mut whole = PackedKeys::new();
+        kern.pack_keys(empty, &mut whole);
+        let mut grown = PackedKeys::new();
+        for chunk in [1, 2, 30, 7] {
+            grown.append(empty.sub_rows(0, chunk)).unwrap();
+        }
+        assert_eq!(grown, whole);
+        assert_eq!((grown.len(), grown.head_dim()), (40, 0));
+        let one = [1.0f32];
+        assert!(
+            grown
+                .append(MatRef::contiguous(&one, 1, 1).unwrap())
+                .is_err()
+        );
+        let huge = MatRef::new(&[], usize::MAX, 0, 0).unwrap();
+        assert!(grown.append(huge).is_err(), "40 + usize::MAX keys");
+        assert_eq!(grown.len(), 40);
+    }
+}
+
+/// Outputs of one to three columns in slices of exactly their size (no slack after the
+/// last element), against f64: the masked tail vectors of the micro-kernels must stay
+/// inside the slice (under Miri, forming a pointer past it fails the test).
+#[test]
+fn narrow_outputs_in_exact_slices() {
+    let mut rng = Rng(99);
+    for kern in Kernels::all_supported() {
+        for cols in 1..=3 {
+            for rows in [1, 2, 5, 9] {
+                let d = 5;
+                let a = rng.vec(rows * d);
+                let b = rng.vec(cols * d);
+                let exact = |i: usize, j: usize| -> f64 {
+                    (0..d)
+                        .map(|x| a[i * d + x] as f64 * b[j * d + x] as f64)
+                        .sum()
+                };
+                let (ar, br) = (
+                    MatRef::contiguous(&a, rows, d).unwrap(),
+                    MatRef::contiguous(&b, cols, d).unwrap(),
+                );
+                let mut packed = PackedKeys::new();
+                kern.pack_keys(br, &mut packed);
+                for run in 0..3 {
+                    let mut s = vec![0f32; rows * cols];
+                    let sm = MatMut::contiguous(&mut s, rows, cols).unwrap();
+                    match run {
+                        0 => kern.qk_tile(ar, br, sm, 1.0).unwrap(),
+                        1 => kern.qk_gemv(ar, br, sm, 1.0).unwrap(),
+                        _ => kern.qk_tile_packed(ar, &packed, 0, sm, 1.0).unwrap(),
+                    }
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let e = exact(i, j);
+                            let g = s[i * cols + j] as f64;
+                            assert!(
+                                (g - e).abs() < 1e-5,
+                                "{:?} run {run}: {g} vs {e}",
+                                kern.isa()
+                            );
+                        }
+                    }
+                }
+                // `O += P V` with V `[d, cols]` and O `[rows, cols]` in exact slices.
+                let v = rng.vec(d * cols);
+                for gemv in [false, true] {
+                    let mut o = vec![1f32; rows * cols];
+                    let (pr, vr) = (
+                        MatRef::contiguous(&a, rows, d).unwrap(),
+                        MatRef::contiguous(&v, d, cols).unwrap(),
+                    );
+                    let om = MatMut::contiguous(&mut o, rows, cols).unwrap();
+                    if gemv {
+                        kern.pv_gemv(pr, vr, om).unwrap();
+                    } else {
+                        kern.pv_tile(pr, vr, om).unwrap();
+                    }
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let e = 1.0
+                                + (0..d)
+                                    .map(|x| a[i * d + x] as f64 * v[x * cols + j] as f64)
+                                    .sum::<f64>();
+                            let g = o[i * cols + j] as f64;
+                            assert!((g - e).abs() < 1e-5, "{:?} pv: {g} vs {e}", kern.isa());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn pv_odd_sizes() {
     let mut seed = 100;
