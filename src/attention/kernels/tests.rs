@@ -787,7 +787,38 @@ fn fma_loop_counts_flops_and_stays_finite() {
         assert!(per_iter >= 2 * k.isa().lanes() as u64);
         assert_eq!(k.fma_loop_flops(10), 10 * per_iter);
         assert!(k.fma_peak_gflops(Duration::from_millis(5)) > 0.0);
+        // The peak is flops over the time the given clock reports: a clock that says
+        // 1 ms per run gives exactly `flops(100_000) / 1e-3 / 1e9`.
+        let mut runs = 0;
+        let peak = k.fma_peak_gflops_with(Duration::ZERO, |f| {
+            f();
+            runs += 1;
+            Duration::from_millis(1)
+        });
+        assert_eq!(runs, 1);
+        assert_eq!(peak, k.fma_loop_flops(100_000) as f64 / 1e-3 / 1e9);
     }
+}
+
+/// On-CPU time of this thread advances with work done on it (64-bit Linux) and not
+/// with time spent asleep.
+#[test]
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+fn thread_cpu_time_counts_work_not_sleep() {
+    let a = thread_cpu_time().expect("CLOCK_THREAD_CPUTIME_ID on Linux");
+    std::thread::sleep(Duration::from_millis(50));
+    let b = thread_cpu_time().unwrap();
+    assert!(
+        b - a < Duration::from_millis(25),
+        "sleep counted: {:?}",
+        b - a
+    );
+    let busy = Instant::now();
+    while busy.elapsed() < Duration::from_millis(20) {
+        std::hint::black_box(Kernels::portable().fma_loop(1000));
+    }
+    let c = thread_cpu_time().unwrap();
+    assert!(c > b, "work not counted: {b:?} -> {c:?}");
 }
 
 fn any_exp_input() -> impl Strategy<Value = f32> {
