@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array3, s};
 use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating};
-use ropex::attention::kernels::{Kernels, thread_cpu_time};
+use ropex::attention::kernels::{Kernels, thread_cpu_time, time_on_cpu};
 use ropex::attention::{Attention, TileConfig};
 use ropex::{Layout, PositionMap, RopeConfig};
 
@@ -63,17 +63,12 @@ static MARKDOWN: AtomicBool = AtomicBool::new(false);
 /// Time of one call of `f`: on-CPU time of this thread when available (all work runs
 /// on it: the rayon pool has one thread and `install` runs on it), else wall-clock.
 fn time_once(f: &mut dyn FnMut()) -> Duration {
-    let cpu = if WALL.load(Ordering::Relaxed) {
-        None
+    if WALL.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        f();
+        t.elapsed()
     } else {
-        thread_cpu_time()
-    };
-    let t = Instant::now();
-    f();
-    let wall = t.elapsed();
-    match (cpu, thread_cpu_time()) {
-        (Some(a), Some(b)) if b > a => b - a,
-        _ => wall,
+        time_on_cpu(f)
     }
 }
 

@@ -845,6 +845,31 @@ fn f64_attention(s: &Setup) -> (Array3<f64>, f64) {
     (out, min_top)
 }
 
+/// The reference kernel and every kernel of `NAN_KERNELS` on `s`: finite, and within
+/// `tol` of `want` everywhere; returns the largest error.
+fn check_every_kernel(s: &Setup, want: &Array3<f64>, tol: f64, label: &str) -> f64 {
+    let reference = s
+        .att
+        .reference(s.q.view(), s.k.view(), s.v.view(), &s.q_pos, &s.k_pos)
+        .unwrap();
+    let mut outs = vec![("reference".to_string(), reference)];
+    for kernel in NAN_KERNELS {
+        outs.push((format!("{kernel:?}"), s.run(kernel)));
+    }
+    let mut worst = 0f64;
+    for (name, out) in &outs {
+        assert!(out.iter().all(|x| x.is_finite()), "{label} {name}");
+        let err = out
+            .iter()
+            .zip(want.iter())
+            .map(|(g, w)| (*g as f64 - w).abs())
+            .fold(0f64, f64::max);
+        worst = worst.max(err);
+        assert!(err < tol, "{label} {name}: off by {err:.3e}");
+    }
+    worst
+}
+
 /// Logits around 1e4 and above: online softmax stays finite and, with random values,
 /// every kernel (reference included) agrees with an f64 computation written here, so
 /// the weights themselves are right (not merely summing to one).
@@ -878,27 +903,8 @@ fn huge_logits_stay_finite() {
             // could hit by accident.
             let spread = want.iter().fold(0f64, |m, x| m.max(x.abs()));
             assert!(spread > 0.5, "outputs too small to discriminate: {spread}");
-            let reference = s
-                .att
-                .reference(s.q.view(), s.k.view(), s.v.view(), &s.q_pos, &s.k_pos)
-                .unwrap();
-            let mut outs = vec![("reference".to_string(), reference)];
-            for kernel in NAN_KERNELS {
-                outs.push((format!("{kernel:?}"), s.run(kernel)));
-            }
-            for (name, out) in &outs {
-                assert!(out.iter().all(|x| x.is_finite()), "{map:?} {name}");
-                let err = out
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(g, w)| (*g as f64 - w).abs())
-                    .fold(0f64, f64::max);
-                worst = worst.max(err);
-                assert!(
-                    err < HUGE_LOGIT_TOL,
-                    "{map:?} causal={causal} {name}: off by {err:.3e}"
-                );
-            }
+            let label = format!("{map:?} causal={causal}");
+            worst = worst.max(check_every_kernel(&s, &want, HUGE_LOGIT_TOL, &label));
         }
     }
     println!("huge logits: max |kernel - f64| = {worst:.3e}");
@@ -930,26 +936,8 @@ fn huge_common_logit_offset_keeps_graded_weights() {
                 min_top < 0.5,
                 "weights nearly one-hot: top weight >= {min_top}"
             );
-            let reference = s
-                .att
-                .reference(s.q.view(), s.k.view(), s.v.view(), &s.q_pos, &s.k_pos)
-                .unwrap();
-            let mut outs = vec![("reference".to_string(), reference)];
-            for kernel in NAN_KERNELS {
-                outs.push((format!("{kernel:?}"), s.run(kernel)));
-            }
-            for (name, out) in &outs {
-                let err = out
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(g, w)| (*g as f64 - w).abs())
-                    .fold(0f64, f64::max);
-                worst = worst.max(err);
-                assert!(
-                    err < GRADED_TOL,
-                    "{map:?} causal={causal} {name}: off by {err:.3e}"
-                );
-            }
+            let label = format!("{map:?} causal={causal}");
+            worst = worst.max(check_every_kernel(&s, &want, GRADED_TOL, &label));
         }
     }
     println!("huge common offset: max |kernel - f64| = {worst:.3e}");

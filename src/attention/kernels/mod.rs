@@ -645,9 +645,9 @@ pub fn thread_cpu_time() -> Option<Duration> {
     }
 }
 
-/// Runs `f` once; its on-CPU time on this thread, or its wall-clock time where that
-/// clock is unavailable (or did not advance).
-fn time_on_cpu(f: &mut dyn FnMut()) -> Duration {
+/// Runs `f` once; its on-CPU time on this thread ([`thread_cpu_time`]), or its
+/// wall-clock time where that clock is unavailable (or did not advance).
+pub fn time_on_cpu(f: &mut dyn FnMut()) -> Duration {
     let cpu = thread_cpu_time();
     let wall = Instant::now();
     f();
