@@ -129,10 +129,12 @@ const MAPS: [Map; 3] = [Map::Rope, Map::ReRope(5), Map::Leaky(5, 4.0)];
 /// Causal attention of query `i` (all heads) over keys `0..=i`, in f64: `q` and `k` rotated
 /// through `RotaryTable` (which carries `m`), logits `q . k / sqrt(d)`, a plain softmax.
 /// Plain RoPE rotates `q_i` by `i` and `k_j` by `j`; the other maps rotate `q_i` by
-/// `P(i, j)` and `k_j` by 0 for every pair.
+/// `P(i, j)` and `k_j` by 0 for every pair. With an explicit `scale`, the logit is
+/// `scale` times the dot product of the *unscaled* rotation (the table's divided by
+/// `m^2`), as `with_scale` documents.
 fn independent_row(
     config: &RopeConfig,
-    freq_len: usize,
+    (freq_len, scale): (usize, Option<f64>),
     layout: Layout,
     map: Map,
     (q, k, v): (ArrayView3<f32>, ArrayView3<f32>, ArrayView3<f32>),
@@ -153,7 +155,12 @@ fn independent_row(
                 let mut kr = k.slice(s![j..j + 1, kvh..kvh + 1, ..]).mapv(f64::from);
                 table.rotate(qr.view_mut(), &[0]).unwrap();
                 table.rotate(kr.view_mut(), &[1]).unwrap();
-                (&qr * &kr).sum() / (D as f64).sqrt()
+                let dot = (&qr * &kr).sum();
+                let m = table.attention_factor();
+                match scale {
+                    None => dot / (D as f64).sqrt(),
+                    Some(s) => s * dot / (m * m),
+                }
             })
             .collect();
         let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -221,7 +228,7 @@ fn prefill_kernels_carry_the_attention_factor_squared() {
                     .map(|i| {
                         independent_row(
                             &case.config,
-                            N,
+                            (N, None),
                             layout,
                             map,
                             (q.view(), k.view(), v.view()),
@@ -259,8 +266,14 @@ fn prefill_kernels_carry_the_attention_factor_squared() {
 
 /// Decodes token by token (append one key/value, attend its query); step `t` is checked
 /// against the independent row with the frequencies of a `t + 1`-token sequence, which
-/// for LongRoPE switches from the short to the long factors past `L0`.
-fn decode_errors<C: DecodeCache>(mut cache: C, case: &Case, layout: Layout, map: Map) -> f64 {
+/// for LongRoPE switches from the short to the long factors past `L0`. `scale` is the
+/// cache's explicit logit scale, if it has one.
+fn decode_errors<C: DecodeCache>(
+    mut cache: C,
+    (case, scale): (&Case, Option<f64>),
+    layout: Layout,
+    map: Map,
+) -> f64 {
     let (q, k, v) = inputs();
     let mut worst = 0f64;
     for t in 0..N {
@@ -270,7 +283,7 @@ fn decode_errors<C: DecodeCache>(mut cache: C, case: &Case, layout: Layout, map:
         let got = cache.attend(q.slice(s![t..t + 1, .., ..]), &[t]).unwrap();
         let want = independent_row(
             &case.config,
-            t + 1,
+            (t + 1, scale),
             layout,
             map,
             (q.view(), k.view(), v.view()),
@@ -296,10 +309,58 @@ fn decode_caches_carry_the_attention_factor_squared() {
                 let cfg = case.config.clone();
                 let ours = KvCache::new(cfg.clone(), layout, map.ropex(), HKV, D, DV).unwrap();
                 let su = KvCacheRerotating::new(cfg, layout, map.ropex(), HKV, D, DV).unwrap();
-                worst = worst.max(decode_errors(ours, &case, layout, map));
-                worst = worst.max(decode_errors(su, &case, layout, map));
+                worst = worst.max(decode_errors(ours, (&case, None), layout, map));
+                worst = worst.max(decode_errors(su, (&case, None), layout, map));
             }
         }
     }
     println!("decode caches vs independent attention: max |err| = {worst:.3e}");
+}
+
+/// `with_scale(s)` replaces `m^2 / sqrt(d)` by `s` applied to the dot product of the
+/// unscaled rotation, in every kernel and both caches: the attention factor then no
+/// longer enters the logits.
+#[test]
+fn explicit_scale_replaces_the_default() {
+    const SCALE: f64 = 0.4;
+    let (q, k, v) = inputs();
+    let pos: Vec<usize> = (0..N).collect();
+    let layout = Layout::Half;
+    for case in cases() {
+        let freqs = case.config.frequencies_for_len(N);
+        for map in [Map::Rope, Map::ReRope(5)] {
+            let att = Attention::new(freqs.clone(), layout, map.ropex())
+                .with_scale(SCALE)
+                .unwrap();
+            let (qv, kv, vv) = (q.view(), k.view(), v.view());
+            let outs = [
+                ("reference", att.reference(qv, kv, vv, &pos, &pos).unwrap()),
+                ("two_pass", att.two_pass(qv, kv, vv, &pos, &pos).unwrap()),
+                ("tiled", att.tiled(qv, kv, vv, &pos, &pos).unwrap()),
+            ];
+            for i in 0..N {
+                let want =
+                    independent_row(&case.config, (N, Some(SCALE)), layout, map, (qv, kv, vv), i);
+                for (kernel, out) in &outs {
+                    let e = row_err(out.slice(s![i..i + 1, .., ..]), &want);
+                    assert!(
+                        e < TOL,
+                        "{} {map:?} {kernel}: row {i} off by {e:.3e}",
+                        case.name
+                    );
+                }
+            }
+            let cfg = case.config.clone();
+            let ours = KvCache::new(cfg.clone(), layout, map.ropex(), HKV, D, DV)
+                .unwrap()
+                .with_scale(SCALE)
+                .unwrap();
+            let su = KvCacheRerotating::new(cfg, layout, map.ropex(), HKV, D, DV)
+                .unwrap()
+                .with_scale(SCALE)
+                .unwrap();
+            decode_errors(ours, (&case, Some(SCALE)), layout, map);
+            decode_errors(su, (&case, Some(SCALE)), layout, map);
+        }
+    }
 }
