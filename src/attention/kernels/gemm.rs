@@ -364,6 +364,8 @@ unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
     ldo: usize,
     (masks, active): (&[S::M; NV], usize),
 ) {
+    // A constant for whole blocks, so their loops compile exactly as without the skip.
+    let active = if FULL { NV } else { active };
     let mut acc = [[s.zero(); NV]; R];
     // SAFETY: every pointer offset stays inside the ranges the caller guarantees.
     unsafe {
