@@ -30,6 +30,7 @@
 //! | [`Kernels::pv_gemv`] | `O += P V`, few queries | decode / GQA group: streams V once |
 //! | [`Kernels::exp`], [`Kernels::exp_sub_sum`], [`Kernels::row_max`], [`Kernels::scale`] | softmax pieces on one row | |
 //! | [`Kernels::fma_loop`] | independent FMA chains | the machine's f32 peak, for reports |
+//! | [`thread_cpu_time`], [`time_on_cpu`] | on-CPU time of this thread | the clock of the reports and of [`Kernels::fma_peak_gflops`] |
 //!
 //! # In a flash-attention loop
 //! Per head: [`Kernels::pack_keys`] once for the rotated keys; then per query block
@@ -58,8 +59,12 @@
 //!
 //! # Safety
 //! All `unsafe` code of ropex lives in this module: SIMD intrinsics (made safe by
-//! tokens that exist only on CPUs with the instructions) and raw-pointer loops over
-//! bounds checked once per call.
+//! tokens that exist only on CPUs with the instructions), raw-pointer loops over
+//! bounds checked once per call, and one `clock_gettime` call ([`thread_cpu_time`]).
+//! A matrix with no rows or no columns may have any stride over any slice; the kernels
+//! return before forming a pointer into it, and the micro-kernels skip the vectors of a
+//! ragged edge that hold no column, so no pointer past a slice is ever formed. Under
+//! Miri only the portable path exists, so its tests check that arithmetic there.
 
 mod gemm;
 mod peak;
