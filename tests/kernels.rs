@@ -870,42 +870,52 @@ fn check_every_kernel(s: &Setup, want: &Array3<f64>, tol: f64, label: &str) -> f
     worst
 }
 
+/// The huge-logit problems: RoPE, ReRoPE and Leaky ReRoPE (w = 5), causal or not, 33
+/// tokens, rotary dim 8 in a head of `head_dim`; labelled for messages.
+fn huge_logit_setups(head_dim: usize) -> Vec<(String, Setup)> {
+    let maps = [
+        PositionMap::Rope,
+        PositionMap::rerope(5).unwrap(),
+        PositionMap::leaky_rerope(5, 2.0).unwrap(),
+    ];
+    let mut out = Vec::new();
+    for map in maps {
+        for causal in [true, false] {
+            let spec = Spec {
+                causal,
+                head_dim,
+                ..Spec::small(map, 33)
+            };
+            out.push((format!("{map:?} causal={causal}"), spec.build()));
+        }
+    }
+    out
+}
+
 /// Logits around 1e4 and above: online softmax stays finite and, with random values,
 /// every kernel (reference included) agrees with an f64 computation written here, so
 /// the weights themselves are right (not merely summing to one).
 #[test]
 fn huge_logits_stay_finite() {
     let mut worst = 0f64;
-    for map in [
-        PositionMap::Rope,
-        PositionMap::rerope(5).unwrap(),
-        PositionMap::leaky_rerope(5, 2.0).unwrap(),
-    ] {
-        for causal in [true, false] {
-            let mut s = Spec {
-                causal,
-                ..Spec::small(map, 33)
-            }
-            .build();
-            s.q.mapv_inplace(|x| x * 300.0);
-            s.k.mapv_inplace(|x| x * 300.0);
-            // The diagonal logits (P = 0, no rotation) really are around 1e4 and above.
-            let logits: Vec<f32> = (0..33)
-                .map(|i| {
-                    let (q, k) = (s.q.slice(s![i, 0, ..]), s.k.slice(s![i, 0, ..]));
-                    q.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
-                })
-                .collect();
-            let top = logits.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(top > 1e4, "largest logit only {top}");
-            let (want, _) = f64_attention(&s);
-            // The values are random, so the outputs are not a constant a wrong softmax
-            // could hit by accident.
-            let spread = want.iter().fold(0f64, |m, x| m.max(x.abs()));
-            assert!(spread > 0.5, "outputs too small to discriminate: {spread}");
-            let label = format!("{map:?} causal={causal}");
-            worst = worst.max(check_every_kernel(&s, &want, HUGE_LOGIT_TOL, &label));
-        }
+    for (label, mut s) in huge_logit_setups(8) {
+        s.q.mapv_inplace(|x| x * 300.0);
+        s.k.mapv_inplace(|x| x * 300.0);
+        // The diagonal logits (P = 0, no rotation) really are around 1e4 and above.
+        let logits: Vec<f32> = (0..33)
+            .map(|i| {
+                let (q, k) = (s.q.slice(s![i, 0, ..]), s.k.slice(s![i, 0, ..]));
+                q.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
+            })
+            .collect();
+        let top = logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(top > 1e4, "largest logit only {top}");
+        let (want, _) = f64_attention(&s);
+        // The values are random, so the outputs are not a constant a wrong softmax
+        // could hit by accident.
+        let spread = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(spread > 0.5, "outputs too small to discriminate: {spread}");
+        worst = worst.max(check_every_kernel(&s, &want, HUGE_LOGIT_TOL, &label));
     }
     println!("huge logits: max |kernel - f64| = {worst:.3e}");
 }
@@ -917,28 +927,15 @@ fn huge_logits_stay_finite() {
 #[test]
 fn huge_common_logit_offset_keeps_graded_weights() {
     let mut worst = 0f64;
-    for map in [
-        PositionMap::Rope,
-        PositionMap::rerope(5).unwrap(),
-        PositionMap::leaky_rerope(5, 2.0).unwrap(),
-    ] {
-        for causal in [true, false] {
-            let mut s = Spec {
-                causal,
-                head_dim: 10,
-                ..Spec::small(map, 33)
-            }
-            .build();
-            s.q.slice_mut(s![.., .., 8]).fill(120.0);
-            s.k.slice_mut(s![.., .., 8]).fill(120.0);
-            let (want, min_top) = f64_attention(&s);
-            assert!(
-                min_top < 0.5,
-                "weights nearly one-hot: top weight >= {min_top}"
-            );
-            let label = format!("{map:?} causal={causal}");
-            worst = worst.max(check_every_kernel(&s, &want, GRADED_TOL, &label));
-        }
+    for (label, mut s) in huge_logit_setups(10) {
+        s.q.slice_mut(s![.., .., 8]).fill(120.0);
+        s.k.slice_mut(s![.., .., 8]).fill(120.0);
+        let (want, min_top) = f64_attention(&s);
+        assert!(
+            min_top < 0.5,
+            "weights nearly one-hot: top weight >= {min_top}"
+        );
+        worst = worst.max(check_every_kernel(&s, &want, GRADED_TOL, &label));
     }
     println!("huge common offset: max |kernel - f64| = {worst:.3e}");
 }
