@@ -290,8 +290,8 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
             for (u, mk) in masks.iter_mut().enumerate() {
                 *mk = s.mask(ncols.saturating_sub(u * S::LANES));
             }
-            // Vectors with at least one column inside O and V.
-            let active = ncols.div_ceil(S::LANES).min(NV);
+            // The masks, and how many vectors hold a column inside O and V.
+            let edge = (&masks, ncols.div_ceil(S::LANES).min(NV));
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
                 let args = (
@@ -310,30 +310,14 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
                         by_rows!(
                             rows,
                             pv_micro::<S, _, NV, true>(
-                                s,
-                                args.0,
-                                ldp,
-                                args.1,
-                                ldv,
-                                kc,
-                                args.2,
-                                ldo,
-                                (&masks, active)
+                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge
                             )
                         )
                     } else {
                         by_rows!(
                             rows,
                             pv_micro::<S, _, NV, false>(
-                                s,
-                                args.0,
-                                ldp,
-                                args.1,
-                                ldv,
-                                kc,
-                                args.2,
-                                ldo,
-                                (&masks, active)
+                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge
                             )
                         )
                     }
