@@ -21,14 +21,17 @@
 //! the slow two-pass cases; decode cases run `max(4 k, 20)` times), `--quick` (n = 1024
 //! and 2048, L = 4096, 3 runs, two-pass only at the smallest n), `--no-two-pass`, `--tiles BQxBK` (tile size of the tiled rows),
 //! `--tune 64x64,128x128,..` (only a tile-size table: rope_tiled and rerope_tiled at the
-//! largest n per size), `--wall`.
+//! largest n per size), `--wall`, `--markdown` (only a header line naming the CPU
+//! (`/proc/cpuinfo` model name and family), the instruction set in use, the FMA-loop
+//! peak and the read bandwidth, then the table in exactly the form of the README's
+//! "Attention kernels" table).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array3, s};
 use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating};
-use ropex::attention::kernels::Kernels;
+use ropex::attention::kernels::{Kernels, thread_cpu_time, time_on_cpu};
 use ropex::attention::{Attention, TileConfig};
 use ropex::{Layout, PositionMap, RopeConfig};
 
@@ -51,51 +54,21 @@ fn config() -> RopeConfig {
     RopeConfig::new(HEAD_DIM, 10_000.0).expect("valid rope config")
 }
 
-/// Time this thread has spent on a CPU (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`,
-/// Linux), if known: unlike wall-clock time it does not count the time other jobs on a
-/// shared machine hold the core.
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-fn thread_cpu_time() -> Option<Duration> {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: i64,
-        tv_nsec: i64,
-    }
-    unsafe extern "C" {
-        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-    }
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec (two 64-bit fields on 64-bit Linux).
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
-}
-
-#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-fn thread_cpu_time() -> Option<Duration> {
-    None
-}
-
 /// Use wall-clock time instead of on-CPU time (`--wall`).
 static WALL: AtomicBool = AtomicBool::new(false);
 
+/// Print only the README's header line and table (`--markdown`).
+static MARKDOWN: AtomicBool = AtomicBool::new(false);
+
 /// Time of one call of `f`: on-CPU time of this thread when available (all work runs
 /// on it: the rayon pool has one thread and `install` runs on it), else wall-clock.
-fn time_once(f: &mut impl FnMut()) -> Duration {
-    let cpu = if WALL.load(Ordering::Relaxed) {
-        None
+fn time_once(f: &mut dyn FnMut()) -> Duration {
+    if WALL.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        f();
+        t.elapsed()
     } else {
-        thread_cpu_time()
-    };
-    let t = Instant::now();
-    f();
-    let wall = t.elapsed();
-    match (cpu, thread_cpu_time()) {
-        (Some(a), Some(b)) if b > a => b - a,
-        _ => wall,
+        time_on_cpu(f)
     }
 }
 
@@ -179,6 +152,7 @@ fn options() -> Options {
             "--reps" => reps = parse_list("--reps", args.next()).first().copied(),
             "--quick" => o.quick = true,
             "--wall" => WALL.store(true, Ordering::Relaxed),
+            "--markdown" => MARKDOWN.store(true, Ordering::Relaxed),
             "--no-two-pass" => o.two_pass = false,
             "--tiles" => {
                 o.tiles = parse_tiles(args.next())
@@ -190,7 +164,7 @@ fn options() -> Options {
             "-h" | "--help" => {
                 println!(
                     "bench_report [--ns 1024,2048,4096] [--ls 4096,32768] [--reps 5] [--quick] \
-                     [--no-two-pass] [--tiles 64x64] [--tune 64x64,128x64,..] [--wall]"
+                     [--no-two-pass] [--tiles 64x64] [--tune 64x64,128x64,..] [--wall] [--markdown]"
                 );
                 std::process::exit(0);
             }
@@ -460,9 +434,26 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
 // Machine measurements
 
 /// f32 FMA-loop peak in GFLOP/s on this thread, from the SIMD kernels' FMA loop
-/// ([`Kernels::fma_peak_gflops`], best of ~1 ms runs over 1 s).
+/// ([`Kernels::fma_peak_gflops_with`], best of ~1 ms runs over 1 s), each run timed
+/// like the cases.
 fn fma_peak() -> f64 {
-    Kernels::active().fma_peak_gflops(Duration::from_secs(1))
+    Kernels::active().fma_peak_gflops_with(Duration::from_secs(1), time_once)
+}
+
+/// The CPU as `/proc/cpuinfo` names it: `model name (family F)`, or `unknown CPU`.
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+    };
+    match (field("model name"), field("cpu family")) {
+        (Some(m), Some(f)) => format!("{m} (family {f})"),
+        (Some(m), None) => m,
+        _ => "unknown CPU".to_string(),
+    }
 }
 
 /// Streaming read bandwidth in GB/s: sum of a 1 GiB buffer, best of 5 passes (timed
@@ -522,6 +513,10 @@ unsafe fn sum_avx2(x: &[f32]) -> f32 {
 // Report
 
 fn print_table(res: &Results) {
+    if MARKDOWN.load(Ordering::Relaxed) {
+        print_markdown(res);
+        return;
+    }
     println!("| case | size | time (ms) | throughput | ratio | of machine |");
     println!("|---|---|---:|---:|---:|---:|");
     for r in &res.rows {
@@ -538,6 +533,59 @@ fn print_table(res: &Results) {
             ratio,
             100.0 * r.of_machine,
             r.machine
+        );
+    }
+}
+
+/// The README's form: prefill rows by name, decode rows as `decode <cache>`, the share
+/// of the machine only on the plain row at the largest size (the headline figure),
+/// ratios to three decimals below 2 and two above.
+fn print_markdown(res: &Results) {
+    let largest = |unit: &str| {
+        res.rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.unit == unit && r.ratio.is_some_and(|(x, _)| x == 1.0))
+            .map(|(i, _)| i)
+            .next_back()
+    };
+    let headline = [largest("GFLOP/s"), largest("GB/s")];
+    println!("| case | size | time (ms) | throughput | ratio |");
+    println!("|---|---|---:|---:|---:|");
+    for (i, r) in res.rows.iter().enumerate() {
+        let (case, size) = match r.unit {
+            "GB/s" => {
+                let name = match r.case.as_str() {
+                    "rerope_rerotating (Su)" => "Su's re-rotating",
+                    c => c,
+                };
+                let size = match r.case.as_str() {
+                    "rope" => r.size.split(',').next().unwrap_or(&r.size).to_string(),
+                    _ => r.size.clone(),
+                };
+                (format!("decode {name}"), size)
+            }
+            _ => (r.case.clone(), r.size.clone()),
+        };
+        let share = if headline.contains(&Some(i)) {
+            let of = match r.unit {
+                "GB/s" => "of read bandwidth",
+                _ => "of peak",
+            };
+            format!(" ({:.0}% {of})", 100.0 * r.of_machine)
+        } else {
+            String::new()
+        };
+        let ratio = r.ratio.map_or(String::new(), |(x, _)| {
+            if x < 2.0 {
+                format!("{x:.3}")
+            } else {
+                format!("{x:.2}")
+            }
+        });
+        println!(
+            "| {case} | {size} | {:.2} | {:.1} {}{share} | {ratio} |",
+            r.ms, r.rate, r.unit
         );
     }
 }
@@ -649,6 +697,20 @@ fn main() {
         } else {
             "on-CPU time of the worker thread (`--wall` for wall-clock)"
         };
+        if MARKDOWN.load(Ordering::Relaxed) {
+            let kern = Kernels::active();
+            let clock = clock.split(" (").next().unwrap_or(clock);
+            println!(
+                "{}, {} ({} f32 lanes): FMA-loop peak {peak:.1} GFLOP/s, streaming read {bandwidth:.1} GB/s; 1 thread, median of {} runs, {clock}:",
+                cpu_model(),
+                kern.isa().name(),
+                kern.isa().lanes(),
+                o.reps
+            );
+            println!();
+            print_table(&res);
+            return;
+        }
         println!(
             "ropex bench_report: 1 rayon thread (pin the process too: `taskset -c 0`), median of {} runs after a warm-up, {clock}",
             o.reps

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use ropex::attention::{
     Attention, TileConfig, TileStats, expected_straddling_tiles, straddling_tiles_square,
 };
-use ropex::{Frequencies, Layout, PositionMap, RopeConfig, RopeError, Scaling, Yarn};
+use ropex::{Frequencies, Layout, PositionMap, RopeConfig, RopeError, RotaryTable, Scaling, Yarn};
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -796,47 +796,159 @@ fn nan_stays_local() {
     }
 }
 
-/// Logits around 1e4: online softmax stays finite, and with `v = 1` every causal row is 1.
-#[test]
-fn huge_logits_stay_finite() {
-    for map in [
-        PositionMap::Rope,
-        PositionMap::rerope(5).unwrap(),
-        PositionMap::leaky_rerope(5, 2.0).unwrap(),
-    ] {
-        for causal in [true, false] {
-            let mut s = Spec {
-                causal,
-                ..Spec::small(map, 33)
-            }
-            .build();
-            s.q.mapv_inplace(|x| x * 300.0);
-            s.k.mapv_inplace(|x| x * 300.0);
-            s.v.fill(1.0);
-            let want = s
-                .att
-                .reference(s.q.view(), s.k.view(), s.v.view(), &s.q_pos, &s.k_pos)
-                .unwrap();
-            assert!(want.iter().all(|x| (x - 1.0).abs() < 1e-5));
-            // The diagonal logits (P = 0, no rotation) really are around 1e4 and above.
-            let logits: Vec<f32> = (0..33)
-                .map(|i| {
-                    let (q, k) = (s.q.slice(s![i, 0, ..]), s.k.slice(s![i, 0, ..]));
-                    q.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
+/// Attention in f64 written out here: `q_i` rotated by `P(i, j)` through an f64
+/// `RotaryTable` (the map's closed form `PositionMap::position`), dotted with the
+/// unrotated `k_j`, scaled by `m^2 / sqrt(d)` (from the table), a softmax with the row
+/// maximum subtracted, and the weighted sum of `v`. Also returns the smallest top
+/// weight of any row (1 when every row is one-hot).
+fn f64_attention(s: &Setup) -> (Array3<f64>, f64) {
+    let (n_q, hq, d) = s.q.dim();
+    let (n_k, hkv, dv) = s.v.dim();
+    let freqs = s.att.frequencies();
+    let mut out = Array3::<f64>::zeros((n_q, hq, dv));
+    let mut min_top = 1f64;
+    for (i, &qp) in s.q_pos.iter().enumerate() {
+        let visible: Vec<usize> = (0..n_k)
+            .filter(|&j| !s.att.causal() || s.k_pos[j] <= qp)
+            .collect();
+        for h in 0..hq {
+            let kvh = h / (hq / hkv);
+            let logits: Vec<f64> = visible
+                .iter()
+                .map(|&j| {
+                    let p = s.att.map().position(qp, s.k_pos[j]);
+                    let table =
+                        RotaryTable::<f64>::from_positions(freqs, &[p], s.att.layout()).unwrap();
+                    let mut qr = s.q.slice(s![i..i + 1, h..h + 1, ..]).mapv(f64::from);
+                    table.rotate(qr.view_mut(), &[0]).unwrap();
+                    let m = table.attention_factor();
+                    (0..d)
+                        .map(|x| qr[[0, 0, x]] * m * s.k[[j, kvh, x]] as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
                 })
                 .collect();
-            let top = logits.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(top > 1e4, "largest logit only {top}");
-            for kernel in NAN_KERNELS {
-                let out = s.run(kernel);
-                assert!(
-                    out.iter().all(|x| x.is_finite() && (x - 1.0).abs() < 1e-5),
-                    "{map:?} causal={causal} {kernel:?}"
-                );
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+            let z: f64 = e.iter().sum();
+            min_top = min_top.min(1.0 / z);
+            for x in 0..dv {
+                out[[i, h, x]] = visible
+                    .iter()
+                    .zip(&e)
+                    .map(|(&j, w)| w * s.v[[j, kvh, x]] as f64)
+                    .sum::<f64>()
+                    / z;
             }
         }
     }
+    (out, min_top)
 }
+
+/// The reference kernel and every kernel of `NAN_KERNELS` on `s`: finite, and within
+/// `tol` of `want` everywhere; returns the largest error.
+fn check_every_kernel(s: &Setup, want: &Array3<f64>, tol: f64, label: &str) -> f64 {
+    let reference = s
+        .att
+        .reference(s.q.view(), s.k.view(), s.v.view(), &s.q_pos, &s.k_pos)
+        .unwrap();
+    let mut outs = vec![("reference".to_string(), reference)];
+    for kernel in NAN_KERNELS {
+        outs.push((format!("{kernel:?}"), s.run(kernel)));
+    }
+    let mut worst = 0f64;
+    for (name, out) in &outs {
+        assert!(out.iter().all(|x| x.is_finite()), "{label} {name}");
+        let err = out
+            .iter()
+            .zip(want.iter())
+            .map(|(g, w)| (*g as f64 - w).abs())
+            .fold(0f64, f64::max);
+        worst = worst.max(err);
+        assert!(err < tol, "{label} {name}: off by {err:.3e}");
+    }
+    worst
+}
+
+/// The huge-logit problems: RoPE, ReRoPE and Leaky ReRoPE (w = 5), causal or not, 33
+/// tokens, rotary dim 8 in a head of `head_dim`; labelled for messages.
+fn huge_logit_setups(head_dim: usize) -> Vec<(String, Setup)> {
+    let maps = [
+        PositionMap::Rope,
+        PositionMap::rerope(5).unwrap(),
+        PositionMap::leaky_rerope(5, 2.0).unwrap(),
+    ];
+    let mut out = Vec::new();
+    for map in maps {
+        for causal in [true, false] {
+            let spec = Spec {
+                causal,
+                head_dim,
+                ..Spec::small(map, 33)
+            };
+            out.push((format!("{map:?} causal={causal}"), spec.build()));
+        }
+    }
+    out
+}
+
+/// Logits around 1e4 and above: online softmax stays finite and, with random values,
+/// every kernel (reference included) agrees with an f64 computation written here, so
+/// the weights themselves are right (not merely summing to one).
+#[test]
+fn huge_logits_stay_finite() {
+    let mut worst = 0f64;
+    for (label, mut s) in huge_logit_setups(8) {
+        s.q.mapv_inplace(|x| x * 300.0);
+        s.k.mapv_inplace(|x| x * 300.0);
+        // The diagonal logits (P = 0, no rotation) really are around 1e4 and above.
+        let logits: Vec<f32> = (0..33)
+            .map(|i| {
+                let (q, k) = (s.q.slice(s![i, 0, ..]), s.k.slice(s![i, 0, ..]));
+                q.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
+            })
+            .collect();
+        let top = logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(top > 1e4, "largest logit only {top}");
+        let (want, _) = f64_attention(&s);
+        // The values are random, so the outputs are not a constant a wrong softmax
+        // could hit by accident.
+        let spread = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(spread > 0.5, "outputs too small to discriminate: {spread}");
+        worst = worst.max(check_every_kernel(&s, &want, HUGE_LOGIT_TOL, &label));
+    }
+    println!("huge logits: max |kernel - f64| = {worst:.3e}");
+}
+
+/// Logits of ~1e4 that differ by O(1): a pass-through dim (head dim 10, rotary dim 8)
+/// adds the same `120 * 120 / sqrt(10) ~ 4.6e3` to every logit, so the softmax weights
+/// are graded rather than one-hot and must survive the subtraction of a huge row
+/// maximum; with random values every kernel must match the f64 computation.
+#[test]
+fn huge_common_logit_offset_keeps_graded_weights() {
+    let mut worst = 0f64;
+    for (label, mut s) in huge_logit_setups(10) {
+        s.q.slice_mut(s![.., .., 8]).fill(120.0);
+        s.k.slice_mut(s![.., .., 8]).fill(120.0);
+        let (want, min_top) = f64_attention(&s);
+        assert!(
+            min_top < 0.5,
+            "weights nearly one-hot: top weight >= {min_top}"
+        );
+        worst = worst.max(check_every_kernel(&s, &want, GRADED_TOL, &label));
+    }
+    println!("huge common offset: max |kernel - f64| = {worst:.3e}");
+}
+
+/// Tolerance of `huge_common_logit_offset_keeps_graded_weights`: f32 dot products of
+/// ~1.4e4 carry absolute errors of ~1e-3, which enter the weights directly; the largest
+/// error measured is 1.8e-4 (portable, AVX2 and AVX-512 alike).
+const GRADED_TOL: f64 = 3e-4;
+
+/// Tolerance of `huge_logits_stay_finite`: logits of 1e4-1e5 far apart make every row
+/// one-hot, so each output is one value row; the largest error measured is 5.4e-15
+/// (every ISA), f32 rounding of the output allows 6e-8.
+const HUGE_LOGIT_TOL: f64 = 1e-6;
 
 // ---------------------------------------------------------------------------------
 // Tile counts

@@ -48,10 +48,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 
 # ---------------------------------------------------------------------------------------------
-# Phi-3-mini-128k-instruct LongRoPE factors (48 = 96/2 entries each).  Written from the public
-# config.json (current revision, "type": "longrope"); the lists were cross-checked against two
-# independent public copies of that file's values (a Microsoft evaluation script's
-# LONGROPE_PARAMS and a llama.cpp walkthrough quoting the Hub config), not downloaded from the Hub.
+# Phi-3-mini-128k-instruct LongRoPE factors (48 = 96/2 entries each).  Typed in from the model's
+# published config.json ("type": "longrope"), NOT downloaded from the Hub (this machine reaches
+# only package registries).  All 96 values agree exactly with an independent public copy (the
+# LONGROPE_PARAMS of a Microsoft evaluation script); a llama.cpp walkthrough quoting the Hub file
+# shows the same leading and trailing entries.  No test checks them against the Hub's current
+# revision: the fixtures pin parity with transformers on these lists.  The other real-model
+# configs in model_configs() below are typed in the same way (see tools/README.md).
 # ---------------------------------------------------------------------------------------------
 PHI3_LONG_FACTOR = [
     1.0700000524520874, 1.1200000047683716, 1.149999976158142, 1.4199999570846558,

@@ -100,6 +100,10 @@ pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize>(
 pub(crate) fn pack_keys<S: Simd>(s: S, k: MatRef<'_>, out: &mut [f32]) {
     let (n, d) = (k.rows(), k.cols());
     assert_eq!(out.len(), n.div_ceil(PANEL) * PANEL * d);
+    if n == 0 || d == 0 {
+        // Nothing to pack (and `out` is empty); no pointer into `k` is formed.
+        return;
+    }
     let (kp, ldk) = (k.as_ptr(), k.stride());
     for (p, panel) in out.chunks_exact_mut(PANEL * d).enumerate() {
         let j0 = p * PANEL;
@@ -178,12 +182,14 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
         for (u, mk) in masks.iter_mut().enumerate() {
             *mk = s.mask((ncols - sub).saturating_sub(u * S::LANES));
         }
+        // Vectors with at least one column inside C; the others are never addressed.
+        let active = (ncols - sub).div_ceil(S::LANES).min(NV);
         for i0 in (0..m).step_by(MR) {
             let rows = MR.min(m - i0);
             // SAFETY: rows `i0 .. i0 + rows <= m` of A (head dims `k0 .. k0 + kc`) and of
-            // C (columns `j0 + sub ..`, stores limited to `masks`, i.e. to
-            // `j0 + ncols`) are in bounds; the panel columns `sub .. sub + nr <= PANEL`
-            // of its `kc` rows are readable (caller).
+            // C (columns `j0 + sub ..`, the first `active` vectors, stores limited to
+            // `masks`, i.e. to `j0 + ncols`) are in bounds; the panel columns
+            // `sub .. sub + nr <= PANEL` of its `kc` rows are readable (caller).
             unsafe {
                 by_rows!(
                     rows,
@@ -195,7 +201,7 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
                         kc,
                         cp.add(i0 * ldc + j0 + sub),
                         ldc,
-                        &masks,
+                        (&masks, active),
                         mode,
                     )
                 )
@@ -208,7 +214,9 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
 ///
 /// # Safety
 /// `a` readable for `R` rows of `kc` (stride `lda`); `panel` for `kc` rows of
-/// `NV * LANES` (stride [`PANEL`]); `c` readable and writable for `R` rows at the lanes of `masks` (stride `ldc`).
+/// `NV * LANES` (stride [`PANEL`]); `c` readable and writable for `R` rows at the lanes
+/// of `masks` (stride `ldc`), of which only the first `active` vectors hold any lane:
+/// the others are skipped, so no pointer past C's columns is formed.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
@@ -219,7 +227,7 @@ unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
     kc: usize,
     c: *mut f32,
     ldc: usize,
-    masks: &[S::M; NV],
+    (masks, active): (&[S::M; NV], usize),
     (accumulate, scale): (bool, Option<f32>),
 ) {
     let mut acc = [[s.zero(); NV]; R];
@@ -239,7 +247,7 @@ unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
             }
         }
         for (i, row) in acc.iter().enumerate() {
-            for (u, (&x, &m)) in row.iter().zip(masks).enumerate() {
+            for (u, (&x, &m)) in row.iter().zip(masks).enumerate().take(active) {
                 let p = c.add(i * ldc + u * S::LANES);
                 let mut y = x;
                 if accumulate {
@@ -282,6 +290,8 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
             for (u, mk) in masks.iter_mut().enumerate() {
                 *mk = s.mask(ncols.saturating_sub(u * S::LANES));
             }
+            // The masks, and how many vectors hold a column inside O and V.
+            let edge = (&masks, ncols.div_ceil(S::LANES).min(NV));
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
                 let args = (
@@ -300,14 +310,14 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
                         by_rows!(
                             rows,
                             pv_micro::<S, _, NV, true>(
-                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, &masks
+                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge
                             )
                         )
                     } else {
                         by_rows!(
                             rows,
                             pv_micro::<S, _, NV, false>(
-                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, &masks
+                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge
                             )
                         )
                     }
@@ -323,7 +333,8 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
 /// # Safety
 /// `p` readable for `R` rows of `kc` (stride `ldp`); `v` for `kc` rows (stride `ldv`)
 /// and `o` readable and writable for `R` rows (stride `ldo`), each at `NV * LANES`
-/// columns (`FULL`) or the lanes of `masks`.
+/// columns (`FULL`) or the lanes of `masks`, of which only the first `active` vectors
+/// hold any lane: the others are skipped, so no pointer past the columns is formed.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
@@ -335,13 +346,15 @@ unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
     kc: usize,
     o: *mut f32,
     ldo: usize,
-    masks: &[S::M; NV],
+    (masks, active): (&[S::M; NV], usize),
 ) {
+    // A constant for whole blocks, so their loops compile exactly as without the skip.
+    let active = if FULL { NV } else { active };
     let mut acc = [[s.zero(); NV]; R];
     // SAFETY: every pointer offset stays inside the ranges the caller guarantees.
     unsafe {
         for (i, row) in acc.iter_mut().enumerate() {
-            for (u, x) in row.iter_mut().enumerate() {
+            for (u, x) in row.iter_mut().enumerate().take(active) {
                 let q = o.add(i * ldo + u * S::LANES);
                 *x = if FULL {
                     s.load(q)
@@ -353,7 +366,7 @@ unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
         for k in 0..kc {
             let vk = v.add(k * ldv);
             let mut bv = [s.zero(); NV];
-            for (u, b) in bv.iter_mut().enumerate() {
+            for (u, b) in bv.iter_mut().enumerate().take(active) {
                 *b = if FULL {
                     s.load(vk.add(u * S::LANES))
                 } else {
@@ -368,7 +381,7 @@ unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
             }
         }
         for (i, row) in acc.iter().enumerate() {
-            for (u, &x) in row.iter().enumerate() {
+            for (u, &x) in row.iter().enumerate().take(active) {
                 let q = o.add(i * ldo + u * S::LANES);
                 if FULL {
                     s.store(q, x);
@@ -392,6 +405,15 @@ pub(crate) fn qk_dot<S: Simd, const G: usize, const R: usize>(
 ) {
     let (n, d) = (k.rows(), q.cols());
     debug_assert!(q.rows() == G && k.cols() == d && out.rows() == G && out.cols() == n);
+    if n == 0 {
+        return;
+    }
+    if d == 0 {
+        // Empty dot products; K may be `[n, 0]` with any stride over an empty slice, so
+        // no pointer into it is formed.
+        zero_rows(&mut out);
+        return;
+    }
     let (qp, ldq) = (q.as_ptr(), q.stride());
     let (kp, ldk) = (k.as_ptr(), k.stride());
     let (op, ldo) = (out.as_mut_ptr(), out.stride());

@@ -1,12 +1,25 @@
 //! Unit tests: every instruction set against an f64 oracle and against the portable
 //! path, on odd sizes, strides and edge values.
+//!
+//! Under Miri (`cargo +nightly miri test --lib attention::kernels`) only the portable
+//! path exists ([`Kernels::with_isa`]), the size grids are smaller, and the proptest
+//! blocks and the OS-clock test are left out, so that Miri checks the pointer
+//! arithmetic of every primitive in reasonable time.
 
 use super::simd::expc;
 use super::*;
+#[cfg(not(miri))]
 use proptest::prelude::*;
 
 /// The sizes the brief asks for: around every lane and block boundary.
+#[cfg(not(miri))]
 const SIZES: [usize; 7] = [1, 3, 17, 63, 65, 127, 129];
+/// Under Miri: one size below, at and above a vector of every instruction set.
+#[cfg(miri)]
+const SIZES: [usize; 3] = [1, 3, 17];
+
+/// Step between the f32 bit patterns of `exp`'s dense grid.
+const GRID_STEP: u32 = if cfg!(miri) { 9_700_001 } else { 97 };
 
 /// A small deterministic generator (xorshift64*), values in [-1, 1).
 struct Rng(u64);
@@ -207,7 +220,7 @@ fn every_isa_is_listed_and_portable_always_exists() {
         Kernels::with_isa(Isa::Portable).unwrap()
     );
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if std::arch::is_x86_feature_detected!("avx512f") && !cfg!(miri) {
         assert_eq!(Isa::best(), Isa::Avx512);
     }
 }
@@ -360,6 +373,169 @@ fn qk_empty_dims() {
     }
 }
 
+/// `[rows, 0]` matrices may carry any stride over any slice (they hold no element), so
+/// no kernel may offset a pointer by `row * stride` for them: a stride of `2^40` over an
+/// empty slice must give empty dot products, and a stride near `usize::MAX / 2` (where
+/// `row * stride` overflows) must not panic either.
+#[test]
+fn zero_width_matrices_with_any_stride() {
+    for kern in Kernels::all_supported() {
+        for stride in [1usize << 40, usize::MAX / 2] {
+            let keys = MatRef::new(&[], 9, 0, stride).unwrap();
+            for g in [1, 3, 8, 11] {
+                let q = MatRef::new(&[], g, 0, stride).unwrap();
+                let mut s = vec![GUARD; g * 9];
+                kern.qk_gemv(q, keys, MatMut::contiguous(&mut s, g, 9).unwrap(), 2.0)
+                    .unwrap();
+                assert_eq!(s, vec![0.0; g * 9], "qk_gemv {:?} g {g}", kern.isa());
+                let mut s = vec![GUARD; g * 9];
+                kern.qk_tile(q, keys, MatMut::contiguous(&mut s, g, 9).unwrap(), 2.0)
+                    .unwrap();
+                assert_eq!(s, vec![0.0; g * 9], "qk_tile {:?} g {g}", kern.isa());
+            }
+            // Packing `[9, 0]` keys gives 9 keys of head dim 0 and no data.
+            let mut packed = PackedKeys::new();
+            kern.pack_keys(keys, &mut packed);
+            assert_eq!((packed.len(), packed.head_dim()), (9, 0));
+            let mut s = vec![GUARD; 2 * 9];
+            kern.qk_tile_packed(
+                MatRef::new(&[], 2, 0, stride).unwrap(),
+                &packed,
+                0,
+                MatMut::contiguous(&mut s, 2, 9).unwrap(),
+                1.0,
+            )
+            .unwrap();
+            assert_eq!(s, vec![0.0; 18]);
+            // `O += P V` with `dv = 0`, and with `k = 0`, touches nothing.
+            let p = [1.0f32; 18];
+            let mut o: Vec<f32> = Vec::new();
+            kern.pv_tile(
+                MatRef::contiguous(&p, 2, 9).unwrap(),
+                keys,
+                MatMut::new(&mut o, 2, 0, stride).unwrap(),
+            )
+            .unwrap();
+            kern.pv_gemv(
+                MatRef::contiguous(&p, 2, 9).unwrap(),
+                keys,
+                MatMut::new(&mut o, 2, 0, stride).unwrap(),
+            )
+            .unwrap();
+            let mut o = vec![3.0f32; 4];
+            kern.pv_gemv(
+                MatRef::new(&[], 2, 0, stride).unwrap(),
+                MatRef::new(&[], 0, 2, 2).unwrap(),
+                MatMut::contiguous(&mut o, 2, 2).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(o, vec![3.0; 4]);
+            // Zero-width rows are empty slices, whatever the stride.
+            assert!(keys.row(8).is_empty());
+            assert_eq!(keys.sub_rows(5, 9).rows(), 4);
+        }
+    }
+}
+
+/// Head dim 0 in `pack_keys` and `PackedKeys::append`: keys are counted, nothing is
+/// stored, nothing panics; a later append of another head dim is a shape error.
+#[test]
+fn packed_keys_with_head_dim_zero() {
+    for kern in Kernels::all_supported() {
+        let empty = MatRef::new(&[], 40, 0, 0).unwrap();
+        let mut whole = PackedKeys::new();
+        kern.pack_keys(empty, &mut whole);
+        let mut grown = PackedKeys::new();
+        for chunk in [1, 2, 30, 7] {
+            grown.append(empty.sub_rows(0, chunk)).unwrap();
+        }
+        assert_eq!(grown, whole);
+        assert_eq!((grown.len(), grown.head_dim()), (40, 0));
+        let one = [1.0f32];
+        assert!(
+            grown
+                .append(MatRef::contiguous(&one, 1, 1).unwrap())
+                .is_err()
+        );
+        let huge = MatRef::new(&[], usize::MAX, 0, 0).unwrap();
+        assert!(grown.append(huge).is_err(), "40 + usize::MAX keys");
+        assert_eq!(grown.len(), 40);
+    }
+}
+
+/// Outputs of one to three columns in slices of exactly their size (no slack after the
+/// last element), against f64: the masked tail vectors of the micro-kernels must stay
+/// inside the slice (under Miri, forming a pointer past it fails the test).
+#[test]
+fn narrow_outputs_in_exact_slices() {
+    let mut rng = Rng(99);
+    for kern in Kernels::all_supported() {
+        for cols in 1..=3 {
+            for rows in [1, 2, 5, 9] {
+                let d = 5;
+                let a = rng.vec(rows * d);
+                let b = rng.vec(cols * d);
+                let exact = |i: usize, j: usize| -> f64 {
+                    (0..d)
+                        .map(|x| a[i * d + x] as f64 * b[j * d + x] as f64)
+                        .sum()
+                };
+                let (ar, br) = (
+                    MatRef::contiguous(&a, rows, d).unwrap(),
+                    MatRef::contiguous(&b, cols, d).unwrap(),
+                );
+                let mut packed = PackedKeys::new();
+                kern.pack_keys(br, &mut packed);
+                for run in 0..3 {
+                    let mut s = vec![0f32; rows * cols];
+                    let sm = MatMut::contiguous(&mut s, rows, cols).unwrap();
+                    match run {
+                        0 => kern.qk_tile(ar, br, sm, 1.0).unwrap(),
+                        1 => kern.qk_gemv(ar, br, sm, 1.0).unwrap(),
+                        _ => kern.qk_tile_packed(ar, &packed, 0, sm, 1.0).unwrap(),
+                    }
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let e = exact(i, j);
+                            let g = s[i * cols + j] as f64;
+                            assert!(
+                                (g - e).abs() < 1e-5,
+                                "{:?} run {run}: {g} vs {e}",
+                                kern.isa()
+                            );
+                        }
+                    }
+                }
+                // `O += P V` with V `[d, cols]` and O `[rows, cols]` in exact slices.
+                let v = rng.vec(d * cols);
+                for gemv in [false, true] {
+                    let mut o = vec![1f32; rows * cols];
+                    let (pr, vr) = (
+                        MatRef::contiguous(&a, rows, d).unwrap(),
+                        MatRef::contiguous(&v, d, cols).unwrap(),
+                    );
+                    let om = MatMut::contiguous(&mut o, rows, cols).unwrap();
+                    if gemv {
+                        kern.pv_gemv(pr, vr, om).unwrap();
+                    } else {
+                        kern.pv_tile(pr, vr, om).unwrap();
+                    }
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let e = 1.0
+                                + (0..d)
+                                    .map(|x| a[i * d + x] as f64 * v[x * cols + j] as f64)
+                                    .sum::<f64>();
+                            let g = o[i * cols + j] as f64;
+                            assert!((g - e).abs() < 1e-5, "{:?} pv: {g} vs {e}", kern.isa());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn pv_odd_sizes() {
     let mut seed = 100;
@@ -463,18 +639,19 @@ fn exp_thresholds_are_the_f32_limits() {
 
 #[test]
 fn exp_is_accurate_on_a_dense_grid_and_edges() {
-    // Every 97th f32 in [-87.4, 88.8] (~ 300k values), plus the edges.
+    // Every GRID_STEP-th f32 in [-87.4, 88.8] (~23M values; about 230 under
+    // Miri), plus the edges.
     let mut xs: Vec<f32> = Vec::new();
     let (lo, hi) = (-87.4f32, 88.8f32);
     let mut bits = lo.to_bits();
     while f32::from_bits(bits) < 0.0 {
         xs.push(f32::from_bits(bits));
-        bits -= 97; // toward zero
+        bits -= GRID_STEP; // toward zero
     }
     let mut bits = 0u32;
     while f32::from_bits(bits) < hi {
         xs.push(f32::from_bits(bits));
-        bits += 97;
+        bits += GRID_STEP;
     }
     xs.extend([
         0.0,
@@ -624,9 +801,41 @@ fn fma_loop_counts_flops_and_stays_finite() {
         assert!(per_iter >= 2 * k.isa().lanes() as u64);
         assert_eq!(k.fma_loop_flops(10), 10 * per_iter);
         assert!(k.fma_peak_gflops(Duration::from_millis(5)) > 0.0);
+        // The peak is flops over the time the given clock reports: a clock that says
+        // 1 ms per run gives exactly `flops(100_000) / 1e-3 / 1e9`.
+        let mut runs = 0;
+        let peak = k.fma_peak_gflops_with(Duration::ZERO, |f| {
+            f();
+            runs += 1;
+            Duration::from_millis(1)
+        });
+        assert_eq!(runs, 1);
+        assert_eq!(peak, k.fma_loop_flops(100_000) as f64 / 1e-3 / 1e9);
     }
 }
 
+/// On-CPU time of this thread advances with work done on it (64-bit Linux) and not
+/// with time spent asleep.
+#[test]
+#[cfg(all(target_os = "linux", target_pointer_width = "64", not(miri)))]
+fn thread_cpu_time_counts_work_not_sleep() {
+    let a = thread_cpu_time().expect("CLOCK_THREAD_CPUTIME_ID on Linux");
+    std::thread::sleep(Duration::from_millis(50));
+    let b = thread_cpu_time().unwrap();
+    assert!(
+        b - a < Duration::from_millis(25),
+        "sleep counted: {:?}",
+        b - a
+    );
+    let busy = Instant::now();
+    while busy.elapsed() < Duration::from_millis(20) {
+        std::hint::black_box(Kernels::portable().fma_loop(1000));
+    }
+    let c = thread_cpu_time().unwrap();
+    assert!(c > b, "work not counted: {b:?} -> {c:?}");
+}
+
+#[cfg(not(miri))]
 fn any_exp_input() -> impl Strategy<Value = f32> {
     prop_oneof![
         -90.0f32..0.0,
@@ -638,6 +847,7 @@ fn any_exp_input() -> impl Strategy<Value = f32> {
     ]
 }
 
+#[cfg(not(miri))]
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
