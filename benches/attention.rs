@@ -23,6 +23,7 @@
 //! `RAYON_NUM_THREADS=1 taskset -c 0 cargo bench --bench attention`, or the one-table
 //! report `cargo run --release --example bench_report`.
 
+use ropex::CacheShape;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -211,7 +212,13 @@ fn decode(c: &mut Criterion) {
             .throughput(Throughput::Bytes(kv_bytes));
 
         let new = |map: PositionMap| {
-            KvCache::new(config(), Layout::Half, map, HEADS, HEAD_DIM, HEAD_DIM).expect("cache")
+            KvCache::new(
+                config(),
+                Layout::Half,
+                map,
+                CacheShape::square(HEADS, HEAD_DIM),
+            )
+            .expect("cache")
         };
         let extra = new_maps();
         let cases = [
@@ -239,9 +246,7 @@ fn decode(c: &mut Criterion) {
             config(),
             Layout::Half,
             PositionMap::rerope(DECODE_WINDOW).expect("window"),
-            HEADS,
-            HEAD_DIM,
-            HEAD_DIM,
+            CacheShape::square(HEADS, HEAD_DIM),
         )
         .expect("cache");
         let su = filled(su, &k, &v);

@@ -26,6 +26,7 @@
 //! peak and the read bandwidth, then the table in exactly the form of the README's
 //! "Attention kernels" table).
 
+use ropex::CacheShape;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -386,7 +387,13 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
         .into_iter()
         .map(|map| {
             filled(
-                KvCache::new(config(), Layout::Half, map, HEADS, HEAD_DIM, HEAD_DIM).unwrap(),
+                KvCache::new(
+                    config(),
+                    Layout::Half,
+                    map,
+                    CacheShape::square(HEADS, HEAD_DIM),
+                )
+                .unwrap(),
                 &k,
                 &v,
             )
@@ -397,9 +404,7 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
                 config(),
                 Layout::Half,
                 PositionMap::rerope(w).unwrap(),
-                HEADS,
-                HEAD_DIM,
-                HEAD_DIM,
+                CacheShape::square(HEADS, HEAD_DIM),
             )
             .unwrap(),
             &k,

@@ -11,6 +11,7 @@
 //! an optional tile size. H = 8, d = 128, one rayon thread.
 
 use ndarray::Array3;
+use ropex::CacheShape;
 use ropex::attention::decode::KvCache;
 use ropex::attention::{Attention, TileConfig};
 use ropex::{Layout, PositionMap, RopeConfig};
@@ -56,7 +57,8 @@ fn main() {
             let k = rand3((n, h, d), 4);
             let v = rand3((n, h, d), 5);
             let q = rand3((1, h, d), 6);
-            let mut cache = KvCache::new(cfg, Layout::Half, map, h, d, d).expect("cache");
+            let mut cache =
+                KvCache::new(cfg, Layout::Half, map, CacheShape::square(h, d)).expect("cache");
             cache.append(k.view(), v.view()).expect("append");
             for _ in 0..reps {
                 std::hint::black_box(cache.attend(q.view(), &[n - 1]).expect("attend"));

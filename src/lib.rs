@@ -62,7 +62,9 @@ mod scheme;
 
 pub use ndarray;
 
-pub use attention::{Attention, KvCache, KvCacheRerotating, RefreshPolicy, TileConfig, TileStats};
+pub use attention::{
+    Attention, CacheShape, KvCache, KvCacheRerotating, RefreshPolicy, TileConfig, TileStats,
+};
 pub use error::{Result, RopeError};
 pub use frequencies::Frequencies;
 pub use limits::{MAX_HEAD_DIM, MAX_HEADS, MAX_POSITION};

@@ -6,6 +6,7 @@
 //!
 //! Every scenario runs under one lock, since the counters are process-wide.
 
+use ropex::CacheShape;
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -183,9 +184,7 @@ fn filled_cache(map: PositionMap, n: usize, heads_kv: usize, d: usize) -> KvCach
         RopeConfig::new(d, 10_000.0).unwrap(),
         Layout::Half,
         map,
-        heads_kv,
-        d,
-        d,
+        CacheShape::square(heads_kv, d),
     )
     .unwrap();
     let k = rand3((n, heads_kv, d), 4);

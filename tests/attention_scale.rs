@@ -12,6 +12,7 @@
 //! that position for every `(i, j)` pair separately.
 
 use ndarray::{Array3, ArrayView3, s};
+use ropex::CacheShape;
 use ropex::attention::decode::DecodeCache;
 use ropex::{
     Attention, KvCache, KvCacheRerotating, Layout, LongRope, PositionMap, RopeConfig, RotaryTable,
@@ -307,8 +308,28 @@ fn decode_caches_carry_the_attention_factor_squared() {
         for layout in [Layout::Half, Layout::Interleaved] {
             for map in MAPS {
                 let cfg = case.config.clone();
-                let ours = KvCache::new(cfg.clone(), layout, map.ropex(), HKV, D, DV).unwrap();
-                let su = KvCacheRerotating::new(cfg, layout, map.ropex(), HKV, D, DV).unwrap();
+                let ours = KvCache::new(
+                    cfg.clone(),
+                    layout,
+                    map.ropex(),
+                    CacheShape {
+                        heads_kv: HKV,
+                        head_dim: D,
+                        value_dim: DV,
+                    },
+                )
+                .unwrap();
+                let su = KvCacheRerotating::new(
+                    cfg,
+                    layout,
+                    map.ropex(),
+                    CacheShape {
+                        heads_kv: HKV,
+                        head_dim: D,
+                        value_dim: DV,
+                    },
+                )
+                .unwrap();
                 worst = worst.max(decode_errors(ours, (&case, None), layout, map));
                 worst = worst.max(decode_errors(su, (&case, None), layout, map));
             }
@@ -351,14 +372,32 @@ fn explicit_scale_replaces_the_default() {
                 }
             }
             let cfg = case.config.clone();
-            let ours = KvCache::new(cfg.clone(), layout, map.ropex(), HKV, D, DV)
-                .unwrap()
-                .with_scale(SCALE)
-                .unwrap();
-            let su = KvCacheRerotating::new(cfg, layout, map.ropex(), HKV, D, DV)
-                .unwrap()
-                .with_scale(SCALE)
-                .unwrap();
+            let ours = KvCache::new(
+                cfg.clone(),
+                layout,
+                map.ropex(),
+                CacheShape {
+                    heads_kv: HKV,
+                    head_dim: D,
+                    value_dim: DV,
+                },
+            )
+            .unwrap()
+            .with_scale(SCALE)
+            .unwrap();
+            let su = KvCacheRerotating::new(
+                cfg,
+                layout,
+                map.ropex(),
+                CacheShape {
+                    heads_kv: HKV,
+                    head_dim: D,
+                    value_dim: DV,
+                },
+            )
+            .unwrap()
+            .with_scale(SCALE)
+            .unwrap();
             decode_errors(ours, (&case, Some(SCALE)), layout, map);
             decode_errors(su, (&case, Some(SCALE)), layout, map);
         }

@@ -3,6 +3,7 @@
 //! length-dependent schemes (refresh), Su's re-rotating baseline, and bad input.
 
 use ndarray::{Array3, ArrayView3, Axis, concatenate, s};
+use ropex::CacheShape;
 use ropex::attention::Attention;
 use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 use ropex::{Layout, LongRope, PositionMap, RopeConfig, RopeError, Scaling};
@@ -130,9 +131,11 @@ impl Case {
             self.config(),
             self.layout,
             self.map,
-            self.heads_kv,
-            self.head_dim,
-            self.head_dim + 2,
+            CacheShape {
+                heads_kv: self.heads_kv,
+                head_dim: self.head_dim,
+                value_dim: self.head_dim + 2,
+            },
         )
         .unwrap();
         match self.log_n {
@@ -146,9 +149,11 @@ impl Case {
             self.config(),
             self.layout,
             self.map,
-            self.heads_kv,
-            self.head_dim,
-            self.head_dim + 2,
+            CacheShape {
+                heads_kv: self.heads_kv,
+                head_dim: self.head_dim,
+                value_dim: self.head_dim + 2,
+            },
         )
         .unwrap();
         match self.log_n {
@@ -343,8 +348,28 @@ fn memory_is_plain_cache_plus_window() {
         ),
     ];
     for (cfg, map, w, raw) in cases {
-        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, hkv, d, dv).unwrap();
-        let mut su = KvCacheRerotating::new(cfg, Layout::Half, map, hkv, d, dv).unwrap();
+        let mut cache = KvCache::new(
+            cfg.clone(),
+            Layout::Half,
+            map,
+            CacheShape {
+                heads_kv: hkv,
+                head_dim: d,
+                value_dim: dv,
+            },
+        )
+        .unwrap();
+        let mut su = KvCacheRerotating::new(
+            cfg,
+            Layout::Half,
+            map,
+            CacheShape {
+                heads_kv: hkv,
+                head_dim: d,
+                value_dim: dv,
+            },
+        )
+        .unwrap();
         assert_eq!(cache.keeps_raw_keys(), raw, "{map:?}");
         for n in [0usize, 1, 4, 20] {
             if n > 0 {
@@ -379,7 +404,17 @@ fn streaming_cache_memory_is_flat() {
         .unwrap();
     let map = PositionMap::streaming(sinks, window).unwrap();
     for (cfg, raw) in [(plain, false), (dynamic, true)] {
-        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, hkv, d, dv).unwrap();
+        let mut cache = KvCache::new(
+            cfg.clone(),
+            Layout::Half,
+            map,
+            CacheShape {
+                heads_kv: hkv,
+                head_dim: d,
+                value_dim: dv,
+            },
+        )
+        .unwrap();
         assert_eq!(cache.keeps_raw_keys(), raw);
         let flat = 4 * hkv * cap * (d + dv + if raw { d } else { 0 });
         for t in 0..n {
@@ -415,9 +450,20 @@ fn huge_shapes_and_windows() {
     let cfg = RopeConfig::new(8, 10_000.0).unwrap();
     for heads_kv in [usize::MAX / 2, 1_000_000_000, usize::MAX] {
         for r in [
-            KvCache::new(cfg.clone(), Layout::Half, PositionMap::Rope, heads_kv, 8, 8).map(|_| ()),
-            KvCacheRerotating::new(cfg.clone(), Layout::Half, PositionMap::Rope, heads_kv, 8, 8)
-                .map(|_| ()),
+            KvCache::new(
+                cfg.clone(),
+                Layout::Half,
+                PositionMap::Rope,
+                CacheShape::square(heads_kv, 8),
+            )
+            .map(|_| ()),
+            KvCacheRerotating::new(
+                cfg.clone(),
+                Layout::Half,
+                PositionMap::Rope,
+                CacheShape::square(heads_kv, 8),
+            )
+            .map(|_| ()),
         ] {
             assert!(
                 matches!(r, Err(RopeError::InvalidParameter { .. })),
@@ -430,9 +476,11 @@ fn huge_shapes_and_windows() {
             cfg.clone(),
             Layout::Half,
             PositionMap::Rope,
-            1,
-            dims.0,
-            dims.1,
+            CacheShape {
+                heads_kv: 1,
+                head_dim: dims.0,
+                value_dim: dims.1,
+            },
         );
         assert!(
             matches!(r, Err(RopeError::InvalidParameter { .. })),
@@ -453,7 +501,8 @@ fn huge_shapes_and_windows() {
         PositionMap::dca(usize::MAX, 3).unwrap(),
         PositionMap::streaming(3, usize::MAX - 3).unwrap(),
     ] {
-        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8).unwrap();
+        let mut cache =
+            KvCache::new(cfg.clone(), Layout::Half, map, CacheShape::square(1, 8)).unwrap();
         for chunk in [1, 7] {
             let e = max_err(&prefill_chunks(&mut cache.clone(), &p, chunk), &want);
             assert!(e < TOL, "{map:?} chunks of {chunk}: {e}");
@@ -488,10 +537,10 @@ fn check_length_dependent(
         .with_scaling(scaling.clone())
         .unwrap();
     let p = Problem::new(n, hq, hkv, d, d);
-    let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, hkv, d, d)
+    let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, CacheShape::square(hkv, d))
         .unwrap()
         .with_refresh_policy(policy);
-    let mut su = KvCacheRerotating::new(cfg.clone(), Layout::Half, map, hkv, d, d)
+    let mut su = KvCacheRerotating::new(cfg.clone(), Layout::Half, map, CacheShape::square(hkv, d))
         .unwrap()
         .with_refresh_policy(policy);
     let mut stale_differs = false;
@@ -519,7 +568,7 @@ fn check_length_dependent(
 
     // Chunked prefill: each chunk uses the frequencies for the length after it.
     for chunk in [3, 17] {
-        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, hkv, d, d)
+        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, CacheShape::square(hkv, d))
             .unwrap()
             .with_refresh_policy(policy);
         let mut t = 0;
@@ -588,7 +637,7 @@ fn refresh_policy_set_after_appends_rerotates() {
         .unwrap();
     let map = PositionMap::leaky_rerope(3, 4.0).unwrap();
     let p = Problem::new(11, 2, 1, 8, 8);
-    let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8).unwrap();
+    let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, CacheShape::square(1, 8)).unwrap();
     cache.append(p.k.view(), p.v.view()).unwrap();
     assert_eq!(cache.frequency_len(), 11);
     let cache = cache.with_refresh_policy(RefreshPolicy::PowerOfTwo);
@@ -610,7 +659,8 @@ fn scale_override_and_attention_factor() {
     let map = PositionMap::rerope(3).unwrap();
     let p = Problem::new(12, 2, 1, 8, 8);
     for scale in [None, Some(0.7)] {
-        let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8).unwrap();
+        let mut cache =
+            KvCache::new(cfg.clone(), Layout::Half, map, CacheShape::square(1, 8)).unwrap();
         let mut att = Attention::new(cfg.frequencies(), Layout::Half, map);
         if let Some(s) = scale {
             cache = cache.with_scale(s).unwrap();
@@ -629,7 +679,19 @@ fn bad_input_gives_typed_errors() {
     let is_invalid = |r: Result<_, RopeError>| matches!(r, Err(RopeError::InvalidParameter { .. }));
 
     // Construction.
-    let new = |map, hkv, d| KvCache::new(cfg.clone(), Layout::Half, map, hkv, d, 8).map(|_| ());
+    let new = |map, hkv, d| {
+        KvCache::new(
+            cfg.clone(),
+            Layout::Half,
+            map,
+            CacheShape {
+                heads_kv: hkv,
+                head_dim: d,
+                value_dim: 8,
+            },
+        )
+        .map(|_| ())
+    };
     assert!(is_invalid(new(PositionMap::ReRope { window: 0 }, 1, 8)));
     assert!(is_invalid(new(
         PositionMap::LeakyReRope {
@@ -654,20 +716,40 @@ fn bad_input_gives_typed_errors() {
             cfg.clone(),
             Layout::Half,
             PositionMap::ReRope { window: 0 },
-            1,
-            8,
-            8
+            CacheShape::square(1, 8)
         )
         .map(|_| ())
     ));
-    let cache = KvCache::new(cfg.clone(), Layout::Half, map, 2, 8, 4).unwrap();
+    let cache = KvCache::new(
+        cfg.clone(),
+        Layout::Half,
+        map,
+        CacheShape {
+            heads_kv: 2,
+            head_dim: 8,
+            value_dim: 4,
+        },
+    )
+    .unwrap();
     assert!(is_invalid(cache.clone().with_scale(0.0).map(|_| ())));
     assert!(is_invalid(cache.clone().with_scale(f64::NAN).map(|_| ())));
     assert!(is_invalid(cache.clone().with_log_n(1).map(|_| ())));
 
     for mut c in [
         Box::new(cache) as Box<dyn DecodeCache>,
-        Box::new(KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 2, 8, 4).unwrap()),
+        Box::new(
+            KvCacheRerotating::new(
+                cfg.clone(),
+                Layout::Half,
+                map,
+                CacheShape {
+                    heads_kv: 2,
+                    head_dim: 8,
+                    value_dim: 4,
+                },
+            )
+            .unwrap(),
+        ),
     ] {
         let k = Array3::<f32>::zeros((3, 2, 8));
         let v = Array3::<f32>::zeros((3, 2, 4));
@@ -806,13 +888,13 @@ fn dca_logit_scale_follows_the_cache_length() {
     let train = 10;
     for mut cache in [
         Box::new(
-            KvCache::new(cfg.clone(), Layout::Half, map, 1, 8, 8)
+            KvCache::new(cfg.clone(), Layout::Half, map, CacheShape::square(1, 8))
                 .unwrap()
                 .with_dca_logit_scale(train)
                 .unwrap(),
         ) as Box<dyn DecodeCache>,
         Box::new(
-            KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 1, 8, 8)
+            KvCacheRerotating::new(cfg.clone(), Layout::Half, map, CacheShape::square(1, 8))
                 .unwrap()
                 .with_dca_logit_scale(train)
                 .unwrap(),
@@ -831,7 +913,7 @@ fn dca_logit_scale_follows_the_cache_length() {
         }
     }
     assert!(
-        KvCache::new(cfg, Layout::Half, map, 1, 8, 8)
+        KvCache::new(cfg, Layout::Half, map, CacheShape::square(1, 8))
             .unwrap()
             .with_dca_logit_scale(0)
             .is_err()
@@ -865,10 +947,19 @@ fn masks_on_the_caches_match_the_masked_reference() {
         PositionMap::dca(10, 3).unwrap(),
     ] {
         for mask in masks {
-            let cache = KvCache::new(cfg.clone(), Layout::Half, map, 2, 8, 6)
-                .unwrap()
-                .with_mask(mask)
-                .unwrap();
+            let cache = KvCache::new(
+                cfg.clone(),
+                Layout::Half,
+                map,
+                CacheShape {
+                    heads_kv: 2,
+                    head_dim: 8,
+                    value_dim: 6,
+                },
+            )
+            .unwrap()
+            .with_mask(mask)
+            .unwrap();
             let att = cache.attention();
             assert_eq!(att.mask(), mask);
             let want = p.reference(&att);
@@ -879,10 +970,19 @@ fn masks_on_the_caches_match_the_masked_reference() {
                 let e = max_err(&prefill_chunks(&mut cache.clone(), &p, chunk), &want);
                 assert!(e < TOL, "chunks of {chunk}, {label}: {e}");
             }
-            let su = KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 2, 8, 6)
-                .unwrap()
-                .with_mask(mask)
-                .unwrap();
+            let su = KvCacheRerotating::new(
+                cfg.clone(),
+                Layout::Half,
+                map,
+                CacheShape {
+                    heads_kv: 2,
+                    head_dim: 8,
+                    value_dim: 6,
+                },
+            )
+            .unwrap()
+            .with_mask(mask)
+            .unwrap();
             let e = max_err(&prefill_chunks(&mut su.clone(), &p, 5), &want);
             assert!(e < TOL, "Su, {label}: {e}");
         }
@@ -891,9 +991,11 @@ fn masks_on_the_caches_match_the_masked_reference() {
         cfg,
         Layout::Half,
         PositionMap::streaming(2, 8).unwrap(),
-        2,
-        8,
-        6,
+        CacheShape {
+            heads_kv: 2,
+            head_dim: 8,
+            value_dim: 6,
+        },
     )
     .unwrap();
     assert!(matches!(

@@ -5,6 +5,7 @@
 //! size.
 
 use ndarray::{Array3, s};
+use ropex::CacheShape;
 use ropex::attention::{
     Attention, Kernel, Mask, TileConfig, TileStats, expected_chunked_computed_tiles,
     expected_sliding_window_computed_tiles, expected_straddling_tiles,
@@ -609,7 +610,13 @@ fn independent_reference_fixtures_match_every_kernel_and_the_cache() {
             &[1, 9, n]
         };
         for &chunk in chunks {
-            let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, k.dim().1, d, d).unwrap();
+            let mut cache = KvCache::new(
+                cfg.clone(),
+                Layout::Half,
+                map,
+                CacheShape::square(k.dim().1, d),
+            )
+            .unwrap();
             if let Some(l) = dca_scale {
                 cache = cache.with_dca_logit_scale(l).unwrap();
             }

@@ -52,7 +52,7 @@ pub use tiled::{
 
 pub use crate::position::TileBounds;
 
-pub use decode::{DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
+pub use decode::{CacheShape, DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 
 use ndarray::ArrayView3;
 

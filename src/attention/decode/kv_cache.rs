@@ -2,7 +2,9 @@
 
 use ndarray::{Array3, ArrayView3, s};
 
-use super::shared::{Core, Trig, extend_row, mat, mat_mut, per_head, softmax_times_values};
+use super::shared::{
+    CacheShape, Core, Trig, extend_row, mat, mat_mut, per_head, softmax_times_values,
+};
 use super::{DecodeCache, RefreshPolicy};
 use crate::RopeConfig;
 use crate::attention::Attention;
@@ -56,7 +58,7 @@ impl Rebuilt {
 /// let (heads_q, heads_kv, d) = (4, 2, 8);
 /// let cfg = RopeConfig::new(d, 10_000.0)?;
 /// let map = PositionMap::leaky_rerope(4, 16.0)?;
-/// let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, heads_kv, d, d)?;
+/// let mut cache = KvCache::new(cfg.clone(), Layout::Half, map, ropex::CacheShape::square(heads_kv, d))?;
 ///
 /// // Chunked prefill of a 10-token prompt, then one decode step at position 10.
 /// let q = Array3::<f32>::from_shape_fn((11, heads_q, d), |(t, h, x)| ((t + h + x) % 5) as f32 * 0.1);
@@ -124,8 +126,8 @@ impl Evicting {
 }
 
 impl KvCache {
-    /// An empty cache for `heads_kv` key/value heads of dims `head_dim` (`>=` the rotary
-    /// dim; dims past it pass through) and `value_dim`.
+    /// An empty cache for keys and values of `shape` ([`CacheShape`]: key/value heads, key
+    /// dim `>=` the rotary dim with dims past it passing through, value dim).
     ///
     /// Frequencies come from `config` (`config.frequencies_for_len(L)`, see
     /// [`RefreshPolicy`]); `layout` pairs the dims; `map` is validated (window 0 or a
@@ -134,11 +136,10 @@ impl KvCache {
         config: RopeConfig,
         layout: Layout,
         map: PositionMap,
-        heads_kv: usize,
-        head_dim: usize,
-        value_dim: usize,
+        shape: CacheShape,
     ) -> Result<Self> {
-        let core = Core::new(config, layout, map, heads_kv, head_dim, value_dim)?;
+        let core = Core::new(config, layout, map, shape)?;
+        let heads_kv = shape.heads_kv;
         let pieces = map.pieces();
         let list = pieces.list();
         let (main_piece, band, shared) = match pieces.region() {

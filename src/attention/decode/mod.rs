@@ -101,6 +101,7 @@ use ndarray::{Array3, ArrayView3};
 pub use kv_cache::KvCache;
 pub use policy::RefreshPolicy;
 pub use rerotating::KvCacheRerotating;
+pub use shared::CacheShape;
 
 use crate::error::Result;
 

@@ -2,7 +2,7 @@
 
 use ndarray::{Array3, ArrayView3};
 
-use super::shared::{Core, Trig, extend_head, per_head, softmax_times_values};
+use super::shared::{CacheShape, Core, Trig, extend_head, per_head, softmax_times_values};
 use super::{DecodeCache, RefreshPolicy};
 use crate::RopeConfig;
 use crate::attention::Attention;
@@ -28,8 +28,8 @@ use crate::rotary::Layout;
 /// use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating};
 /// let cfg = RopeConfig::new(8, 10_000.0)?;
 /// let map = PositionMap::rerope(3)?;
-/// let mut su = KvCacheRerotating::new(cfg.clone(), Layout::Half, map, 1, 8, 8)?;
-/// let mut ours = KvCache::new(cfg, Layout::Half, map, 1, 8, 8)?;
+/// let mut su = KvCacheRerotating::new(cfg.clone(), Layout::Half, map, ropex::CacheShape::square(1, 8))?;
+/// let mut ours = KvCache::new(cfg, Layout::Half, map, ropex::CacheShape::square(1, 8))?;
 /// let x = Array3::<f32>::from_shape_fn((9, 1, 8), |(t, _, i)| ((t * 3 + i) % 7) as f32 / 7.0);
 /// let a = su.prefill_chunk(x.view(), x.view(), x.view())?;
 /// let b = ours.prefill_chunk(x.view(), x.view(), x.view())?;
@@ -49,11 +49,10 @@ impl KvCacheRerotating {
         config: RopeConfig,
         layout: Layout,
         map: PositionMap,
-        heads_kv: usize,
-        head_dim: usize,
-        value_dim: usize,
+        shape: CacheShape,
     ) -> Result<Self> {
-        let core = Core::new(config, layout, map, heads_kv, head_dim, value_dim)?;
+        let core = Core::new(config, layout, map, shape)?;
+        let heads_kv = shape.heads_kv;
         Ok(KvCacheRerotating {
             core,
             keys: per_head(heads_kv)?,

@@ -108,6 +108,37 @@ pub(super) fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize)
 
 use crate::limits::{MAX_HEAD_DIM, MAX_HEADS};
 
+/// The shape of a decode cache's per-token keys and values, by name so that the three
+/// sizes cannot be swapped: `heads_kv` key/value heads (`1..=`[`MAX_HEADS`]), keys of
+/// `head_dim` dims (`>=` the rotary dim; dims past it pass through) and values of
+/// `value_dim` dims (both `<=` [`MAX_HEAD_DIM`]).
+///
+/// ```
+/// use ropex::CacheShape;
+/// let shape = CacheShape { heads_kv: 8, head_dim: 128, value_dim: 128 };
+/// assert_eq!(shape, CacheShape::square(8, 128));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheShape {
+    /// Key/value heads (query heads are a multiple of it under GQA).
+    pub heads_kv: usize,
+    /// Key head dim.
+    pub head_dim: usize,
+    /// Value head dim.
+    pub value_dim: usize,
+}
+
+impl CacheShape {
+    /// `heads_kv` heads whose keys and values both have `head_dim` dims.
+    pub fn square(heads_kv: usize, head_dim: usize) -> Self {
+        CacheShape {
+            heads_kv,
+            head_dim,
+            value_dim: head_dim,
+        }
+    }
+}
+
 /// One empty buffer per kv head, allocated fallibly.
 pub(super) fn per_head(heads: usize) -> Result<Vec<Vec<f32>>> {
     let mut v = Vec::new();
@@ -147,10 +178,13 @@ impl Core {
         config: RopeConfig,
         layout: Layout,
         map: PositionMap,
-        heads_kv: usize,
-        head_dim: usize,
-        value_dim: usize,
+        shape: CacheShape,
     ) -> Result<Self> {
+        let CacheShape {
+            heads_kv,
+            head_dim,
+            value_dim,
+        } = shape;
         map.validate()?;
         if !(1..=MAX_HEADS).contains(&heads_kv) {
             return Err(RopeError::invalid(
