@@ -16,14 +16,14 @@
 //! Linear weights are `[out, in]` (`y = x W^T`), heads are contiguous slices of the
 //! projections, and attention is whatever a ropex [`Attention`] describes: frequencies
 //! (any [`ropex::Scaling`]), layout, position map and log-n, one per [`Plan`] segment.
-//! Every attention call goes through [`attend`], the one place that picks the ropex
-//! kernel.
+//! Every attention call goes through [`attend_with`], the one place that runs a ropex
+//! [`Kernel`] (the tiled kernel unless [`TinyLm::forward_with`] asks for another).
 
 use std::fmt;
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, s};
 use ropex::Layout;
-use ropex::attention::Attention;
+use ropex::attention::{Attention, Kernel};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -77,6 +77,18 @@ impl TinyLm {
     /// Only the rows that are asked for are computed in the last layer, so scoring the
     /// final bytes of a long window costs less than a full forward pass.
     pub fn forward(&self, tokens: &[u8], plan: &Plan, from: usize) -> Result<Array2<f32>> {
+        self.forward_with(tokens, plan, from, Kernel::default())
+    }
+
+    /// [`TinyLm::forward`] with every attention call computed by `kernel` (the f64
+    /// reference, Su's two-pass method or the tiled kernel with given tiles).
+    pub fn forward_with(
+        &self,
+        tokens: &[u8],
+        plan: &Plan,
+        from: usize,
+        kernel: Kernel,
+    ) -> Result<Array2<f32>> {
         let t = tokens.len();
         if t == 0 || from >= t {
             return Err(ModelError::Input(format!(
@@ -116,7 +128,8 @@ impl TinyLm {
                 if start >= range.end {
                     continue;
                 }
-                let out = attend(
+                let out = attend_with(
+                    kernel,
                     att,
                     q.slice(s![start - q_from..range.end - q_from, .., ..]),
                     k.slice(s![..range.end, .., ..]),
@@ -179,9 +192,10 @@ pub fn nll_rows(logits: ArrayView2<f32>, targets: &[u8]) -> Vec<f64> {
         .collect()
 }
 
-/// The attention kernel every layer calls: `q` `[n_q, H, d]` at `q_pos`, `k`/`v`
-/// `[n_k, H, d]` at `k_pos`, unrotated; returns `[n_q, H, d]`. This is ropex's tiled
-/// kernel ([`Attention::tiled`]): band-classified tiles with an online softmax.
+/// The attention every layer calls by default: `q` `[n_q, H, d]` at `q_pos`, `k`/`v`
+/// `[n_k, H, d]` at `k_pos`, unrotated; returns `[n_q, H, d]`. This is
+/// [`attend_with`] with [`Kernel::default`], ropex's tiled kernel (tiles classified per
+/// piece of the position map, an online softmax).
 pub fn attend(
     att: &Attention,
     q: ArrayView3<f32>,
@@ -190,5 +204,66 @@ pub fn attend(
     q_pos: &[usize],
     k_pos: &[usize],
 ) -> Result<Array3<f32>> {
-    Ok(att.tiled(q, k, v, q_pos, k_pos)?)
+    attend_with(Kernel::default(), att, q, k, v, q_pos, k_pos)
+}
+
+/// [`attend`] computed by `kernel` ([`Attention::run`]).
+pub fn attend_with(
+    kernel: Kernel,
+    att: &Attention,
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    q_pos: &[usize],
+    k_pos: &[usize],
+) -> Result<Array3<f32>> {
+    Ok(att.run(kernel, q, k, v, q_pos, k_pos)?.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ropex::PositionMap;
+    use ropex::position::{dca_for, self_extend_for};
+
+    /// The forward pass under each kernel, for the maps of the `extend` example that
+    /// hide keys or use more than two pieces (Self-Extend, DCA with its logit scale,
+    /// StreamingLLM, each with log-n), read at 300 bytes, past the model's 128: the
+    /// tiled and two-pass logits agree with the f64 reference kernel's.
+    #[test]
+    fn forward_agrees_across_kernels_for_every_new_map() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let model = TinyLm::load(&root.join("assets/tiny_lm_rope")).unwrap();
+        let text = std::fs::read(root.join("assets/heldout_shakespeare.txt")).unwrap();
+        let tokens = &text[1000..1300];
+        let train_len = model.config().train_len;
+        let freqs = model.config().rope().unwrap().frequencies();
+        let maps = [
+            self_extend_for(train_len, tokens.len()).unwrap(),
+            dca_for(train_len).unwrap(),
+            PositionMap::streaming(4, train_len - 4).unwrap(),
+        ];
+        for map in maps {
+            let mut att = Attention::new(freqs.clone(), model.layout(), map)
+                .with_log_n(train_len)
+                .unwrap();
+            if matches!(map, PositionMap::DualChunk { .. }) {
+                att = att.with_dca_logit_scale(train_len).unwrap();
+            }
+            let plan = Plan::Single(att);
+            let want = model
+                .forward_with(tokens, &plan, 250, Kernel::Reference)
+                .unwrap();
+            for kernel in [Kernel::default(), Kernel::TwoPass] {
+                let got = model.forward_with(tokens, &plan, 250, kernel).unwrap();
+                assert_eq!(got.dim(), want.dim());
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{map} {kernel}: max |diff| {worst:e}");
+            }
+        }
+    }
 }

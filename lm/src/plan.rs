@@ -110,9 +110,9 @@ impl Plan {
     }
 
     /// Score-tile products `Q K^T` ropex's tiled kernel evaluates for one head over a
-    /// causal prefill of `len` tokens of head dim `head_dim` under this plan (both pieces
-    /// counted on tiles that straddle a band edge): the compute cost of the position
-    /// map, independent of the machine. Read from the kernel's own
+    /// causal prefill of `len` tokens of head dim `head_dim` under this plan (every piece
+    /// of the position map a tile touches counted, tiles the map hides wholly skipped):
+    /// the compute cost of the position map, independent of the machine. Read from the kernel's own
     /// [`ropex::TileStats`] on a zero input, with [`TileConfig::DEFAULT`]; they depend
     /// only on positions, map and tile size.
     pub fn tile_products(&self, head_dim: usize, len: usize) -> Result<usize> {

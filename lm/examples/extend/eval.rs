@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use ropex::attention::{Attention, RefreshPolicy};
-use ropex::position::leak_for_target;
+use ropex::position::{dca_for, leak_for_target, self_extend_for};
 use ropex::{Frequencies, PositionMap, Scaling, Yarn};
 use ropex_lm::{ModelError, Plan, Result, TinyLm, nll_rows};
 
@@ -43,7 +43,24 @@ pub enum Map {
     /// Leaky ReRoPE with this window and `k` from the target length
     /// ([`leak_for_target`]).
     Leaky(usize),
+    /// Self-Extend with LongLM's recommendation for the target length
+    /// ([`self_extend_for`]): neighbour window `L_train / 4`, the smallest group size `G`
+    /// keeping every position below `L_train`.
+    SelfExtend,
+    /// Dual Chunk Attention with ChunkLlama's recommendation ([`dca_for`]):
+    /// `chunk_size = 3 L_train / 4`, `local_window = L_train / 8`; with or without its
+    /// logit scale `(0.05 ln(L / L_train) + 1)^2`.
+    Dca {
+        /// ChunkLlama's length-dependent logit scale.
+        logit_scale: bool,
+    },
+    /// StreamingLLM with this many attention sinks and the window `L_train - sinks`, so
+    /// that every position stays inside the trained range.
+    Streaming(usize),
 }
+
+/// StreamingLLM's attention sinks (Xiao et al. use 4).
+pub const STREAMING_SINKS: usize = 4;
 
 /// Which checkpoint a scheme reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,10 +93,20 @@ pub struct Scheme {
 }
 
 /// Every scheme, in table order: each of RoPE, PI, NTK-aware, NTK-mixed, dynamic NTK,
-/// YaRN, ReRoPE (w = L/4 and L/2) and Leaky ReRoPE (w = L/2) without and with log-n,
-/// then the inverse-Leaky-trained checkpoint under plain RoPE.
+/// YaRN, ReRoPE (w = L/4 and L/2), Leaky ReRoPE (w = L/2), Self-Extend, DCA (without and
+/// with its logit scale) and StreamingLLM without and with log-n, then the
+/// inverse-Leaky-trained checkpoint under plain RoPE.
 pub fn catalogue(train_len: usize) -> Vec<Scheme> {
     let (w4, w2) = ((train_len / 4).max(1), (train_len / 2).max(1));
+    let (chunk, local) = match dca_for(train_len) {
+        Ok(PositionMap::DualChunk {
+            chunk_size,
+            local_window,
+        }) => (chunk_size, local_window),
+        // Below a training length of 8 there is no recommendation; `plan` says so.
+        _ => (0, 0),
+    };
+    let stream_window = train_len.saturating_sub(STREAMING_SINKS);
     let base = [
         (
             "rope".to_string(),
@@ -130,6 +157,30 @@ pub fn catalogue(train_len: usize) -> Vec<Scheme> {
             Freq::Plain,
             Map::Leaky(w2),
         ),
+        (
+            format!("self-extend-w{w4}"),
+            format!("Self-Extend W={w4}, G(L)"),
+            Freq::Plain,
+            Map::SelfExtend,
+        ),
+        (
+            format!("dca-c{chunk}-l{local}"),
+            format!("DCA c={chunk}, l={local}"),
+            Freq::Plain,
+            Map::Dca { logit_scale: false },
+        ),
+        (
+            format!("dca-c{chunk}-l{local}-scaled"),
+            format!("DCA c={chunk}, l={local}, logit scale"),
+            Freq::Plain,
+            Map::Dca { logit_scale: true },
+        ),
+        (
+            format!("streaming-s{STREAMING_SINKS}-w{stream_window}"),
+            format!("StreamingLLM S={STREAMING_SINKS}, W={stream_window}"),
+            Freq::Plain,
+            Map::Streaming(STREAMING_SINKS),
+        ),
     ];
     let mut out = Vec::new();
     for (key, label, freq, map) in base {
@@ -153,10 +204,13 @@ pub fn catalogue(train_len: usize) -> Vec<Scheme> {
                 // without log-n.
                 quick: (!log_n
                     && matches!(freq, Freq::Plain | Freq::NtkAware | Freq::Yarn)
+                    && matches!(map, Map::Rope | Map::ReRope(_))
                     && !matches!(map, Map::ReRope(w) if w == w4))
                     || matches!(map, Map::Leaky(_)),
                 // Per position at 16x: RoPE and both ReRoPE windows.
-                per_position: !log_n && freq == Freq::Plain && !matches!(map, Map::Leaky(_)),
+                per_position: !log_n
+                    && freq == Freq::Plain
+                    && matches!(map, Map::Rope | Map::ReRope(_)),
             });
         }
     }
@@ -177,8 +231,9 @@ impl Scheme {
     /// The attention plan for a window of `len` tokens read by `model`.
     ///
     /// Canonical where schemes coincide, so that equal plans are computed once: at
-    /// `s = 1` every frequency scheme is plain RoPE, a leak of 1 is plain RoPE, and log-n
-    /// is the identity up to the training length.
+    /// `s = 1` every frequency scheme is plain RoPE, a leak of 1, a Self-Extend group of
+    /// 1 and a StreamingLLM cache holding every key are plain RoPE, and log-n and DCA's
+    /// logit scale are the identity up to the training length.
     pub fn plan(&self, model: &TinyLm, len: usize) -> Result<Plan> {
         let cfg = model.config();
         let train_len = cfg.train_len;
@@ -195,15 +250,41 @@ impl Scheme {
                     PositionMap::leaky_rerope(w, k)?
                 }
             }
+            Map::SelfExtend => match self_extend_for(train_len, len)? {
+                PositionMap::SelfExtend { group: 1, .. } => PositionMap::Rope,
+                map => map,
+            },
+            Map::Dca { .. } => match dca_for(train_len)? {
+                PositionMap::DualChunk {
+                    chunk_size,
+                    local_window,
+                } if chunk_size - local_window >= len => PositionMap::Rope,
+                map => map,
+            },
+            Map::Streaming(sinks) => {
+                let window = train_len.checked_sub(sinks).filter(|&w| w > 0).ok_or_else(|| {
+                    ModelError::Input(format!(
+                        "StreamingLLM with {sinks} sinks needs a training length above {sinks}, got {train_len}"
+                    ))
+                })?;
+                if sinks + window >= len {
+                    PositionMap::Rope
+                } else {
+                    PositionMap::streaming(sinks, window)?
+                }
+            }
         };
         let log_n = self.log_n && len > train_len;
+        let dca_scale = matches!(self.map, Map::Dca { logit_scale: true }) && len > train_len;
         let attention = |freqs: Frequencies| -> Result<Attention> {
-            let att = Attention::new(freqs, model.layout(), map);
-            Ok(if log_n {
-                att.with_log_n(train_len)?
-            } else {
-                att
-            })
+            let mut att = Attention::new(freqs, model.layout(), map);
+            if log_n {
+                att = att.with_log_n(train_len)?;
+            }
+            if dca_scale {
+                att = att.with_dca_logit_scale(train_len)?;
+            }
+            Ok(att)
         };
         let scaling = if s == 1.0 {
             Scaling::None
@@ -258,8 +339,8 @@ pub struct Results {
     /// window, the fastest of the windows (every window has the same work; the minimum is
     /// the least disturbed by other load). Shared by schemes that coincide at a length.
     pub ms: Vec<Vec<f64>>,
-    /// `tiles[scheme][length]`: score-tile products (`Q K^T` per 64 x 64 tile, both pieces
-    /// counted for tiles that straddle a band edge) of the tiled kernel over one causal
+    /// `tiles[scheme][length]`: score-tile products (`Q K^T` per 64 x 64 tile, every piece
+    /// of the map a tile touches counted, hidden tiles skipped) of the tiled kernel over one causal
     /// prefill of the window, per head and layer: the compute cost of the position map,
     /// independent of the machine (see [`Plan::tile_products`]).
     pub tiles: Vec<Vec<usize>>,

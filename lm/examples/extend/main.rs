@@ -29,8 +29,11 @@ const DEFAULT_WINDOWS: usize = 10;
 
 const SCHEMES_HELP: &str = "\
 SCHEMES (each base scheme also with \"-logn\": log-n query scaling, L_train = 128):
-  rope, pi, ntk, ntk-mixed, dynamic, yarn, rerope-w32, rerope-w64, leaky-w64, inv-leaky
+  rope, pi, ntk, ntk-mixed, dynamic, yarn, rerope-w32, rerope-w64, leaky-w64,
+  self-extend-w32, dca-c96-l16, dca-c96-l16-scaled, streaming-s4-w124, inv-leaky
   (ReRoPE windows L/4 and L/2 and the Leaky window L/2 of the model's training length L;
+  Self-Extend W = L/4 with the smallest group G keeping positions below L; DCA chunk
+  3L/4, local L/8, \"-scaled\": its logit scale; StreamingLLM 4 sinks and window L - 4;
   inv-leaky reads --inv-leaky-model with plain RoPE)";
 
 /// `rel` under the repository root, where the checkpoints and texts live (this crate is
@@ -223,7 +226,10 @@ fn check_16x(
     let best = schemes
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.checkpoint == Checkpoint::Main && s.map != eval::Map::Rope)
+        .filter(|(_, s)| {
+            s.checkpoint == Checkpoint::Main
+                && matches!(s.map, eval::Map::ReRope(_) | eval::Map::Leaky(_))
+        })
         .map(|(i, s)| (ratio(i), s))
         .min_by(|a, b| a.0.total_cmp(&b.0));
     if let Some((r, s)) = best {

@@ -19,8 +19,9 @@ pub struct Line {
     pub dashed: bool,
 }
 
-/// Tableau-10: distinct on screen and in print.
-pub const PALETTE: [RGBColor; 10] = [
+/// Tableau-10, then four darker colours for the Self-Extend, DCA and StreamingLLM
+/// families: distinct on screen and in print.
+pub const PALETTE: [RGBColor; 14] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -31,6 +32,10 @@ pub const PALETTE: [RGBColor; 10] = [
     RGBColor(127, 127, 127),
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(0, 90, 90),
+    RGBColor(210, 160, 0),
+    RGBColor(110, 0, 110),
 ];
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
