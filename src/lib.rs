@@ -17,11 +17,15 @@
 //! [`Frequencies::explain`] shows this per pair.
 //!
 //! ## Data flow
-//! `config -> Scaling -> Frequencies -> RotaryTable -> rotated q/k`; see
-//! [`RopeConfig`], [`Frequencies`], [`RotaryTable`]. Relative-position maps
-//! ([`PositionMap`]: RoPE, ReRoPE, Leaky ReRoPE) are consumed by the attention kernels in
-//! [`attention`]: [`Attention::reference`], [`Attention::two_pass`], [`Attention::tiled`]
-//! and decoding against a [`KvCache`].
+//! `config.json / GGUF -> Scaling -> Frequencies -> cos/sin -> PositionMap + Mask ->
+//! kernel -> output`; see [`RopeConfig`], [`Frequencies`], [`RotaryTable`]. Relative-
+//! position maps ([`PositionMap`]: RoPE, ReRoPE, Leaky / inverse Leaky ReRoPE,
+//! Self-Extend, Dual Chunk Attention, StreamingLLM, position interpolation) and masks
+//! (sliding window, chunked) are consumed by the attention kernels in [`attention`]
+//! through one description, [`Attention`], and one entry point, [`Attention::run`] with a
+//! [`attention::Kernel`]: the f64 reference (the oracle), Su's two-pass method, the
+//! band-tiled kernel, and decoding against a [`KvCache`]. The kernels take *unrotated*
+//! q and k and rotate each piece themselves. Sizes are bounded by [`limits`].
 //!
 //! ```
 //! use ndarray::Array3;
@@ -46,6 +50,8 @@
 //!   structs, [`Checks`], [`RopeConfig`] and [`Frequencies`] (deserialising validates).
 //! - `rayon` (default): parallel attention kernels.
 //! - `half`: f16/bf16 rotation.
+//! - `gguf`: read llama.cpp GGUF files ([`gguf`]): metadata, tensors, dequantisation, and
+//!   the rope configuration and pair layout their keys describe.
 #![deny(missing_docs)]
 
 pub mod attention;
