@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ropex::PositionMap;
+use ropex::attention::{Kernel, Mask};
 use ropex::config::ParseOptions;
+use ropex::position::MAP_SYNTAX;
+use ropex::{PositionMap, RopeError};
 
 const TEMPLATE: &str = "\
 {about}
@@ -41,7 +43,8 @@ pub enum Command {
     /// inv_freq and attention factor of a model config (as transformers computes them)
     ///
     /// Prints inv_freq per rotary pair and the attention factor for a Hugging Face
-    /// config.json.
+    /// config.json (--config) or for the rope keys of a GGUF file (--gguf, which also
+    /// names the rotary pair layout of the file's Q/K weights).
     Freqs(FreqsArgs),
     /// the beta-base view: per-pair wavelength, turns in training, stretch, regime
     ///
@@ -54,14 +57,57 @@ pub enum Command {
     ///
     /// Prints P(i, j) for queries at positions offset..offset+n and keys at 0..K
     /// (K = offset + n by default). Entries above the causal diagonal print as '.' unless
-    /// --non-causal.
+    /// --non-causal; entries attention never sees print as '-': keys the map hides
+    /// (StreamingLLM's evicted middle, keys after the query under Self-Extend and DCA,
+    /// which are causal-only) and keys outside --sliding-window / --chunked.
     Positions(PositionsArgs),
     /// attention over q/k/v .npy files under a position map
     ///
     /// Reads unrotated q [n_q, H_q, d], k [n_k, H_kv, d] and v [n_k, H_kv, d_v] ('<f4' or
     /// '<f8' .npy), attends with keys at positions 0..n_k and queries at n_k-n_q..n_k with
     /// the tiled kernel (or --kernel), and writes the output [n_q, H_q, d_v] as '<f4'.
+    /// Any map combines with the --sliding-window and --chunked masks.
     Attend(AttendArgs),
+}
+
+/// Where a model's rotary embedding is read from: exactly one of a config.json or a GGUF
+/// file.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ModelSource {
+    /// the model's config.json
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// a GGUF file: its rope keys (and rope_freqs tensor) instead of a config.json
+    #[arg(long, value_name = "FILE")]
+    pub gguf: Option<PathBuf>,
+}
+
+/// The attention masks, shared by `positions` and `attend`; they combine with any map.
+#[derive(Debug, Args)]
+pub struct MaskOptions {
+    /// sliding-window mask: key j visible from query i iff |i - j| < N (Mistral, Gemma
+    /// local layers)
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub sliding_window: Option<usize>,
+    /// chunked attention: key j visible from query i iff floor(i/C) = floor(j/C)
+    /// (Llama 4 local layers)
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    pub chunked: Option<usize>,
+}
+
+impl MaskOptions {
+    /// The mask these options describe (typed errors for sizes of 0).
+    pub fn mask(&self) -> Result<Mask, RopeError> {
+        let mut m = Mask::NONE;
+        if let Some(w) = self.sliding_window {
+            m = m.with_sliding_window(w)?;
+        }
+        if let Some(c) = self.chunked {
+            m = m.with_chunked(c)?;
+        }
+        Ok(m)
+    }
 }
 
 /// How a config is read: options shared by every command that reads one.
@@ -91,14 +137,14 @@ impl ConfigOptions {
 /// `ropex freqs`.
 #[derive(Debug, Args)]
 pub struct FreqsArgs {
-    /// the model's config.json
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub source: ModelSource,
     /// sequence length (dynamic NTK and LongRoPE depend on it; default: none, as at model
     /// initialisation)
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub seq_len: Option<usize>,
-    /// print exactly {"inv_freq":[...],"attention_factor":x}
+    /// print exactly {"inv_freq":[...],"attention_factor":x}, plus
+    /// "layout":"half"|"interleaved" with --gguf
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -108,14 +154,15 @@ pub struct FreqsArgs {
 /// `ropex explain`.
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// the model's config.json
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub source: ModelSource,
     /// training length (default: the config's original_max_position_embeddings, else
-    /// max_position_embeddings)
+    /// max_position_embeddings; for GGUF the original context length, else the context
+    /// length)
     #[arg(long, value_name = "L", allow_negative_numbers = true)]
     pub train_len: Option<usize>,
-    /// target length (default: max_position_embeddings if longer than the training length)
+    /// target length (default: max_position_embeddings, or GGUF's context length, if
+    /// longer than the training length)
     #[arg(long, value_name = "L", allow_negative_numbers = true)]
     pub target_len: Option<usize>,
     /// length the frequencies are computed for (default: the target length)
@@ -128,7 +175,8 @@ pub struct ExplainArgs {
 /// `ropex positions`.
 #[derive(Debug, Args)]
 pub struct PositionsArgs {
-    /// rope | rerope:W | leaky:W:K (leak K; K < 1 is inverse Leaky ReRoPE) | interp:S
+    /// rope | rerope:W | leaky:W:K (leak K; K < 1 is inverse Leaky ReRoPE) | interp:S |
+    /// self-extend:G:W[:SCALE_BASE] | dca:CHUNK_SIZE:LOCAL_WINDOW | streaming:SINKS:WINDOW
     #[arg(long, value_name = "MAP", value_parser = parse_map)]
     pub map: PositionMap,
     /// number of queries
@@ -143,17 +191,8 @@ pub struct PositionsArgs {
     /// print every entry, also above the causal diagonal
     #[arg(long)]
     pub non_causal: bool,
-}
-
-/// The attention kernel `attend` runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Kernel {
-    /// ropex's band-tiled kernel (the default)
-    Tiled,
-    /// Su's two-pass method
-    TwoPass,
-    /// the f64 reference kernel
-    Reference,
+    #[command(flatten)]
+    pub mask: MaskOptions,
 }
 
 /// The rotary pair layout of `attend`'s q and k.
@@ -180,8 +219,9 @@ pub struct AttendArgs {
     /// where the output goes ('<f4' .npy)
     #[arg(long, value_name = "O.npy")]
     pub out: PathBuf,
-    /// rope | rerope:W | leaky:W:K | interp:S (default: the config's ropex_position_map,
-    /// else rope)
+    /// rope | rerope:W | leaky:W:K | interp:S | self-extend:G:W[:SCALE_BASE] |
+    /// dca:CHUNK_SIZE:LOCAL_WINDOW | streaming:SINKS:WINDOW (default: the config's
+    /// ropex_position_map, else rope)
     #[arg(long, value_name = "MAP", value_parser = parse_map)]
     pub map: Option<PositionMap>,
     /// frequencies from a config.json (computed for n_k tokens, or --seq-len)
@@ -196,12 +236,15 @@ pub struct AttendArgs {
     /// rotary pair layout
     #[arg(long, value_enum, default_value_t = LayoutArg::Half)]
     pub layout: LayoutArg,
-    /// attention kernel
-    #[arg(long, value_enum, default_value_t = Kernel::Tiled)]
+    /// attention kernel: tiled (ropex's band-tiled kernel), two-pass (Su's method, one
+    /// full pass per piece of the map) or reference (the f64 oracle)
+    #[arg(long, value_name = "KERNEL", default_value = "tiled", value_parser = parse_kernel)]
     pub kernel: Kernel,
     /// bidirectional attention
     #[arg(long)]
     pub non_causal: bool,
+    #[command(flatten)]
+    pub mask: MaskOptions,
     /// log-n query scaling with training length L
     #[arg(long, value_name = "L", allow_negative_numbers = true)]
     pub log_n: Option<usize>,
@@ -212,30 +255,22 @@ pub struct AttendArgs {
     pub read: ConfigOptions,
 }
 
-/// The map syntax `rope | rerope:W | leaky:W:K | interp:S` (also `leaky_rerope:W:K` and
-/// `interpolated:S`). The one place the CLI parses a map.
+/// A `--map` value, read by the library's parser ([`PositionMap`]'s `FromStr`); its
+/// errors name the part that is wrong, and every error names the accepted forms.
 pub fn parse_map(s: &str) -> Result<PositionMap, String> {
-    let bad =
-        |what: &str| format!("{what} in '{s}' (expected rope, rerope:W, leaky:W:K or interp:S)");
-    let window = |w: &str| -> Result<usize, String> {
-        w.parse()
-            .map_err(|_| bad(&format!("window '{w}' is not a non-negative integer")))
-    };
-    let number = |x: &str, what: &str| -> Result<f64, String> {
-        x.parse()
-            .map_err(|_| bad(&format!("{what} '{x}' is not a number")))
-    };
-    let parts: Vec<&str> = s.split(':').collect();
-    let map = match parts.as_slice() {
-        ["rope"] => Ok(PositionMap::Rope),
-        ["rerope", w] => PositionMap::rerope(window(w)?),
-        ["leaky" | "leaky_rerope", w, k] => {
-            PositionMap::leaky_rerope(window(w)?, number(k, "leak")?)
+    s.parse().map_err(|e: RopeError| {
+        let e = e.to_string();
+        if e.contains(MAP_SYNTAX) {
+            e
+        } else {
+            format!("{e} (maps: {MAP_SYNTAX})")
         }
-        ["interp" | "interpolated", f] => PositionMap::interpolated(number(f, "factor")?),
-        _ => return Err(bad("unknown map")),
-    };
-    map.map_err(|e| e.to_string())
+    })
+}
+
+/// A `--kernel` value, read by the library's parser ([`Kernel`]'s `FromStr`).
+pub fn parse_kernel(s: &str) -> Result<Kernel, String> {
+    s.parse().map_err(|e: RopeError| e.to_string())
 }
 
 /// A clap error as one line (without the `error: ` prefix), in the CLI's own words where

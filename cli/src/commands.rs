@@ -6,13 +6,14 @@ use std::path::Path;
 
 use ndarray::Array3;
 use ndarray_npy::{ReadNpyError, read_npy, write_npy};
-use ropex::attention::Attention;
+use ropex::attention::{Attention, Mask};
 use ropex::config::ModelRope;
+use ropex::gguf::GgufRope;
 use ropex::{Frequencies, Layout, PositionMap, Regime, RopeConfig};
 use serde::Serialize;
 
 use crate::args::{
-    AttendArgs, ConfigOptions, ExplainArgs, FreqsArgs, Kernel, LayoutArg, PositionsArgs,
+    AttendArgs, ConfigOptions, ExplainArgs, FreqsArgs, LayoutArg, ModelSource, PositionsArgs,
 };
 use crate::{Failure, write_out};
 
@@ -30,45 +31,133 @@ fn load(path: &Path, read: &ConfigOptions, err: &mut dyn Write) -> Result<ModelR
     Ok(rope)
 }
 
-fn describe(rope: &ModelRope) -> String {
-    let c = &rope.config;
-    format!(
-        "model_type {}, rope_type {}{}, head_dim {}, rotary_dim {}, base {}",
-        rope.model_type.as_deref().unwrap_or("-"),
-        rope.rope_type,
-        rope.layer_type
-            .as_ref()
-            .map(|t| format!(" ({t})"))
-            .unwrap_or_default(),
-        c.head_dim(),
-        c.rotary_dim(),
-        c.base()
-    )
+/// A model's rotary embedding as `freqs` and `explain` use it, read from a config.json
+/// or a GGUF file.
+struct Model {
+    config: RopeConfig,
+    /// One line naming where the embedding comes from and its shape.
+    description: String,
+    notes: Vec<String>,
+    train_len: Option<usize>,
+    /// The length the model is meant to read (the default target of `explain`).
+    max_len: Option<usize>,
+    /// The pair layout of the file's Q/K weights (GGUF only: a config.json does not say).
+    layout: Option<Layout>,
 }
 
-/// `freqs --json`: exactly these two keys, in this order.
+impl Model {
+    fn load(
+        source: &ModelSource,
+        read: &ConfigOptions,
+        err: &mut dyn Write,
+    ) -> Result<Self, Failure> {
+        let shape = |c: &RopeConfig| {
+            format!(
+                "head_dim {}, rotary_dim {}, base {}",
+                c.head_dim(),
+                c.rotary_dim(),
+                c.base()
+            )
+        };
+        match (&source.config, &source.gguf) {
+            (Some(path), None) => {
+                let rope = load(path, read, err)?;
+                Ok(Model {
+                    description: format!(
+                        "model_type {}, rope_type {}{}, {}",
+                        rope.model_type.as_deref().unwrap_or("-"),
+                        rope.rope_type,
+                        rope.layer_type
+                            .as_ref()
+                            .map(|t| format!(" ({t})"))
+                            .unwrap_or_default(),
+                        shape(&rope.config)
+                    ),
+                    train_len: rope.train_len(),
+                    max_len: rope.max_position_embeddings,
+                    notes: rope.notes,
+                    config: rope.config,
+                    layout: None,
+                })
+            }
+            (None, Some(path)) => {
+                if read.layer_type.is_some() || read.strict || read.no_extensions {
+                    return Err(usage(
+                        "--layer-type, --strict and --no-extensions apply to --config only",
+                    ));
+                }
+                let rope = GgufRope::from_path(path)?;
+                Ok(Model {
+                    description: format!(
+                        "gguf arch {}, scaling {}, layout {}, {}",
+                        rope.arch,
+                        rope.scaling_type,
+                        layout_name(rope.layout),
+                        shape(&rope.config)
+                    ),
+                    train_len: rope.train_len(),
+                    max_len: rope.context_len,
+                    notes: rope.notes,
+                    config: rope.config,
+                    layout: Some(rope.layout),
+                })
+            }
+            // clap's argument group admits exactly one of the two.
+            _ => Err(usage("give exactly one of --config FILE or --gguf FILE")),
+        }
+    }
+
+    fn frequencies(&self, seq_len: Option<usize>) -> Frequencies {
+        match seq_len {
+            Some(n) => self.config.frequencies_for_len(n),
+            None => self.config.frequencies(),
+        }
+    }
+}
+
+/// `", sliding window N, chunked C"` for the masks that are set.
+fn mask_suffix(mask: &Mask) -> String {
+    let mut s = String::new();
+    if let Some(w) = mask.sliding_window() {
+        s += &format!(", sliding window {w}");
+    }
+    if let Some(c) = mask.chunk() {
+        s += &format!(", chunked {c}");
+    }
+    s
+}
+
+/// A layout as `--layout` spells it.
+fn layout_name(layout: Layout) -> &'static str {
+    match layout {
+        Layout::Half => "half",
+        Layout::Interleaved => "interleaved",
+    }
+}
+
+/// `freqs --json`: exactly these keys, in this order (`layout` for GGUF files only).
 #[derive(Serialize)]
 struct FreqsJson<'a> {
     inv_freq: &'a [f64],
     attention_factor: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layout: Option<&'static str>,
 }
 
 pub fn freqs(a: &FreqsArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
     let seq_len = a.seq_len;
-    let rope = load(&a.config, &a.read, err)?;
-    let f = match seq_len {
-        Some(n) => rope.frequencies_for_len(n),
-        None => rope.frequencies(),
-    };
+    let rope = Model::load(&a.source, &a.read, err)?;
+    let f = rope.frequencies(seq_len);
     if a.json {
         let json = serde_json::to_string(&FreqsJson {
             inv_freq: f.inv_freq(),
             attention_factor: f.attention_factor(),
+            layout: rope.layout.map(layout_name),
         })
         .map_err(|e| Failure::Run(format!("cannot encode JSON: {e}")))?;
         return write_out(out, &(json + "\n"));
     }
-    let mut s = format!("# {}\n", describe(&rope));
+    let mut s = format!("# {}\n", rope.description);
     s += &format!(
         "# seq_len {}, attention_factor {}\n",
         seq_len.map_or("- (model initialisation)".into(), |n| n.to_string()),
@@ -85,29 +174,26 @@ pub fn freqs(a: &FreqsArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
 }
 
 pub fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), Failure> {
-    let rope = load(&a.config, &a.read, err)?;
+    let rope = Model::load(&a.source, &a.read, err)?;
     let train_len = match a.train_len {
         Some(l) => l,
         None => rope
-            .train_len()
-            .ok_or_else(|| usage("the config names no training length; give --train-len"))?,
+            .train_len
+            .ok_or_else(|| usage("the model names no training length; give --train-len"))?,
     };
     if train_len == 0 {
         return Err(usage("--train-len must be >= 1"));
     }
     let target_len = match a.target_len {
         Some(l) => Some(l),
-        None => rope.max_position_embeddings.filter(|&m| m > train_len),
+        None => rope.max_len.filter(|&m| m > train_len),
     };
     let seq_len = a.seq_len.or(target_len);
-    let f = match seq_len {
-        Some(n) => rope.frequencies_for_len(n),
-        None => rope.frequencies(),
-    };
+    let f = rope.frequencies(seq_len);
     let plain = rope.config.plain_frequencies();
     let report = f.explain(&plain, train_len, target_len)?;
 
-    let mut s = format!("# {}\n", describe(&rope));
+    let mut s = format!("# {}\n", rope.description);
     s += &format!(
         "# train_len {train_len}, target_len {}, frequencies for seq_len {}, attention_factor {}\n",
         target_len.map_or("-".into(), |t| t.to_string()),
@@ -237,15 +323,20 @@ pub fn positions(a: &PositionsArgs, out: &mut dyn Write) -> Result<(), Failure> 
         )));
     }
     let causal = !a.non_causal;
+    let mask = a.mask.mask()?;
     let m = map.position_matrix(n, keys, offset)?;
     let cells: Vec<Vec<String>> = (0..n)
         .map(|a| {
+            let i = offset + a;
             (0..keys)
                 .map(|j| {
-                    if causal && j > offset + a {
+                    let p = m[[a, j]];
+                    if causal && j > i {
                         ".".to_string()
+                    } else if p.is_nan() || !map.sees(i, j) || !mask.allows(i, j) {
+                        "-".to_string()
                     } else {
-                        fmt_num(m[[a, j]])
+                        fmt_num(p)
                     }
                 })
                 .collect()
@@ -259,14 +350,15 @@ pub fn positions(a: &PositionsArgs, out: &mut dyn Write) -> Result<(), Failure> 
         .max()
         .unwrap_or(1);
     let qw = (offset + n).to_string().len().max(3);
+    let masks = mask_suffix(&mask);
+    let legend = if causal {
+        "'.' = after the query (causal), '-' = hidden by the map or mask"
+    } else {
+        "'-' = hidden by the map or mask"
+    };
     let mut s = format!(
-        "# P(i, j) for {map:?}: queries i = {offset}..{}, keys j = 0..{keys}{}\n",
+        "# P(i, j) for {map}{masks}: queries i = {offset}..{}, keys j = 0..{keys} ({legend})\n",
         offset + n,
-        if causal {
-            " (causal: '.' = masked)"
-        } else {
-            ""
-        }
     );
     s += &format!("{:>qw$} |", "i\\j");
     for j in 0..keys {
@@ -339,7 +431,9 @@ pub fn attend(a: &AttendArgs, out: &mut dyn Write, err: &mut dyn Write) -> Resul
         Err(b) => (RopeConfig::new(d, b)?.frequencies(), None),
     };
     let map = a.map.or(config_map).unwrap_or(PositionMap::Rope);
-    let mut att = Attention::new(freqs, layout, map).with_causal(!a.non_causal);
+    let mut att = Attention::new(freqs, layout, map)
+        .with_causal(!a.non_causal)
+        .with_mask(a.mask.mask()?)?;
     if let Some(l) = a.log_n {
         att = att.with_log_n(l)?;
     }
@@ -349,21 +443,17 @@ pub fn attend(a: &AttendArgs, out: &mut dyn Write, err: &mut dyn Write) -> Resul
     let q_pos: Vec<usize> = (n_k - n_q..n_k).collect();
     let k_pos: Vec<usize> = (0..n_k).collect();
     let (q, k, v) = (q.view(), k.view(), v.view());
-    let result = match a.kernel {
-        Kernel::Reference => att.reference(q, k, v, &q_pos, &k_pos)?,
-        Kernel::TwoPass => att.two_pass(q, k, v, &q_pos, &k_pos)?,
-        Kernel::Tiled => att.tiled(q, k, v, &q_pos, &k_pos)?,
-    };
+    let (result, _) = att.run(a.kernel, q, k, v, &q_pos, &k_pos)?;
     let op = a.out.display();
     write_npy(&a.out, &result).map_err(|e| Failure::Run(format!("cannot write {op}: {e}")))?;
     let (x, y, z) = result.dim();
-    let kernel = match a.kernel {
-        Kernel::Reference => "reference",
-        Kernel::TwoPass => "two-pass",
-        Kernel::Tiled => "tiled",
-    };
+    let masks = mask_suffix(&att.mask());
     write_out(
         out,
-        &format!("wrote {op}: [{x}, {y}, {z}] f32 ({kernel} kernel, {map:?}, {layout:?})\n"),
+        &format!(
+            "wrote {op}: [{x}, {y}, {z}] f32 ({} kernel, {map}{masks}, {})\n",
+            a.kernel,
+            layout_name(layout)
+        ),
     )
 }

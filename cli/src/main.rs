@@ -3,7 +3,9 @@
 //! ```text
 //! cargo run --release -p ropex-cli -- freqs --config config.json --json
 //! cargo run --release -p ropex-cli -- explain --config config.json --target-len 131072
+//! cargo run --release -p ropex-cli -- freqs --gguf model.gguf --json
 //! cargo run --release -p ropex-cli -- positions --map leaky:4:2 --n 8
+//! cargo run --release -p ropex-cli -- positions --map streaming:4:8 --n 16 --chunked 8
 //! cargo run --release -p ropex-cli -- attend --q q.npy --k k.npy --v v.npy \
 //!     --map rerope:512 --config config.json --out o.npy
 //! ```

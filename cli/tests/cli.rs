@@ -197,6 +197,46 @@ fn bad_input_gives_one_error_line_and_nonzero_exit() {
         (vec!["positions", "--map", "leaky:8"], "--map"),
         (vec!["positions", "--map", "rerope:0"], "window"),
         (
+            vec!["positions", "--map", "rerope:0"],
+            "streaming:SINKS:WINDOW",
+        ),
+        (vec!["positions", "--map", "wat:3"], "self-extend:G:W"),
+        (vec!["positions", "--map", "self-extend:0:4"], "group"),
+        (vec!["positions", "--map", "dca:4:4"], "local_window"),
+        (vec!["positions", "--map", "streaming:0:0"], "--map"),
+        (
+            vec!["positions", "--map", "rope", "--sliding-window", "0"],
+            "sliding window",
+        ),
+        (
+            vec!["positions", "--map", "rope", "--chunked", "0"],
+            "chunk",
+        ),
+        (
+            vec![
+                "freqs",
+                "--config",
+                "tests/data/gguf/llama3_1.config.json",
+                "--gguf",
+                "tests/data/gguf/llama3_1.gguf",
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec![
+                "freqs",
+                "--gguf",
+                "tests/data/gguf/llama3_1.gguf",
+                "--strict",
+            ],
+            "--config only",
+        ),
+        (
+            vec!["freqs", "--gguf", "tests/data/gguf/llama3_1.config.json"],
+            "GGUF",
+        ),
+        (vec!["explain"], "--gguf"),
+        (
             vec![
                 "positions",
                 "--map",
@@ -278,6 +318,18 @@ fn help_and_explain_and_positions() {
     assert!(stdout(&out).contains("COMMANDS:"));
     let out = ropex(&["attend", "--help"]);
     assert!(out.status.success() && stdout(&out).contains("--kernel"));
+    let help = stdout(&out);
+    for flag in [
+        "--sliding-window",
+        "--chunked",
+        "self-extend:G:W",
+        "dca:",
+        "streaming:",
+    ] {
+        assert!(help.contains(flag), "attend --help lacks {flag}");
+    }
+    let out = ropex(&["positions", "--help"]);
+    assert!(stdout(&out).contains("print as '-'"), "{}", stdout(&out));
 
     let out = ropex(&["explain", "--config", "tests/data/configs/llama3_1_8b.json"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -328,20 +380,8 @@ fn help_and_explain_and_positions() {
 fn attend_round_trips_npy_and_matches_the_reference_kernel() {
     let dir = tmp_dir("attend");
     // Deterministic pseudo-random inputs: q [9, 4, 16], k/v [12, 2, 16] (GQA, chunked).
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = |shape: (usize, usize, usize)| {
-        Array3::from_shape_fn(shape, |_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-    };
-    let (q, k, v) = (rnd((9, 4, 16)), rnd((12, 2, 16)), rnd((12, 2, 16)));
+    let (q, k, v) = write_qkv(&dir, 0x2545_f491_4f6c_dd1d);
     let path = |n: &str| dir.join(n).to_string_lossy().into_owned();
-    write_npy(path("q.npy"), &q).unwrap();
-    write_npy(path("k.npy"), &k).unwrap();
-    write_npy(path("v.npy"), &v).unwrap();
     let config = dir.join("config.json");
     std::fs::write(
         &config,
@@ -478,4 +518,329 @@ fn attend_matches_the_pytorch_two_pass_reference() {
     }
     assert_eq!(seen, 3, "expected the three committed PyTorch cases");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Pseudo-random inputs (xorshift from `seed`) written to `dir` as q.npy, k.npy, v.npy:
+/// q [9, 4, 16], k/v [12, 2, 16] (GQA; the queries are the last 9 of 12 positions).
+fn write_qkv(dir: &std::path::Path, seed: u64) -> (Array3<f32>, Array3<f32>, Array3<f32>) {
+    let mut seed = seed;
+    let mut rnd = |shape: (usize, usize, usize)| {
+        Array3::from_shape_fn(shape, |_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+    };
+    let (q, k, v) = (rnd((9, 4, 16)), rnd((12, 2, 16)), rnd((12, 2, 16)));
+    for (name, a) in [("q.npy", &q), ("k.npy", &k), ("v.npy", &v)] {
+        write_npy(dir.join(name), a).unwrap();
+    }
+    (q, k, v)
+}
+
+/// `ropex attend` on the q/k/v of [`write_qkv`] in `dir` with plain RoPE frequencies of
+/// base 10000 and `extra` options: its stdout and output.
+fn attend_in(dir: &std::path::Path, extra: &[&str]) -> (String, Array3<f32>) {
+    let file = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let (q, k, v, o) = (file("q.npy"), file("k.npy"), file("v.npy"), file("o.npy"));
+    let mut args = vec![
+        "attend", "--q", &q, "--k", &k, "--v", &v, "--out", &o, "--base", "10000",
+    ];
+    args.extend(extra);
+    let out = ropex(&args);
+    assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+    (stdout(&out), read_npy(&o).unwrap())
+}
+
+/// Every map `--map` accepts, alone and under the masks, through every kernel of the
+/// CLI, against the library's f64 reference kernel on the same inputs.
+#[test]
+fn attend_runs_every_map_and_mask_like_the_reference_kernel() {
+    let dir = tmp_dir("maps");
+    let (q, k, v) = write_qkv(&dir, 0x9e37_79b9_7f4a_7c15);
+    let freqs = ropex::RopeConfig::new(16, 10_000.0).unwrap().frequencies();
+    let q_pos: Vec<usize> = (3..12).collect();
+    let k_pos: Vec<usize> = (0..12).collect();
+    // (map, sliding window, chunk)
+    let cases: &[(&str, Option<usize>, Option<usize>)] = &[
+        ("self-extend:2:3", None, None),
+        ("self-extend:3:4:6", None, None),
+        ("dca:5:2", None, None),
+        ("streaming:2:3", None, None),
+        ("interp:2", Some(5), None),
+        ("rerope:3", Some(5), None),
+        ("leaky:3:2", None, Some(5)),
+        ("self-extend:2:3", Some(7), None),
+        ("dca:6:2", None, Some(4)),
+        ("streaming:1:4", Some(6), Some(10)),
+    ];
+    for &(map_text, window, chunk) in cases {
+        let map: PositionMap = map_text.parse().unwrap();
+        let mut att = Attention::new(freqs.clone(), Layout::Half, map);
+        let mut extra = vec!["--map".to_string(), map_text.to_string()];
+        if let Some(w) = window {
+            att = att.with_sliding_window(w).unwrap();
+            extra.extend(["--sliding-window".into(), w.to_string()]);
+        }
+        if let Some(c) = chunk {
+            att = att.with_chunked(c).unwrap();
+            extra.extend(["--chunked".into(), c.to_string()]);
+        }
+        let want = att
+            .reference(q.view(), k.view(), v.view(), &q_pos, &k_pos)
+            .unwrap();
+        for (kernel, tolerance) in [
+            (Some("reference"), 0.0),
+            (Some("two-pass"), 1e-5),
+            (None, 1e-5),
+        ] {
+            let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
+            if let Some(kernel) = kernel {
+                args.extend(["--kernel", kernel]);
+            }
+            let (text, got) = attend_in(&dir, &args);
+            let named = format!("({} kernel, {map}", kernel.unwrap_or("tiled"));
+            assert!(text.contains(&named), "{args:?}: {text}");
+            assert_eq!(got.dim(), (9, 4, 16));
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff <= tolerance, "{args:?}: max abs diff {diff}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The masks through the CLI against attention computed without them on only the keys
+/// each query may see: `|i - j| < N` for `--sliding-window N`, the query's own C-chunk
+/// for `--chunked C`.
+#[test]
+fn attend_masks_equal_attention_over_the_visible_keys_only() {
+    let dir = tmp_dir("masks");
+    let (q, k, v) = write_qkv(&dir, 0x9e37_79b9_7f4a_7c15);
+    let plain = Attention::new(
+        ropex::RopeConfig::new(16, 10_000.0).unwrap().frequencies(),
+        Layout::Half,
+        PositionMap::Rope,
+    );
+    let (_, unmasked) = attend_in(&dir, &["--map", "rope"]);
+    /// Whether a mask of this size lets query `i` see key `j`.
+    type Visible = fn(usize, usize, usize) -> bool;
+    let cases: [(&str, usize, Visible); 2] = [
+        ("--sliding-window", 4, |n, i, j| i.abs_diff(j) < n),
+        ("--chunked", 5, |c, i, j| i / c == j / c),
+    ];
+    for (flag, size, visible) in cases {
+        let (_, got) = attend_in(&dir, &["--map", "rope", flag, &size.to_string()]);
+        assert!(
+            max_abs_diff(&got, &unmasked) > 1e-3,
+            "{flag} changed nothing"
+        );
+        for a in 0..9 {
+            let i = 3 + a;
+            let keys: Vec<usize> = (0..=i).filter(|&j| visible(size, i, j)).collect();
+            let pick = |x: &Array3<f32>| x.select(ndarray::Axis(0), &keys);
+            let (kk, vv) = (pick(&k), pick(&v));
+            let qq = q.slice(ndarray::s![a..a + 1, .., ..]);
+            let want = plain
+                .reference(qq, kk.view(), vv.view(), &[i], &keys)
+                .unwrap();
+            let row = got.slice(ndarray::s![a..a + 1, .., ..]).to_owned();
+            let diff = max_abs_diff(&row, &want);
+            assert!(
+                diff <= 1e-5,
+                "{flag} {size}, query {i}: max abs diff {diff}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The cells of `ropex positions` output: one row per query, one string per key.
+fn position_cells(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .skip(2)
+        .map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .collect()
+}
+
+/// `ropex positions` prints StreamingLLM and Self-Extend maps (and masks) as their closed
+/// forms: StreamingLLM keeps sinks `j < S` at cache slot `j` and the query at slot
+/// `min(i, S + W - 1)`, hiding the keys between; Self-Extend (LongLM) is `i - j` inside
+/// the window and `floor(i/G) - floor(j/G) + W - floor(W/G)` beyond it.
+#[test]
+fn positions_prints_streaming_and_self_extend_maps_as_their_closed_forms() {
+    let n = 12;
+    let (sinks, window, group, neighbours) = (2, 4, 3, 4);
+    let streaming = |i: usize, j: usize| -> Option<f64> {
+        if i - j < window {
+            Some((i - j) as f64)
+        } else if j < sinks {
+            Some((i.min(sinks + window - 1) - j) as f64)
+        } else {
+            None
+        }
+    };
+    let self_extend = |i: usize, j: usize| -> Option<f64> {
+        if i - j < neighbours {
+            Some((i - j) as f64)
+        } else {
+            Some((i / group) as f64 - (j / group) as f64 + (neighbours - neighbours / group) as f64)
+        }
+    };
+    /// `P(i, j)` for `j <= i`, `None` where the entry is hidden.
+    type Expected<'a> = &'a dyn Fn(usize, usize) -> Option<f64>;
+    let cases: [(String, Vec<&str>, Expected); 3] = [
+        (format!("streaming:{sinks}:{window}"), vec![], &streaming),
+        (
+            format!("self-extend:{group}:{neighbours}"),
+            vec![],
+            &self_extend,
+        ),
+        // A mask on top: only keys with i - j < 5 and in the query's 6-chunk.
+        (
+            format!("self-extend:{group}:{neighbours}"),
+            vec!["--sliding-window", "5", "--chunked", "6"],
+            &|i, j| {
+                (i - j < 5 && i / 6 == j / 6)
+                    .then(|| self_extend(i, j))
+                    .flatten()
+            },
+        ),
+    ];
+    for (map_text, masks, want) in cases {
+        let map: PositionMap = map_text.parse().unwrap();
+        let n_text = n.to_string();
+        let mut args = vec!["positions", "--map", map_text.as_str(), "--n", &n_text];
+        args.extend(&masks);
+        let out = ropex(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let cells = position_cells(&stdout(&out));
+        assert_eq!(cells.len(), n, "{args:?}");
+        let mut hidden = 0;
+        for (i, row) in cells.iter().enumerate() {
+            assert_eq!(row.len(), n, "{args:?}");
+            for (j, cell) in row.iter().enumerate() {
+                if j > i {
+                    assert_eq!(cell, ".", "{args:?} ({i}, {j})");
+                    continue;
+                }
+                match want(i, j) {
+                    None => {
+                        assert_eq!(cell, "-", "{args:?} ({i}, {j})");
+                        hidden += 1;
+                    }
+                    Some(p) => {
+                        let got: f64 = cell.parse().unwrap_or_else(|_| {
+                            panic!("{args:?} ({i}, {j}): '{cell}' is not a number")
+                        });
+                        assert_eq!(got, p, "{args:?} ({i}, {j})");
+                        assert_eq!(got, map.position(i, j), "{args:?} ({i}, {j})");
+                    }
+                }
+            }
+        }
+        if map_text.starts_with("streaming") || !masks.is_empty() {
+            assert!(hidden > 0, "{args:?} hides nothing");
+        }
+    }
+
+    // Self-Extend is causal-only: without the causal mask the keys after the query are
+    // hidden ('-'), while two-sided RoPE prints them as negative distances.
+    let out = ropex(&[
+        "positions",
+        "--map",
+        "self-extend:2:2",
+        "--n",
+        "3",
+        "--non-causal",
+    ]);
+    assert_eq!(
+        position_cells(&stdout(&out)),
+        [["0", "-", "-"], ["1", "0", "-"], ["2", "1", "0"]]
+    );
+    let out = ropex(&["positions", "--map", "rope", "--n", "3", "--non-causal"]);
+    assert_eq!(
+        position_cells(&stdout(&out)),
+        [["0", "-1", "-2"], ["1", "0", "-1"], ["2", "1", "0"]]
+    );
+}
+
+/// `freqs --gguf` and `explain --gguf` read the same frequencies as the model's
+/// config.json (the fixtures under tests/data/gguf are written by gguf-py from those
+/// configs), and `freqs --gguf --json` adds the layout llama.cpp's rope type names:
+/// LLAMA_ROPE_TYPE_NORM (interleaved) for llama, NEOX (rotate_half) for qwen2 and phi3.
+#[test]
+fn gguf_gives_the_same_frequencies_as_the_config_json() {
+    let cases = [
+        ("llama_plain", "interleaved"),
+        ("llama3_1", "interleaved"),
+        ("llama3_2", "interleaved"),
+        ("llama_yarn_full", "interleaved"),
+        ("qwen2_yarn", "half"),
+        ("phi3_longrope", "half"),
+    ];
+    let json = |args: &[&str]| -> Value {
+        let out = ropex(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    for (name, layout) in cases {
+        let config = format!("tests/data/gguf/{name}.config.json");
+        let gguf = format!("tests/data/gguf/{name}.gguf");
+        for seq in [None, Some("200000")] {
+            let mut a = vec!["freqs", "--config", config.as_str(), "--json"];
+            let mut b = vec!["freqs", "--gguf", gguf.as_str(), "--json"];
+            if let Some(n) = seq {
+                a.extend(["--seq-len", n]);
+                b.extend(["--seq-len", n]);
+            }
+            let (want, got) = (json(&a), json(&b));
+            assert_eq!(want.as_object().unwrap().len(), 2, "{name}");
+            assert_eq!(got.as_object().unwrap().len(), 3, "{name}");
+            assert_eq!(got["layout"], layout, "{name}");
+            let (w, g) = (
+                want["inv_freq"].as_array().unwrap(),
+                got["inv_freq"].as_array().unwrap(),
+            );
+            assert_eq!(w.len(), g.len(), "{name}");
+            assert!(!w.is_empty());
+            for (x, y) in w.iter().zip(g) {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-12 * x.abs(), "{name}: {x} vs {y}");
+            }
+            let (x, y) = (
+                want["attention_factor"].as_f64().unwrap(),
+                got["attention_factor"].as_f64().unwrap(),
+            );
+            assert!(
+                (x - y).abs() <= 1e-12,
+                "{name}: attention factor {x} vs {y}"
+            );
+        }
+    }
+
+    // The beta-base table from the GGUF equals the config's, line for line after the
+    // description: same training length (8192), target (131072) and frequencies.
+    let out_config = ropex(&[
+        "explain",
+        "--config",
+        "tests/data/gguf/llama3_1.config.json",
+    ]);
+    let out_gguf = ropex(&["explain", "--gguf", "tests/data/gguf/llama3_1.gguf"]);
+    assert!(out_gguf.status.success(), "{}", stderr(&out_gguf));
+    let (a, b) = (stdout(&out_config), stdout(&out_gguf));
+    assert!(b.lines().next().unwrap().contains("gguf arch llama"), "{b}");
+    assert!(b.contains("# train_len 8192, target_len 131072"), "{b}");
+    assert_eq!(
+        a.lines().skip(1).collect::<Vec<_>>(),
+        b.lines().skip(1).collect::<Vec<_>>()
+    );
+    assert!(b.lines().last().unwrap().starts_with("pairs 0-"), "{b}");
 }
