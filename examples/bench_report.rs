@@ -5,8 +5,10 @@
 //! RAYON_NUM_THREADS=1 taskset -c 0 cargo run --release --example bench_report -- --ns 1024,2048 --quick
 //! ```
 //!
-//! Runs the headline cases (causal prefill, H = 8, d = 128, f32; decode against caches
-//! of L = 4096 and 32768 tokens) inside a local 1-thread rayon pool. The pool forces one
+//! Runs the headline cases (causal prefill, H = 8, d = 128, f32, for every position map:
+//! RoPE, ReRoPE / Leaky w = 512, Self-Extend G = 8 W = 1024, DCA chunk 3072 local 512,
+//! StreamingLLM S = 4 W = 1024, and RoPE under a sliding window or chunked mask of 1024;
+//! decode against caches of L = 4096 and 32768 tokens) inside a local 1-thread rayon pool. The pool forces one
 //! worker, but the OS may still move it between cores: pin it with `taskset -c 0`. Each
 //! case is run a few times after a warm-up and the median is reported (on-CPU time of
 //! the worker thread, `CLOCK_THREAD_CPUTIME_ID`, so that other jobs on a shared
@@ -26,20 +28,21 @@
 //! peak and the read bandwidth, then the table in exactly the form of the README's
 //! "Attention kernels" table).
 
-use ropex::CacheShape;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array3, s};
 use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating};
 use ropex::attention::kernels::{Kernels, thread_cpu_time, time_on_cpu};
-use ropex::attention::{Attention, TileConfig};
-use ropex::{Layout, PositionMap, RopeConfig};
+use ropex::attention::{Attention, Mask, TileConfig};
+use ropex::{CacheShape, Layout, PositionMap, RopeConfig};
 
 const HEADS: usize = 8;
 const HEAD_DIM: usize = 128;
 const WINDOW: usize = 512;
 const LEAK: f64 = 16.0;
+/// Sliding-window and chunked-attention span of the masked prefill cases.
+const MASK_SPAN: usize = 1024;
 
 fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -216,29 +219,55 @@ fn prefill(o: &Options, peak: f64, res: &mut Results) {
         let pos: Vec<usize> = (0..n).collect();
         let flops = (4 * HEADS * HEAD_DIM * n * (n + 1) / 2) as f64;
         let w = WINDOW.min(n.saturating_sub(1)).max(1);
-        let cases: Vec<(&'static str, PositionMap, bool)> = vec![
-            ("rope_tiled", PositionMap::Rope, false),
-            ("rerope_tiled", PositionMap::rerope(w).unwrap(), false),
+        let none = Mask::NONE;
+        let cases: Vec<(&'static str, PositionMap, Mask, bool)> = vec![
+            ("rope_tiled", PositionMap::Rope, none, false),
+            ("rerope_tiled", PositionMap::rerope(w).unwrap(), none, false),
             (
                 "leaky_tiled",
                 PositionMap::leaky_rerope(w, LEAK).unwrap(),
+                none,
                 false,
             ),
-            ("rerope_two_pass", PositionMap::rerope(w).unwrap(), true),
-            ("rope_two_pass", PositionMap::Rope, true),
+            ("self_extend_tiled", self_extend_map(), none, false),
+            ("dca_tiled", dca_map(), none, false),
+            ("streaming_tiled", streaming_map(), none, false),
+            (
+                "sliding_window_tiled",
+                PositionMap::Rope,
+                none.with_sliding_window(MASK_SPAN).unwrap(),
+                false,
+            ),
+            (
+                "chunked_tiled",
+                PositionMap::Rope,
+                none.with_chunked(MASK_SPAN).unwrap(),
+                false,
+            ),
+            (
+                "rerope_two_pass",
+                PositionMap::rerope(w).unwrap(),
+                none,
+                true,
+            ),
+            ("rope_two_pass", PositionMap::Rope, none, true),
         ];
         let cases: Vec<_> = cases
             .into_iter()
-            .filter(|c| !c.2 || (o.two_pass && !(o.quick && n > smallest)))
+            .filter(|c| !c.3 || (o.two_pass && !(o.quick && n > smallest)))
             .collect();
         let atts: Vec<Attention> = cases
             .iter()
-            .map(|c| Attention::new(freqs.clone(), Layout::Half, c.1))
+            .map(|c| {
+                Attention::new(freqs.clone(), Layout::Half, c.1)
+                    .with_mask(c.2)
+                    .expect("mask")
+            })
             .collect();
         let mut runs: Vec<Run<'_>> = cases
             .iter()
             .zip(&atts)
-            .map(|(&(_, _, two_pass), att)| {
+            .map(|(&(_, _, _, two_pass), att)| {
                 let reps = if two_pass { o.reps.min(3) } else { o.reps };
                 let (q, k, v, pos) = (&q, &k, &v, &pos);
                 let f: Box<dyn FnMut() + '_> = Box::new(move || {
@@ -255,13 +284,18 @@ fn prefill(o: &Options, peak: f64, res: &mut Results) {
             .collect();
         let times = interleaved_medians(&mut runs);
         let mut base = None;
-        for ((name, map, _), t) in cases.iter().zip(times) {
+        for ((name, map, mask, _), t) in cases.iter().zip(times) {
             let ms = t.as_secs_f64() * 1e3;
             let gflops = flops / t.as_secs_f64() / 1e9;
             let base_ms = *base.get_or_insert(ms);
-            let map_label = match map {
-                PositionMap::Rope => String::new(),
-                _ => format!(", w={w}"),
+            let map_label = match (map, mask.sliding_window(), mask.chunk()) {
+                (PositionMap::Rope, Some(s), _) => format!(", window {s}"),
+                (PositionMap::Rope, _, Some(c)) => format!(", chunk {c}"),
+                (PositionMap::Rope, ..) => String::new(),
+                (PositionMap::ReRope { .. } | PositionMap::LeakyReRope { .. }, ..) => {
+                    format!(", w={w}")
+                }
+                _ => format!(", {map}"),
             };
             res.rows.push(Row {
                 case: name.to_string(),
@@ -361,7 +395,12 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
             let base_ms = *base.get_or_insert(ms);
             res.rows.push(Row {
                 case: name.to_string(),
-                size: format!("L={len}, w={w}"),
+                size: match name {
+                    "rope" => format!("L={len}"),
+                    "self_extend_cache" => format!("L={len}, {}", self_extend_map()),
+                    "dca_cache" => format!("L={len}, {}", dca_map()),
+                    _ => format!("L={len}, w={w}"),
+                },
                 ms,
                 rate: gbs,
                 unit: "GB/s",
@@ -377,12 +416,16 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
             "rope",
             "rerope_cache",
             "leaky_cache",
+            "self_extend_cache",
+            "dca_cache",
             "rerope_rerotating (Su)",
         ];
         let caches: Vec<KvCache> = [
             PositionMap::Rope,
             PositionMap::rerope(w).unwrap(),
             PositionMap::leaky_rerope(w, LEAK).unwrap(),
+            self_extend_map(),
+            dca_map(),
         ]
         .into_iter()
         .map(|map| {
@@ -433,6 +476,22 @@ fn decode(o: &Options, bandwidth: f64, res: &mut Results) {
             record(name, t, res);
         }
     }
+}
+
+/// Self-Extend as the method's authors run it: group 8, neighbour window 1024.
+fn self_extend_map() -> PositionMap {
+    PositionMap::self_extend(8, 1024).expect("self-extend")
+}
+
+/// Dual Chunk Attention at an 8k model's published setting scaled to these lengths:
+/// chunk 3072, local window 512.
+fn dca_map() -> PositionMap {
+    PositionMap::dca(3072, 512).expect("dca")
+}
+
+/// StreamingLLM: 4 sinks, window 1024.
+fn streaming_map() -> PositionMap {
+    PositionMap::streaming(4, 1024).expect("streaming")
 }
 
 // ---------------------------------------------------------------------------------
@@ -633,6 +692,24 @@ fn print_targets(res: &Results, bandwidth: f64) {
                     mark(x <= 1.08)
                 );
             }
+            // The other position maps and the masks (issue targets: at most 1.08 for
+            // Self-Extend and DCA, 1.03 for StreamingLLM; the masks skip the tiles they
+            // hide, so they cost less than full causal attention).
+            for (case, target) in [
+                ("self_extend_tiled", 1.08),
+                ("dca_tiled", 1.08),
+                ("streaming_tiled", 1.03),
+                ("sliding_window_tiled", 0.50),
+                ("chunked_tiled", 0.30),
+            ] {
+                if let Some(r) = pf(n, case) {
+                    let x = r / rope;
+                    println!(
+                        "- {case} / rope_tiled at n={n}: {x:.3} (target <= {target:.2}): {}",
+                        mark(x <= target)
+                    );
+                }
+            }
         }
         let both = res
             .prefill
@@ -663,6 +740,15 @@ fn print_targets(res: &Results, bandwidth: f64) {
                 "- decode L={l}: leaky_cache / rope = {:.3} (reported)",
                 leaky.0 / rope.0
             );
+        }
+        for case in ["self_extend_cache", "dca_cache"] {
+            if let Some(c) = dc(l, case) {
+                let x = c.0 / rope.0;
+                println!(
+                    "- decode L={l}: {case} / rope = {x:.3} (target <= 1.05): {}",
+                    mark(x <= 1.05)
+                );
+            }
         }
         if let Some(su) = dc(l, "rerope_rerotating (Su)") {
             println!(
