@@ -79,6 +79,26 @@ pub enum RopeError {
         /// What went wrong.
         message: String,
     },
+
+    /// A GGUF file is not well formed: bad magic, truncated, a count or size that does
+    /// not fit the file, an unknown value or tensor type.
+    #[error("GGUF format error at byte {offset}: {message}")]
+    GgufFormat {
+        /// Byte offset in the file where the problem was found.
+        offset: u64,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+
+    /// A well-formed GGUF file uses something ropex does not implement (a file version,
+    /// a rope convention, a tensor type to dequantise).
+    #[error("unsupported GGUF {what}: {allowed}")]
+    GgufUnsupported {
+        /// What the file has.
+        what: String,
+        /// What ropex supports instead.
+        allowed: String,
+    },
 }
 
 impl RopeError {

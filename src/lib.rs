@@ -47,6 +47,8 @@ pub mod attention;
 pub mod config;
 pub mod error;
 pub mod frequencies;
+#[cfg(feature = "gguf")]
+pub mod gguf;
 pub mod position;
 pub mod rotary;
 pub mod scaling;
