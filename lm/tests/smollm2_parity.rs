@@ -246,3 +246,31 @@ fn files_that_are_not_llama_models_are_typed_errors() {
         Err(LlamaError::Rope(_))
     ));
 }
+
+#[test]
+fn greedy_generation_follows_the_prefill_argmax() {
+    let Some(path) = model_path("greedy_generation_follows_the_prefill_argmax") else {
+        return;
+    };
+    let m = model(&path);
+    let tok = GgufTokenizer::from_gguf(GgufFile::open(&path).unwrap().header()).unwrap();
+    let prompt = tok.encode("The capital of France is").unwrap();
+    let mut cache = m.cache(PositionMap::Rope).unwrap();
+    let new = m.generate_greedy(&mut cache, &prompt, 6, None).unwrap();
+    assert_eq!(new.len(), 6);
+    assert_eq!(cache.len(), prompt.len() + 5);
+    // Each generated token is the argmax of a fresh tiled prefill over what precedes it.
+    let seq: Vec<u32> = prompt.iter().chain(&new).copied().collect();
+    let plan = Plan::Single(m.attention(PositionMap::Rope));
+    let logits = m
+        .forward(&seq[..seq.len() - 1], &plan, prompt.len() - 1)
+        .unwrap();
+    for (row, &t) in logits.rows().into_iter().zip(&new) {
+        let best = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+        assert_eq!(best.0 as u32, t);
+    }
+    println!("greedy: {:?}", tok.decode(&new).unwrap());
+}

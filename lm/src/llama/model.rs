@@ -325,7 +325,8 @@ impl Llama {
 
     /// Greedy decoding: feeds `prompt` in one chunk, then appends the argmax token
     /// `n_new` times (or until `stop` is produced), each step through the cache.
-    /// Returns the new tokens.
+    /// Returns the new tokens; the cache then holds the prompt and all new tokens but
+    /// the last (which has not been fed yet).
     pub fn generate_greedy(
         &self,
         cache: &mut LlamaCache,
@@ -335,11 +336,11 @@ impl Llama {
     ) -> Result<Vec<u32>> {
         let mut logits = self.step(cache, prompt)?;
         let mut out = Vec::new();
-        for _ in 0..n_new {
+        while out.len() < n_new {
             let last = logits.row(logits.nrows() - 1);
             let next = argmax(last.iter().copied()) as u32;
             out.push(next);
-            if Some(next) == stop {
+            if Some(next) == stop || out.len() == n_new {
                 break;
             }
             logits = self.step(cache, &[next])?;
