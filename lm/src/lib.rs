@@ -12,7 +12,9 @@
 //! - [`TinyLm::forward`]: logits under a [`Plan`] ([`model`]);
 //! - [`Plan`]: which [`ropex::Attention`] serves which queries, including the segmented
 //!   plans of length-dependent schemes ([`plan`]);
-//! - [`protocol::endpoints`]: the windows of Su's evaluation protocol.
+//! - [`protocol::endpoints`]: the windows of Su's evaluation protocol;
+//! - [`llama`]: a real Llama-family model (SmolLM2) read from a GGUF file, run through
+//!   the same kernels, with its own byte-level BPE tokenizer.
 //!
 //! This crate is part of the ropex workspace and is not published: it depends on ropex,
 //! never the other way round.
@@ -36,6 +38,7 @@
 
 pub mod config;
 pub mod error;
+pub mod llama;
 pub mod model;
 pub mod plan;
 pub mod protocol;

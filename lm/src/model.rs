@@ -167,7 +167,7 @@ impl TinyLm {
 }
 
 /// `x / sqrt(mean(x^2) + eps) * g`, row by row.
-fn rms_norm(x: ArrayView2<f32>, g: &Array1<f32>, eps: f32) -> Array2<f32> {
+pub(crate) fn rms_norm(x: ArrayView2<f32>, g: &Array1<f32>, eps: f32) -> Array2<f32> {
     let mut out = x.to_owned();
     let d = x.ncols() as f32;
     for mut row in out.axis_iter_mut(Axis(0)) {
