@@ -11,10 +11,13 @@ use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ndarray::{Array3, s};
+use ndarray::s;
 use ropex::attention::decode::KvCache;
 use ropex::attention::{Attention, TileConfig};
 use ropex::{Layout, PositionMap, RopeConfig};
+
+mod common;
+use common::rand3;
 
 struct Counting;
 
@@ -106,16 +109,6 @@ fn measure<R>(f: impl FnOnce() -> R) -> (R, Usage) {
         calls: CALLS.load(Ordering::Relaxed),
     };
     (r, usage)
-}
-
-fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Array3::from_shape_fn(shape, |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    })
 }
 
 const HEADS: usize = 2;

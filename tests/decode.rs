@@ -8,28 +8,10 @@ use ropex::attention::Attention;
 use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 use ropex::{Layout, LongRope, PositionMap, RopeConfig, RopeError, Scaling};
 
+mod common;
+use common::{max_err, rand3};
+
 const TOL: f32 = 1e-5;
-
-fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Array3::from_shape_fn(shape, |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    })
-}
-
-fn max_err(a: &Array3<f32>, b: &Array3<f32>) -> f32 {
-    assert_eq!(a.dim(), b.dim());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0,
-            |m: f32, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
-        )
-}
 
 /// One test problem: unrotated q, k, v for `n` tokens.
 struct Problem {

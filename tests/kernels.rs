@@ -9,18 +9,11 @@ use ropex::attention::{
 };
 use ropex::{Frequencies, Layout, PositionMap, RopeConfig, RopeError, RotaryTable, Scaling, Yarn};
 
+mod common;
+use common::rand3;
+
 // ---------------------------------------------------------------------------------
 // Helpers
-
-fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Array3::from_shape_fn(shape, |_| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    })
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kernel {

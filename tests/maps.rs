@@ -12,26 +12,8 @@ use ropex::attention::{
 };
 use ropex::{Frequencies, Layout, PositionMap, RopeConfig, RopeError, Scaling, Yarn};
 
-fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Array3::from_shape_fn(shape, |_| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    })
-}
-
-fn max_err(a: &Array3<f32>, b: &Array3<f32>) -> f32 {
-    assert_eq!(a.dim(), b.dim());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0,
-            |m: f32, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
-        )
-}
+mod common;
+use common::{max_err, rand3};
 
 const KERNELS: [Kernel; 7] = [
     Kernel::TwoPass,
