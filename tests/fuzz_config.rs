@@ -1,11 +1,13 @@
 //! Random JSON and random rope configs fed to the config reader: it must never panic, and
 //! whatever it accepts must give finite frequencies, a finite positive attention factor and
-//! a finite rotary table at every sequence length.
+//! a finite rotary table at every sequence length, and any position map it accepts (from
+//! `ropex_position_map` or vLLM's `dual_chunk_attention_config`) must be valid and
+//! round-trip through its text form.
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use ropex::config::{self, ParseOptions};
-use ropex::{Layout, RotaryTable};
+use ropex::{Layout, PositionMap, RotaryTable};
 use serde_json::{Map, Value, json};
 
 /// Keys a config reader cares about, plus a few it does not.
@@ -131,6 +133,109 @@ fn maybe<T: Strategy<Value = Value>>(s: T) -> impl Strategy<Value = Option<Value
     prop::option::weighted(0.6, s)
 }
 
+/// A small number, weird or typical, for map parameters.
+fn map_number() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        3 => prop::sample::select(vec![0i64, 1, 2, 3, 4, 8, 16, 64, 1024]).prop_map(Value::from),
+        1 => weird_number(),
+        1 => leaf(),
+    ]
+}
+
+/// A `ropex_position_map` value: an object of any map type with a random subset of the
+/// parameter keys, the text form with random numbers, or anything.
+fn position_map_value() -> impl Strategy<Value = Value> {
+    let object = (
+        prop::sample::select(vec![
+            "rope",
+            "rerope",
+            "leaky_rerope",
+            "interpolated",
+            "self_extend",
+            "dual_chunk",
+            "streaming",
+            "dca",
+            "",
+        ]),
+        prop::collection::vec(
+            (
+                prop::sample::select(vec![
+                    "window",
+                    "leak",
+                    "factor",
+                    "group_size",
+                    "scale_base",
+                    "chunk_size",
+                    "local_window",
+                    "local_size",
+                    "sinks",
+                    "foo",
+                ]),
+                map_number(),
+            ),
+            0..5,
+        ),
+    )
+        .prop_map(|(ty, kv)| {
+            let mut d: Map<String, Value> =
+                kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            d.insert("type".into(), Value::from(ty));
+            Value::Object(d)
+        });
+    let text = (
+        prop::sample::select(vec![
+            "rope",
+            "rerope",
+            "leaky",
+            "interp",
+            "self-extend",
+            "dca",
+            "streaming",
+            "spiral",
+        ]),
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "0", "1", "2", "8", "64", "0.5", "-1", "1e300", "x", "",
+            ]),
+            0..4,
+        ),
+    )
+        .prop_map(|(ty, parts)| {
+            let mut s = ty.to_string();
+            for p in parts {
+                s.push(':');
+                s.push_str(p);
+            }
+            Value::from(s)
+        });
+    prop_oneof![3 => object, 3 => text, 1 => json_value()]
+}
+
+/// vLLM's `dual_chunk_attention_config` with random values.
+fn dca_block() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        4 => (
+            map_number(),
+            map_number(),
+            maybe(map_number()),
+            maybe(leaf()),
+        )
+            .prop_map(|(chunk, local, original, sparse)| {
+                let mut d = Map::new();
+                d.insert("chunk_size".into(), chunk);
+                d.insert("local_size".into(), local);
+                if let Some(o) = original {
+                    d.insert("original_max_position_embeddings".into(), o);
+                }
+                if let Some(s) = sparse {
+                    d.insert("sparse_attention_enabled".into(), s);
+                }
+                Value::Object(d)
+            }),
+        1 => json_value(),
+    ]
+}
+
 /// A rope dict: a random type and a random subset of plausible keys with weird values.
 fn rope_dict() -> impl Strategy<Value = Value> {
     let list = prop_oneof![
@@ -155,7 +260,9 @@ fn rope_dict() -> impl Strategy<Value = Value> {
         maybe(prop_oneof![
             Just(json!({"type": "rerope", "window": 4})),
             Just(json!({"type": "leaky_rerope", "window": 4, "leak": 0.5})),
-            json_value(),
+            Just(json!({"type": "self_extend", "group_size": 2, "window": 4})),
+            Just(json!("dca:8:2")),
+            position_map_value(),
         ]),
     )
         .prop_map(|(ty, legacy, kv, short, long, truncate, map)| {
@@ -209,8 +316,10 @@ fn model_config() -> impl Strategy<Value = Value> {
         rope_dict(),
         rope_dict(),
         0u8..5,
+        prop::option::weighted(0.2, position_map_value()),
+        prop::option::weighted(0.2, dca_block()),
     )
-        .prop_map(|(mt, kv, a, b, form)| {
+        .prop_map(|(mt, kv, a, b, form, map, dca)| {
             let mut top = Map::new();
             if !mt.is_empty() {
                 top.insert("model_type".into(), Value::from(mt));
@@ -219,6 +328,12 @@ fn model_config() -> impl Strategy<Value = Value> {
             top.insert("num_attention_heads".into(), Value::from(4));
             for (k, v) in kv {
                 top.insert(k.to_string(), v);
+            }
+            if let Some(m) = map {
+                top.insert("ropex_position_map".into(), m);
+            }
+            if let Some(d) = dca {
+                top.insert("dual_chunk_attention_config".into(), d);
             }
             match form {
                 0 => {
@@ -253,6 +368,16 @@ fn check_accepted(value: &Value, opts: &ParseOptions) {
         return;
     };
     for rope in entries {
+        // An accepted map is valid, and its text form reads back to it.
+        if let Some(m) = rope.position_map {
+            m.validate()
+                .unwrap_or_else(|e| panic!("{value}: accepted map {m:?} invalid: {e}"));
+            assert_eq!(
+                m.to_string().parse::<PositionMap>().ok(),
+                Some(m),
+                "{value}"
+            );
+        }
         let l0 = rope.train_len().unwrap_or(4096);
         for n in [
             None,

@@ -88,6 +88,7 @@
 //! | `original_max_position_embeddings` | overrides the dict's value (llama3, yarn, longrope) |
 //! | `layer_types` | declares the layer types of the per-layer form |
 //! | `ropex_position_map` | ropex: a relative-position map (see below), for every layer |
+//! | `dual_chunk_attention_config` | vLLM / Qwen2.5-1M: a Dual Chunk Attention map (see below) |
 //!
 //! Inside the rope dict (`R` = required, `o` = optional; every type also takes
 //! `rope_type`/`type`, `rope_theta`, `partial_rotary_factor`):
@@ -107,19 +108,60 @@
 //! | `ntk_mixed` (ropex) | `factor` R, `mixed_b` o (0.625) | [`Scaling::NtkMixed`] |
 //!
 //! `ropex_position_map` (ropex; top level, or inside a rope dict where it wins for that
-//! layer type) is parsed into [`PositionMap`]:
+//! layer type) is parsed into [`PositionMap`]. It is an object with a `type` and the
+//! map's parameters, named as in the methods' own code, or a string in the text form of
+//! [`PositionMap`]'s `FromStr` (the CLI's `--map` syntax):
 //!
-//! | value | map |
+//! | object | string | map |
+//! |---|---|---|
+//! | `{"type": "rope"}` | `"rope"` | [`PositionMap::Rope`] |
+//! | `{"type": "rerope", "window": 512}` | `"rerope:512"` | [`PositionMap::rerope`] |
+//! | `{"type": "leaky_rerope", "window": 512, "leak": 16}` | `"leaky:512:16"` | [`PositionMap::leaky_rerope`] (`leak < 1`: inverse Leaky ReRoPE) |
+//! | `{"type": "interpolated", "factor": 4}` | `"interp:4"` | [`PositionMap::interpolated`] |
+//! | `{"type": "self_extend", "group_size": 8, "window": 1024}` (+ `"scale_base": 4096` o) | `"self-extend:8:1024"` (`:4096`) | [`PositionMap::self_extend`] ([`PositionMap::self_extend_scaled`]); `group_size` is LongLM's `group_size_1` = G, `window` its neighbour window `group_size_2` = W |
+//! | `{"type": "dual_chunk", "chunk_size": 3072, "local_window": 512}` (or vLLM's `"local_size"`) | `"dca:3072:512"` | [`PositionMap::dca`] |
+//! | `{"type": "streaming", "sinks": 4, "window": 1024}` | `"streaming:4:1024"` | [`PositionMap::streaming`] |
+//!
+//! Every key but `scale_base` is required (a missing one is a [`RopeError::MissingKey`];
+//! `dual_chunk` takes exactly one of `local_window` and `local_size`). Counts are
+//! non-negative integers (an integral float such as `512.0` is accepted), booleans are
+//! never numbers, and a value the map's constructor rejects (`group_size = 0`,
+//! `local_window >= chunk_size`, `window = 0`, ...) is a [`RopeError::InvalidParameter`]
+//! naming the key (`ropex_position_map.group_size`) and what is allowed; for the string
+//! form the error names the part of the string. A key the map's type does not take is
+//! treated like an unrecognized rope-dict key: a warning, an error in strict mode.
+//!
+//! vLLM's `dual_chunk_attention_config` (top level; Qwen2.5-7B/14B-Instruct-1M ship
+//! `{"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings":
+//! 262144}`) is read as Dual Chunk Attention for every layer type:
+//!
+//! | key | use |
 //! |---|---|
-//! | `{"type": "rope"}` | [`PositionMap::Rope`] |
-//! | `{"type": "rerope", "window": 512}` | [`PositionMap::ReRope`] |
-//! | `{"type": "leaky_rerope", "window": 512, "leak": 16}` | [`PositionMap::LeakyReRope`] (`leak < 1`: inverse Leaky ReRoPE) |
-//! | `{"type": "interpolated", "factor": 4}` | [`PositionMap::Interpolated`] |
+//! | `chunk_size` R | [`PositionMap::dca`]'s `chunk_size` |
+//! | `local_size` R | [`PositionMap::dca`]'s `local_window` (the block length is `chunk_size - local_size`) |
+//! | `original_max_position_embeddings` o | [`ModelRope::original_max_position_embeddings`] when the config names no other (0 or null: unset, as in vLLM); vLLM scales logits by `max(0.1 ln(n/L) + 1, 1)` with it, which ropex does not build in |
+//! | `sparse_attention_config`, `sparse_attention_enabled`, `sparse_attention_threshold`, `sparse_attention_last_q` | vLLM's sparse prefill, not positions: ignored (listed in [`ModelRope::notes`]) |
+//!
+//! `chunk_size` and `local_size` are required (vLLM's dual-chunk rotary embedding takes
+//! both; its attention backend's defaults 8192 / 1024 are not used); any other key is
+//! warned about (strict: an error). The block is read with [`ParseOptions::extensions`]
+//! on; off, it is ignored, as transformers ignores it, with a note. When a config has
+//! both the block and a `ropex_position_map` (at the top level or in the rope dict of a
+//! layer type), `ropex_position_map` takes precedence, because it is the explicit,
+//! ropex-specific choice (say, to compare Self-Extend against DCA on a Qwen2.5-1M
+//! config): the block is still validated (a broken block fails the config), its
+//! `original_max_position_embeddings` is still used, and a note says which map won.
+//!
+//! Mask keys (`sliding_window`, `use_sliding_window`, `attention_chunk_size`) are not
+//! read into [`ModelRope`]: it describes one rope dict, which may cover layers with
+//! different masks (gpt-oss, Qwen2 with `max_window_layers`), so the mask of a layer
+//! does not fit it; pass masks to the kernels with [`crate::attention::Mask`].
 //!
 //! The ropex rope types and keys are accepted when [`ParseOptions::extensions`] is on (the
 //! default). With it off, ropex reads configs exactly as transformers would: the `ntk_*`
 //! types are unknown rope types (transformers fails at model init) and
-//! `ropex_position_map` inside a rope dict is an unrecognized key.
+//! `ropex_position_map` inside a rope dict is an unrecognized key (at the top level it
+//! and `dual_chunk_attention_config` are ignored).
 //!
 //! ## Layout
 //! One concern per file: `json` (reading values the way Python reads a dict), `profile`
@@ -127,7 +169,7 @@
 //! conversions, layer types), `facts` (the model's dims and lengths, and the two
 //! `head_dim` reads), `dicts` (`rope_scaling` / `rope_parameters` to standardized rope
 //! dicts), `parser` (key checks and dispatch), `build/` (one builder per rope type, sharing
-//! one epilogue), `position_map` (`ropex_position_map`). Rope-type names come from the
+//! one epilogue), `position_map` (`ropex_position_map` and `dual_chunk_attention_config`). Rope-type names come from the
 //! scheme module's single list.
 
 mod build;
@@ -159,8 +201,9 @@ pub struct ParseOptions {
     /// errors. Off: those are collected in [`ModelRope::warnings`].
     pub strict: bool,
     /// Accept ropex's own rope types (`ntk_aware`, `ntk_old`, `ntk_fixed`, `ntk_mixed`) and
-    /// keys (`mixed_b`, `ropex_position_map`). On by default; off reads configs exactly as
-    /// transformers does.
+    /// keys (`mixed_b`, `ropex_position_map`), and read vLLM's
+    /// `dual_chunk_attention_config` as a map. On by default; off reads configs exactly
+    /// as transformers does.
     pub extensions: bool,
 }
 
@@ -207,9 +250,11 @@ pub struct ModelRope {
     pub max_position_embeddings: Option<usize>,
     /// The pretraining length the config names: for llama3, yarn and longrope the
     /// `original_max_position_embeddings` the scheme uses (as transformers resolves it at
-    /// model init), otherwise the top-level key if any.
+    /// model init), otherwise the top-level key if any, otherwise the
+    /// `original_max_position_embeddings` of vLLM's `dual_chunk_attention_config`.
     pub original_max_position_embeddings: Option<usize>,
-    /// The ropex relative-position map (`ropex_position_map`), if the config has one.
+    /// The relative-position map: `ropex_position_map`, else vLLM's
+    /// `dual_chunk_attention_config` as Dual Chunk Attention, if the config has either.
     pub position_map: Option<PositionMap>,
     /// What transformers warns about for this config (empty in strict mode, where each
     /// would have been an error).

@@ -238,7 +238,7 @@ impl<'a> Parser<'a> {
 
         let (config, original) = Build::new(self, layer, diag).run(kind, outer)?;
 
-        let position_map = self.position_map(d, p, diag)?;
+        let map = self.position_map(d, p, diag)?;
         let original = match original {
             Some(o) => Some(o),
             None => match &self.facts.top_original {
@@ -248,7 +248,7 @@ impl<'a> Parser<'a> {
                     true,
                     "a non-negative integer",
                 )?),
-                _ => None,
+                _ => map.dca_original,
             },
         };
         Ok(ModelRope {
@@ -258,7 +258,7 @@ impl<'a> Parser<'a> {
             model_type: self.model_type.clone(),
             max_position_embeddings: self.facts.max_pos,
             original_max_position_embeddings: original,
-            position_map,
+            position_map: map.map,
             warnings: std::mem::take(&mut diag.warnings),
             notes: std::mem::take(&mut diag.notes),
         })

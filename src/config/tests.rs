@@ -96,7 +96,9 @@ fn position_maps_top_level_and_per_dict() {
         json!({"type": "leaky_rerope", "window": 8, "leak": 0}),
         json!({"type": "leaky_rerope", "window": 8, "leak": "16"}),
         json!({"type": "spiral"}),
-        json!("rerope:512"),
+        json!("rerope:0"),
+        json!("spiral:3"),
+        json!(512),
         json!({"window": 8}),
     ] {
         let e = err(&llama(json!({"ropex_position_map": bad.clone()})));
@@ -119,6 +121,381 @@ fn position_maps_top_level_and_per_dict() {
     .unwrap();
     assert_eq!(r.position_map, None);
     assert_eq!(r.warnings.len(), 1);
+}
+
+/// The map a config gives, with default options and in strict mode (both must agree
+/// and warn about nothing).
+fn map_of(map: Value) -> PositionMap {
+    let cfg = llama(json!({ "ropex_position_map": map }));
+    let r = one(&cfg).unwrap();
+    assert!(r.warnings.is_empty(), "{map}: {:?}", r.warnings);
+    let strict = ModelRope::from_json_str_with(&cfg, None, &ParseOptions::strict()).unwrap();
+    assert_eq!(strict.position_map, r.position_map);
+    r.position_map.expect("a map")
+}
+
+#[test]
+fn every_map_in_object_and_string_form_equals_its_constructor() {
+    let cases = [
+        (json!({"type": "rope"}), "rope", PositionMap::Rope),
+        (
+            json!({"type": "rerope", "window": 512}),
+            "rerope:512",
+            PositionMap::rerope(512).unwrap(),
+        ),
+        (
+            json!({"type": "leaky_rerope", "window": 512, "leak": 0.5}),
+            "leaky:512:0.5",
+            PositionMap::leaky_rerope(512, 0.5).unwrap(),
+        ),
+        (
+            json!({"type": "interpolated", "factor": 4}),
+            "interp:4",
+            PositionMap::interpolated(4.0).unwrap(),
+        ),
+        (
+            json!({"type": "self_extend", "group_size": 8, "window": 1024}),
+            "self-extend:8:1024",
+            PositionMap::self_extend(8, 1024).unwrap(),
+        ),
+        (
+            json!({"type": "self_extend", "group_size": 4, "window": 512.0, "scale_base": 4096}),
+            "self-extend:4:512:4096",
+            PositionMap::self_extend_scaled(4, 512, 4096.0).unwrap(),
+        ),
+        (
+            json!({"type": "self_extend", "group_size": 4, "window": 512, "scale_base": null}),
+            "self_extend:4:512",
+            PositionMap::self_extend(4, 512).unwrap(),
+        ),
+        (
+            json!({"type": "dual_chunk", "chunk_size": 3072, "local_window": 512}),
+            "dca:3072:512",
+            PositionMap::dca(3072, 512).unwrap(),
+        ),
+        (
+            json!({"type": "dual_chunk", "chunk_size": 3072, "local_size": 512}),
+            "dca:3072:512",
+            PositionMap::dca(3072, 512).unwrap(),
+        ),
+        (
+            json!({"type": "streaming", "sinks": 4, "window": 1024}),
+            "streaming:4:1024",
+            PositionMap::streaming(4, 1024).unwrap(),
+        ),
+        (
+            json!({"type": "streaming", "sinks": 0, "window": 1}),
+            "streaming:0:1",
+            PositionMap::streaming(0, 1).unwrap(),
+        ),
+    ];
+    for (object, text, want) in cases {
+        assert_eq!(map_of(object.clone()), want, "{object}");
+        assert_eq!(map_of(json!(text)), want, "{text}");
+        // The map's own text form reads back to the same map.
+        assert_eq!(map_of(json!(want.to_string())), want, "{want}");
+    }
+    // Inside a rope dict (per layer type) it wins over the top level, for the new maps too.
+    let r = one(&llama(json!({
+        "rope_parameters": {"rope_type": "default",
+            "ropex_position_map": "streaming:4:64"},
+        "ropex_position_map": {"type": "self_extend", "group_size": 2, "window": 8}
+    })))
+    .unwrap();
+    assert_eq!(r.position_map, Some(PositionMap::streaming(4, 64).unwrap()));
+}
+
+/// A map config's error: its message, which must be a typed parameter or missing-key
+/// error.
+fn map_err(map: Value) -> String {
+    let e = one(&llama(json!({ "ropex_position_map": map.clone() }))).expect_err("must fail");
+    assert!(
+        matches!(
+            e,
+            RopeError::InvalidParameter { .. } | RopeError::MissingKey { .. }
+        ),
+        "{map}: {e:?}"
+    );
+    e.to_string()
+}
+
+#[test]
+fn bad_map_parameters_are_typed_errors_naming_the_key() {
+    for (map, key) in [
+        (
+            json!({"type": "self_extend", "group_size": 0, "window": 8}),
+            "ropex_position_map.group_size",
+        ),
+        (
+            json!({"type": "self_extend", "group_size": 2, "window": 0}),
+            "ropex_position_map.window",
+        ),
+        (
+            json!({"type": "self_extend", "group_size": 2, "window": 8, "scale_base": 1}),
+            "ropex_position_map.scale_base",
+        ),
+        (
+            json!({"type": "self_extend", "group_size": 2, "window": 8, "scale_base": "e"}),
+            "ropex_position_map.scale_base",
+        ),
+        (
+            json!({"type": "self_extend", "group_size": 2.5, "window": 8}),
+            "ropex_position_map.group_size",
+        ),
+        (json!({"type": "self_extend", "window": 8}), "group_size"),
+        (json!({"type": "self_extend", "group_size": 2}), "window"),
+        (
+            json!({"type": "dual_chunk", "chunk_size": 0, "local_window": 0}),
+            "ropex_position_map.chunk_size",
+        ),
+        (
+            json!({"type": "dual_chunk", "chunk_size": 8, "local_window": 8}),
+            "ropex_position_map.local_window",
+        ),
+        (
+            json!({"type": "dual_chunk", "chunk_size": 8, "local_size": 9}),
+            "ropex_position_map.local_size",
+        ),
+        (
+            json!({"type": "dual_chunk", "chunk_size": 8, "local_size": 2, "local_window": 2}),
+            "ropex_position_map.local_size",
+        ),
+        (
+            json!({"type": "dual_chunk", "chunk_size": 8}),
+            "local_window",
+        ),
+        (
+            json!({"type": "dual_chunk", "chunk_size": -8, "local_window": 2}),
+            "ropex_position_map.chunk_size",
+        ),
+        (
+            json!({"type": "streaming", "sinks": 4, "window": 0}),
+            "ropex_position_map.window",
+        ),
+        (
+            json!({"type": "streaming", "sinks": true, "window": 8}),
+            "ropex_position_map.sinks",
+        ),
+        (
+            json!({"type": "streaming", "sinks": 18446744073709551615u64, "window": 8}),
+            "ropex_position_map.sinks",
+        ),
+        (json!({"type": "streaming", "window": 8}), "sinks"),
+        (
+            json!({"type": "interpolated", "factor": 0}),
+            "ropex_position_map.factor",
+        ),
+        (
+            json!({"type": "rerope", "window": 0}),
+            "ropex_position_map.window",
+        ),
+        (
+            json!({"type": "leaky_rerope", "window": 4, "leak": -1}),
+            "ropex_position_map.leak",
+        ),
+        (
+            json!({"type": "self-extend", "group_size": 2, "window": 8}),
+            "ropex_position_map.type",
+        ),
+        (json!("self-extend:0:8"), "group"),
+        (json!("dca:8:8"), "local_window"),
+        (json!("streaming:4:0"), "window"),
+        (json!("self-extend:8"), "ropex_position_map"),
+    ] {
+        let e = map_err(map.clone());
+        assert!(e.contains(key), "{map}: {e}");
+        assert!(e.contains("ropex_position_map"), "{map}: {e}");
+    }
+    // The type error lists every type.
+    let e = map_err(json!({"type": "dca"}));
+    for t in [
+        "rope",
+        "rerope",
+        "leaky_rerope",
+        "interpolated",
+        "self_extend",
+        "dual_chunk",
+        "streaming",
+    ] {
+        assert!(e.contains(t), "{e}");
+    }
+}
+
+#[test]
+fn unknown_map_keys_warn_normally_and_fail_in_strict_mode() {
+    let cfg = llama(json!({"ropex_position_map":
+        {"type": "self_extend", "group_size": 8, "window": 1024, "group_size_2": 512}}));
+    let r = one(&cfg).unwrap();
+    assert_eq!(
+        r.position_map,
+        Some(PositionMap::self_extend(8, 1024).unwrap())
+    );
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(
+        r.warnings[0].contains("ropex_position_map.group_size_2"),
+        "{:?}",
+        r.warnings
+    );
+    assert!(r.warnings[0].contains("scale_base"), "{:?}", r.warnings);
+    let e = ModelRope::from_json_str_with(&cfg, None, &ParseOptions::strict()).unwrap_err();
+    assert!(
+        e.to_string().contains("ropex_position_map.group_size_2"),
+        "{e}"
+    );
+    // A dual_chunk map's window key is DCA's, not ReRoPE's.
+    let cfg = llama(json!({"ropex_position_map":
+        {"type": "dual_chunk", "chunk_size": 64, "local_window": 8, "window": 8}}));
+    assert_eq!(one(&cfg).unwrap().warnings.len(), 1);
+    assert!(ModelRope::from_json_str_with(&cfg, None, &ParseOptions::strict()).is_err());
+}
+
+/// Qwen2.5-7B-Instruct-1M's config.json as published (the keys ropex reads, and the
+/// `dual_chunk_attention_config` block verbatim).
+fn qwen_1m(extra: Value) -> String {
+    let mut base = json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "num_hidden_layers": 28, "max_window_layers": 28,
+        "max_position_embeddings": 1010000, "rope_theta": 10000000.0,
+        "sliding_window": 32768, "use_sliding_window": false,
+        "dual_chunk_attention_config": {
+            "chunk_size": 262144, "local_size": 8192,
+            "original_max_position_embeddings": 262144
+        }
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base.to_string()
+}
+
+#[test]
+fn vllm_dual_chunk_attention_config_is_a_dca_map() {
+    for opts in [ParseOptions::default(), ParseOptions::strict()] {
+        let r = ModelRope::from_json_str_with(&qwen_1m(json!({})), None, &opts).unwrap();
+        assert_eq!(
+            r.position_map,
+            Some(PositionMap::dca(262_144, 8192).unwrap())
+        );
+        assert_eq!(r.original_max_position_embeddings, Some(262_144));
+        assert_eq!(r.train_len(), Some(262_144));
+        assert_eq!(r.max_position_embeddings, Some(1_010_000));
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert_eq!(r.config.rotary_dim(), 128);
+    }
+    // vLLM's sparse-attention keys are accepted and noted as ignored; an unknown key
+    // warns (strict: fails); original_max_position_embeddings = 0 is vLLM's "unset".
+    let cfg = qwen_1m(json!({"dual_chunk_attention_config": {
+        "chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 0,
+        "sparse_attention_enabled": true, "sparse_attention_threshold": 32768,
+        "sparse_attention_config": {"0": {}}}}));
+    let r = one(&cfg).unwrap();
+    assert_eq!(r.position_map, Some(PositionMap::dca(64, 8).unwrap()));
+    assert_eq!(r.original_max_position_embeddings, None);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("sparse_attention_enabled")),
+        "{:?}",
+        r.notes
+    );
+    let cfg = qwen_1m(json!({"dual_chunk_attention_config":
+        {"chunk_size": 64, "local_size": 8, "chunk_len": 56}}));
+    assert_eq!(one(&cfg).unwrap().warnings.len(), 1);
+    let e = ModelRope::from_json_str_with(&cfg, None, &ParseOptions::strict()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("dual_chunk_attention_config.chunk_len"),
+        "{e}"
+    );
+    // A top-level original_max_position_embeddings wins over the block's.
+    let r = one(&qwen_1m(json!({"original_max_position_embeddings": 32768}))).unwrap();
+    assert_eq!(r.original_max_position_embeddings, Some(32768));
+    // With extensions off the block is ignored, as transformers does, and noted.
+    let r = ModelRope::from_json_str_with(
+        &qwen_1m(json!({})),
+        None,
+        &ParseOptions::transformers_only(true),
+    )
+    .unwrap();
+    assert_eq!(r.position_map, None);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("dual_chunk_attention_config"))
+    );
+}
+
+#[test]
+fn bad_dual_chunk_blocks_are_typed_errors_naming_the_key() {
+    for (block, key) in [
+        (json!({"chunk_size": 64}), "local_size"),
+        (json!({"local_size": 8}), "chunk_size"),
+        (
+            json!({"chunk_size": 0, "local_size": 0}),
+            "dual_chunk_attention_config.chunk_size",
+        ),
+        (
+            json!({"chunk_size": 64, "local_size": 64}),
+            "dual_chunk_attention_config.local_size",
+        ),
+        (
+            json!({"chunk_size": "64", "local_size": 8}),
+            "dual_chunk_attention_config.chunk_size",
+        ),
+        (
+            json!({"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": -1}),
+            "dual_chunk_attention_config.original_max_position_embeddings",
+        ),
+        (json!([64, 8]), "dual_chunk_attention_config"),
+    ] {
+        let e = one(&qwen_1m(
+            json!({ "dual_chunk_attention_config": block.clone() }),
+        ))
+        .expect_err("must fail");
+        assert!(
+            matches!(
+                e,
+                RopeError::InvalidParameter { .. } | RopeError::MissingKey { .. }
+            ),
+            "{block}: {e:?}"
+        );
+        assert!(e.to_string().contains(key), "{block}: {e}");
+    }
+    // null is absent, as everywhere in config.json.
+    let r = one(&qwen_1m(json!({"dual_chunk_attention_config": null}))).unwrap();
+    assert_eq!(r.position_map, None);
+}
+
+#[test]
+fn ropex_position_map_takes_precedence_over_the_dca_block() {
+    let r = one(&qwen_1m(
+        json!({"ropex_position_map": "self-extend:8:1024"}),
+    ))
+    .unwrap();
+    assert_eq!(
+        r.position_map,
+        Some(PositionMap::self_extend(8, 1024).unwrap())
+    );
+    assert!(r.warnings.is_empty());
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("takes precedence") && n.contains("dca:262144:8192")),
+        "{:?}",
+        r.notes
+    );
+    // The block's length still names the training length, and a broken block still fails.
+    assert_eq!(r.original_max_position_embeddings, Some(262_144));
+    let e = one(&qwen_1m(json!({"ropex_position_map": "rope",
+        "dual_chunk_attention_config": {"chunk_size": 8, "local_size": 8}})))
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("dual_chunk_attention_config.local_size"),
+        "{e}"
+    );
 }
 
 #[test]
