@@ -49,7 +49,8 @@
 //!   `Serialize`/`Deserialize` for [`Scaling`] (tagged by `rope_type`), its parameter
 //!   structs, [`Checks`], [`RopeConfig`] and [`Frequencies`] (deserialising validates).
 //! - `rayon` (default): parallel attention kernels.
-//! - `half`: f16/bf16 rotation.
+//! - `half` (default): bf16/f16 storage for rotation, the kernels and the caches
+//!   ([`tensor::Element`]), through the `half` crate.
 //! - `gguf`: read llama.cpp GGUF files ([`gguf`]): metadata, tensors, dequantisation, and
 //!   the rope configuration and pair layout their keys describe.
 #![deny(missing_docs)]
@@ -65,6 +66,7 @@ pub mod limits;
 pub mod position;
 pub mod rotary;
 mod scheme;
+pub mod tensor;
 
 pub use ndarray;
 
@@ -80,6 +82,7 @@ pub use scheme::{
     Checks, Llama3, LongRope, MIN_DIVISOR, PairReport, Regime, RopeConfig, Scaling, Yarn, beta,
     digits,
 };
+pub use tensor::{Element, View3, View3Mut};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]
