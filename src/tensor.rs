@@ -87,6 +87,20 @@ pub trait Element:
             *d = Self::from_f32(*s);
         }
     }
+
+    /// `s` itself when `Self` is f32 (the kernels then read it in place), else `None`.
+    #[inline]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
+
+    /// `s` itself when `Self` is f32 (the kernels then write it in place), else `None`.
+    #[inline]
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -113,6 +127,16 @@ impl Element for f32 {
     fn store_slice(src: &[f32], dst: &mut [Self]) {
         let n = src.len().min(dst.len());
         dst[..n].copy_from_slice(&src[..n]);
+    }
+
+    #[inline]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+
+    #[inline]
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
     }
 }
 
@@ -368,6 +392,12 @@ impl<'a, T> View3Mut<'a, T> {
     /// The underlying ndarray view, consuming this one.
     pub fn into_ndarray(self) -> ArrayViewMut3<'a, T> {
         self.0
+    }
+
+    /// A shorter-lived mutable view of the same elements (to pass on without giving
+    /// this one up).
+    pub fn reborrow(&mut self) -> View3Mut<'_, T> {
+        View3Mut(self.0.view_mut())
     }
 }
 

@@ -31,3 +31,203 @@ fn f16_rotation_tracks_f32() {
 fn bf16_rotation_tracks_f32() {
     check::<bf16>(1.6e-2);
 }
+
+mod common;
+
+use ndarray::Array3;
+use ropex::PositionMap;
+use ropex::attention::{Attention, Kernel, TileConfig, VarLen};
+use ropex::tensor::{Element, View3, View3Mut};
+
+/// The bound of `ropex::attention`'s module docs for output `[i, h, x]` of a kernel run
+/// on inputs rounded to `T`, against the f64 reference on the unrounded inputs: with
+/// `eps = c_i (2u + u^2) |q_ih| max_j |k_j|`, `(e^(2 eps) - 1) vmax + u vmax + u |o| +
+/// 1e-5` (the last term: the f32 kernels' own error).
+fn bound<T: Element>(
+    att: &Attention,
+    q: &Array3<f32>,
+    k: &Array3<f32>,
+    v: &Array3<f32>,
+    pos: &[usize],
+    reference: &Array3<f32>,
+) -> Array3<f64> {
+    let u = T::UNIT_ROUNDOFF;
+    let (_, _, d) = q.dim();
+    let kmax = k
+        .outer_iter()
+        .flat_map(|t| t.outer_iter().map(|r| r.dot(&r).sqrt()).collect::<Vec<_>>())
+        .fold(0f32, f32::max) as f64;
+    let vmax = v.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let scale = att.scale_for(d) * att.length_factor(pos.len());
+    Array3::from_shape_fn(reference.dim(), |(i, h, _)| {
+        let qn = q.slice(ndarray::s![i, h, ..]);
+        let qn = qn.dot(&qn).sqrt() as f64;
+        let eps = scale * att.query_factor(pos[i]) * (2.0 * u + u * u) * qn * kmax;
+        ((2.0 * eps).exp() - 1.0) * vmax + u * vmax + 1e-5
+    }) + reference.mapv(|o| u * o.abs() as f64)
+}
+
+fn round<T: Element>(x: &Array3<f32>) -> Array3<T> {
+    x.mapv(T::from_f32)
+}
+
+/// Every prefill kernel, in f32, bf16 and f16, against the f64 reference on the
+/// unrounded f32 inputs, within the documented per-type bound; the bound is tight
+/// enough that bf16 needs it (a plain f32 tolerance would fail).
+fn kernels_track_reference<T: Element>(map: PositionMap) -> f64 {
+    let (n, hq, hkv, d) = (45, 4, 2, 32);
+    let freqs = ropex::RopeConfig::new(d, 10_000.0).unwrap().frequencies();
+    let att = Attention::new(freqs, ropex::Layout::Half, map);
+    let q = common::rand3((n, hq, d), 21);
+    let k = common::rand3((n, hkv, d), 22);
+    let v = common::rand3((n, hkv, d), 23);
+    let pos: Vec<usize> = (0..n).map(|p| p * 3).collect();
+    let want = att
+        .reference(q.view(), k.view(), v.view(), &pos, &pos)
+        .unwrap();
+    let bound = bound::<T>(&att, &q, &k, &v, &pos, &want);
+    let (qt, kt, vt) = (round::<T>(&q), round::<T>(&k), round::<T>(&v));
+    let mut worst = 0f64;
+    for kernel in [
+        Kernel::Reference,
+        Kernel::TwoPass,
+        Kernel::default(),
+        Kernel::Tiled(TileConfig::new(16, 8).unwrap()),
+    ] {
+        let (got, _) = att
+            .run(kernel, qt.view(), kt.view(), vt.view(), &pos, &pos)
+            .unwrap();
+        for ((g, w), b) in got.iter().zip(&want).zip(&bound) {
+            let err = (g.to_f32() as f64 - *w as f64).abs();
+            assert!(
+                err <= *b,
+                "{} {kernel:?} {}: {} vs {w} (bound {b})",
+                T::NAME,
+                att.map(),
+                g.to_f32()
+            );
+            worst = worst.max(err);
+        }
+    }
+    worst
+}
+
+fn every_map() -> Vec<PositionMap> {
+    vec![
+        PositionMap::Rope,
+        PositionMap::rerope(16).unwrap(),
+        PositionMap::leaky_rerope(16, 8.0).unwrap(),
+        PositionMap::self_extend(4, 24).unwrap(),
+        PositionMap::dca(48, 12).unwrap(),
+        PositionMap::streaming(3, 30).unwrap(),
+    ]
+}
+
+#[test]
+fn every_kernel_and_map_in_bf16_tracks_the_reference() {
+    let mut worst = 0f64;
+    for map in every_map() {
+        worst = worst.max(kernels_track_reference::<bf16>(map));
+    }
+    // the rounding is real: bf16 inputs move outputs by far more than f32's 1e-5
+    assert!(worst > 1e-4, "bf16 worst error {worst}");
+}
+
+#[test]
+fn every_kernel_in_f16_and_f32_tracks_the_reference() {
+    for map in [PositionMap::Rope, PositionMap::rerope(16).unwrap()] {
+        let f16_worst = kernels_track_reference::<f16>(map);
+        let f32_worst = kernels_track_reference::<f32>(map);
+        assert!(
+            f32_worst < 1e-5 && f16_worst > f32_worst,
+            "{f16_worst} {f32_worst}"
+        );
+    }
+}
+
+/// bf16 and f16 inputs hold exactly representable values; widening them to f32 and
+/// running the f32 kernel gives the f32 result, which the typed kernel then rounds
+/// once: the typed output is the f32 output rounded, bit for bit.
+#[test]
+fn typed_output_is_the_f32_result_rounded_once() {
+    fn check<T: Element>() {
+        let (n, hq, hkv, d) = (40, 2, 1, 16);
+        let freqs = ropex::RopeConfig::new(d, 10_000.0).unwrap().frequencies();
+        let att = Attention::new(freqs, ropex::Layout::Half, PositionMap::rerope(7).unwrap());
+        let (qt, kt, vt) = (
+            round::<T>(&common::rand3((n, hq, d), 31)),
+            round::<T>(&common::rand3((n, hkv, d), 32)),
+            round::<T>(&common::rand3((n, hkv, d), 33)),
+        );
+        let wide = |x: &Array3<T>| x.mapv(|e| e.to_f32());
+        let pos: Vec<usize> = (0..n).collect();
+        for kernel in [
+            Kernel::TwoPass,
+            Kernel::default(),
+            Kernel::Tiled(TileConfig::new(8, 64).unwrap()),
+        ] {
+            let (typed, _) = att
+                .run(kernel, qt.view(), kt.view(), vt.view(), &pos, &pos)
+                .unwrap();
+            let (f, _) = att
+                .run(
+                    kernel,
+                    wide(&qt).view(),
+                    wide(&kt).view(),
+                    wide(&vt).view(),
+                    &pos,
+                    &pos,
+                )
+                .unwrap();
+            assert_eq!(typed, f.mapv(T::from_f32), "{} {kernel:?}", T::NAME);
+        }
+    }
+    check::<bf16>();
+    check::<f16>();
+}
+
+/// A bf16 varlen batch in candle's head-major memory equals per-sequence calls, and
+/// `_into` a head-major bf16 buffer equals the allocating form.
+#[test]
+fn bf16_varlen_head_major_into() {
+    let (hq, hkv, d) = (2, 1, 16);
+    let cu = [0, 12, 12, 40];
+    let pos: Vec<usize> = (0..12).chain(0..28).collect();
+    let total = 40;
+    let q = round::<bf16>(&common::rand3((total, hq, d), 41));
+    let kv = round::<bf16>(&common::rand3((total, hkv, d), 42));
+    let freqs = ropex::RopeConfig::new(d, 10_000.0).unwrap().frequencies();
+    let att = Attention::new(freqs, ropex::Layout::Half, PositionMap::dca(8, 3).unwrap());
+    let vl = VarLen::new(&cu, &cu, &pos, &pos).unwrap();
+    let want = att
+        .varlen(Kernel::default(), q.view(), kv.view(), kv.view(), &vl)
+        .unwrap();
+    for s in 0..3 {
+        let r = cu[s]..cu[s + 1];
+        let alone = att
+            .tiled(
+                q.slice(ndarray::s![r.clone(), .., ..]),
+                kv.slice(ndarray::s![r.clone(), .., ..]),
+                kv.slice(ndarray::s![r.clone(), .., ..]),
+                &pos[r.clone()],
+                &pos[r.clone()],
+            )
+            .unwrap();
+        assert_eq!(want.slice(ndarray::s![r, .., ..]), alone);
+    }
+    let hm = |x: &Array3<bf16>| -> Vec<bf16> {
+        x.view().permuted_axes([1, 0, 2]).iter().copied().collect()
+    };
+    let (qh, kvh) = (hm(&q), hm(&kv));
+    let mut buf = vec![bf16::ZERO; total * hq * d];
+    att.varlen_into(
+        Kernel::default(),
+        View3::heads_tokens_dim(&qh, hq, total, d).unwrap(),
+        View3::heads_tokens_dim(&kvh, hkv, total, d).unwrap(),
+        View3::heads_tokens_dim(&kvh, hkv, total, d).unwrap(),
+        &vl,
+        View3Mut::heads_tokens_dim(&mut buf, hq, total, d).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(buf, hm(&want));
+}

@@ -33,6 +33,34 @@
 //! - [`decode`]: decoding against a KV cache that stores each piece's keys once
 //!   ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
 //!
+//! ## Element types, views, buffers, batches and threads
+//! The prefill kernels are generic over the [`Element`] type of q, k, v and the output
+//! (f32, bf16, f16): inputs are widened to f32 as they are loaded, scores, softmax and
+//! accumulation run in f32 (the reference kernel: f64), angles in f64, and the output
+//! is rounded once when stored. Inputs are [`View3`]s (any strides, so both
+//! `[tokens, heads, dim]` and `[heads, tokens, dim]` memory is read in place; an
+//! ndarray view converts with `.into()`).
+//!
+//! Every kernel has an `_into` form writing into a caller's [`View3Mut`]
+//! ([`Attention::run_into`], [`Attention::tiled_into`], ...); the allocating form calls
+//! it. [`Attention::varlen`] runs a batch of variable-length sequences packed along the
+//! token axis ([`VarLen`], flash-attention's `cu_seqlens`) in one call.
+//!
+//! Parallel kernels use the rayon pool they are called from: the global pool, or a
+//! caller's pool through `pool.install(|| ...)`. [`Attention::with_parallel`]`(false)`
+//! runs them on the calling thread alone. The output is bit-identical either way.
+//!
+//! ### Error bounds per element type
+//! Rounding an input to a type of unit roundoff `u` ([`Element::UNIT_ROUNDOFF`]:
+//! f32 `2^-24`, bf16 `2^-8`, f16 `2^-11`) perturbs each element by at most `u` of its
+//! size. A score `s_ij = c_i (R q_i) . k_j` (rotations preserve norms) then moves by at
+//! most `eps_i = c_i (2u + u^2) |q_i| max_j |k_j|` (Cauchy-Schwarz). Softmax weights
+//! `p_j ∝ e^(s_j)` change by a factor in `[e^(-2 eps_i), e^(2 eps_i)]`, so the output row
+//! `o_i = sum_j p_j v_j` moves by at most `(e^(2 eps_i) - 1) max_j |v_j|`; the values'
+//! own rounding adds `u max_j |v_j|` and the output store `u |o_i|`. tests/half_precision.rs
+//! checks every prefill kernel in each type against the f64 reference on the unrounded
+//! f32 inputs within this bound (plus the f32 kernels' own `1e-5`).
+//!
 //! [`kernels`] holds the low-level SIMD primitives (tile GEMMs, decode GEMVs, vectorised
 //! exp) the fast kernels are built from.
 
@@ -43,6 +71,7 @@ pub mod reference;
 mod rotated;
 pub mod tiled;
 pub mod two_pass;
+mod varlen;
 
 pub use mask::{Mask, MaskCover};
 pub use tiled::{
@@ -51,15 +80,17 @@ pub use tiled::{
 };
 
 pub use crate::position::TileBounds;
+pub use varlen::VarLen;
 
 pub use decode::{CacheShape, DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
 
-use ndarray::ArrayView3;
+use ndarray::Array3;
 
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::{PositionMap, check_positions};
 use crate::rotary::Layout;
+use crate::tensor::{Element, View3, View3Mut};
 
 /// What an attention call computes: frequencies, layout, position map and options.
 ///
@@ -85,6 +116,7 @@ pub struct Attention {
     log_n_train_len: Option<usize>,
     dca_train_len: Option<usize>,
     mask: Mask,
+    parallel: bool,
 }
 
 /// Which kernel computes an [`Attention`] ([`Attention::run`]): the f64 reference, Su's
@@ -190,7 +222,37 @@ impl Attention {
             log_n_train_len: None,
             dca_train_len: None,
             mask: Mask::NONE,
+            parallel: true,
         }
+    }
+
+    /// With `false`, every kernel call runs on the calling thread alone (no rayon task
+    /// is spawned); with `true` (the default, feature `rayon`) kernels split their work
+    /// over the rayon pool they are called from: the global one, or a caller's
+    /// `ThreadPool` through `pool.install(|| att.tiled(..))`. Results are bit-identical
+    /// for every choice and thread count.
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// use ropex::{attention::Attention, Layout, PositionMap, RopeConfig};
+    /// let freqs = RopeConfig::new(8, 10_000.0)?.frequencies();
+    /// let att = Attention::new(freqs, Layout::Half, PositionMap::rerope(2)?);
+    /// let q = Array3::<f32>::from_elem((70, 2, 8), 0.3);
+    /// let pos: Vec<usize> = (0..70).collect();
+    /// let many = att.tiled(q.view(), q.view(), q.view(), &pos, &pos)?;
+    /// let one = att.clone().with_parallel(false).tiled(q.view(), q.view(), q.view(), &pos, &pos)?;
+    /// assert_eq!(many, one);
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    pub fn with_parallel(mut self, parallel: bool) -> Self {
+        self.parallel = parallel;
+        self
+    }
+
+    /// Whether kernels may split their work over rayon threads
+    /// ([`Attention::with_parallel`]; always `false` without the `rayon` feature).
+    pub fn parallel(&self) -> bool {
+        self.parallel && cfg!(feature = "rayon")
     }
 
     /// Adds a sliding-window mask: key `j` visible from query `i` iff
@@ -220,23 +282,89 @@ impl Attention {
     }
 
     /// Runs `kernel` (see [`Kernel`]); the tile counts are returned by the tiled kernel
-    /// only.
-    pub fn run(
+    /// only. Allocates the output and calls [`Attention::run_into`].
+    pub fn run<'a, T: Element>(
         &self,
         kernel: Kernel,
-        q: ArrayView3<f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
         q_pos: &[usize],
         k_pos: &[usize],
-    ) -> Result<(ndarray::Array3<f32>, Option<TileStats>)> {
+    ) -> Result<(Array3<T>, Option<TileStats>)> {
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let mut out = self.output_for(&q, &k, &v, q_pos, k_pos)?;
+        let stats = self.run_into(kernel, q, k, v, q_pos, k_pos, &mut out)?;
+        Ok((out, stats))
+    }
+
+    /// Runs `kernel` writing into `out` (`[n_q, H_q, d_v]`, any strides; a typed error
+    /// when its dims differ). Every element of `out` is written.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use ropex::attention::{Attention, Kernel};
+    /// use ropex::tensor::{View3, View3Mut};
+    /// use ropex::{Layout, PositionMap, RopeConfig};
+    /// let freqs = RopeConfig::new(8, 10_000.0)?.frequencies();
+    /// let att = Attention::new(freqs, Layout::Half, PositionMap::rerope(2)?);
+    /// // candle-style (H, T, D) bf16 buffers: 2 heads, 5 tokens, d = 8
+    /// let x: Vec<bf16> = (0..80).map(|i| bf16::from_f32((i % 7) as f32 * 0.1)).collect();
+    /// let q = View3::heads_tokens_dim(&x, 2, 5, 8)?;
+    /// let mut buf = vec![bf16::ZERO; 80];
+    /// let out = View3Mut::heads_tokens_dim(&mut buf, 2, 5, 8)?;
+    /// let pos = [0, 1, 2, 3, 4];
+    /// att.run_into(Kernel::default(), q, q, q, &pos, &pos, out)?;
+    /// assert!(buf.iter().any(|x| x.to_f32() != 0.0));
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_into<'a, 'o, T: Element>(
+        &self,
+        kernel: Kernel,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        out: impl Into<View3Mut<'o, T>>,
+    ) -> Result<Option<TileStats>> {
         match kernel {
-            Kernel::Reference => self.reference(q, k, v, q_pos, k_pos).map(|o| (o, None)),
-            Kernel::TwoPass => self.two_pass(q, k, v, q_pos, k_pos).map(|o| (o, None)),
+            Kernel::Reference => self
+                .reference_into(q, k, v, q_pos, k_pos, out)
+                .map(|_| None),
+            Kernel::TwoPass => self.two_pass_into(q, k, v, q_pos, k_pos, out).map(|_| None),
             Kernel::Tiled(tiles) => self
-                .tiled_with(q, k, v, q_pos, k_pos, &tiles)
-                .map(|(o, s)| (o, Some(s))),
+                .tiled_into(q, k, v, q_pos, k_pos, &tiles, out)
+                .map(Some),
         }
+    }
+
+    /// `f` of every item, over rayon's pool when [`Attention::parallel`], in order.
+    pub(crate) fn par_run<I: Send, R: Send>(
+        &self,
+        items: Vec<I>,
+        f: impl Fn(I) -> R + Sync + Send,
+    ) -> Vec<R> {
+        #[cfg(feature = "rayon")]
+        if self.parallel() {
+            use rayon::prelude::*;
+            return items.into_par_iter().map(f).collect();
+        }
+        items.into_iter().map(f).collect()
+    }
+
+    /// A zeroed output `[n_q, H_q, d_v]` for validated inputs (fallible allocation).
+    pub(crate) fn output_for<T: Element>(
+        &self,
+        q: &View3<T>,
+        k: &View3<T>,
+        v: &View3<T>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Result<Array3<T>> {
+        let dims = self.validate(q, k, v, q_pos, k_pos)?;
+        zeros3(dims.n_q, dims.heads_q, dims.value_dim)
     }
 
     /// Causal (default) or bidirectional attention.
@@ -359,9 +487,9 @@ impl Attention {
     /// Checks shapes, head counts and positions; returns the sizes.
     pub fn validate<T>(
         &self,
-        q: &ArrayView3<T>,
-        k: &ArrayView3<T>,
-        v: &ArrayView3<T>,
+        q: &View3<T>,
+        k: &View3<T>,
+        v: &View3<T>,
         q_pos: &[usize],
         k_pos: &[usize],
     ) -> Result<Dims> {
@@ -376,9 +504,9 @@ impl Attention {
         }
         check_positions("q_pos", q_pos)?;
         check_positions("k_pos", k_pos)?;
-        let (n_q, heads_q, head_dim) = q.dim();
-        let (n_k, heads_kv, kd) = k.dim();
-        let (n_v, heads_v, value_dim) = v.dim();
+        let [n_q, heads_q, head_dim] = q.dims();
+        let [n_k, heads_kv, kd] = k.dims();
+        let [n_v, heads_v, value_dim] = v.dims();
         if kd != head_dim {
             return Err(RopeError::shape("k head_dim", head_dim, kd));
         }
@@ -426,4 +554,32 @@ impl Attention {
             value_dim,
         })
     }
+}
+
+/// Checks that `out` has the dims `[n_q, H_q, d_v]` of the call `dims`.
+pub(crate) fn check_output<T>(dims: &Dims, out: &View3Mut<T>) -> Result<()> {
+    let want = [dims.n_q, dims.heads_q, dims.value_dim];
+    if out.dims() != want {
+        return Err(RopeError::shape(
+            "output [n_q, H_q, d_v]",
+            format!("{want:?}"),
+            format!("{:?}", out.dims()),
+        ));
+    }
+    Ok(())
+}
+
+/// A zeroed `[a, b, c]` array, with a typed error when it cannot be allocated.
+pub(crate) fn zeros3<T: Element>(a: usize, b: usize, c: usize) -> Result<Array3<T>> {
+    let n = a.checked_mul(b).ok_or_else(|| {
+        RopeError::shape(
+            "output",
+            "an element count that fits in usize",
+            format!("[{a}, {b}, {c}]"),
+        )
+    })?;
+    let mut data = crate::error::try_vec::<T>("attention output", n, c)?;
+    data.resize(n * c, T::default());
+    Array3::from_shape_vec((a, b, c), data)
+        .map_err(|e| RopeError::shape("output", format!("[{a}, {b}, {c}]"), e.to_string()))
 }

@@ -1,11 +1,13 @@
 //! The explicit reference kernel: every `(i, j)` pair rotated by its own `P(i, j)`,
 //! everything in f64. Slow (`O(n_q n_k d)` trigonometry) and obviously right: the
-//! oracle for every other kernel.
+//! oracle for every other kernel. Inputs of any [`Element`] type are widened to f64
+//! (exactly); the result is rounded to f32, then stored in the output's type.
 
-use ndarray::{Array3, ArrayView3};
+use ndarray::Array3;
 
-use super::Attention;
+use super::{Attention, check_output};
 use crate::error::Result;
+use crate::tensor::{Element, View3, View3Mut};
 
 impl Attention {
     /// Reference attention (see [`crate::attention`] for inputs and semantics).
@@ -13,19 +15,41 @@ impl Attention {
     /// For each query `i`, head `h` and visible key `j`: rotate `q_i` by `P(i, j)` in f64
     /// and dot it with the unrotated `k_j` (the score of plain RoPE at relative position
     /// `P`), scale, softmax in f64 with the row maximum subtracted, and sum `v_j`.
-    pub fn reference(
+    pub fn reference<'a, T: Element>(
         &self,
-        q: ArrayView3<f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
         q_pos: &[usize],
         k_pos: &[usize],
-    ) -> Result<Array3<f32>> {
+    ) -> Result<Array3<T>> {
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let mut out = self.output_for(&q, &k, &v, q_pos, k_pos)?;
+        self.reference_into(q, k, v, q_pos, k_pos, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Attention::reference`] writing into `out` (`[n_q, H_q, d_v]`, any strides).
+    pub fn reference_into<'a, 'o, T: Element>(
+        &self,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        out: impl Into<View3Mut<'o, T>>,
+    ) -> Result<()> {
+        let (q, k, v) = (q.into(), k.into(), v.into());
         let dims = self.validate(&q, &k, &v, q_pos, k_pos)?;
+        let mut out = out.into();
+        check_output(&dims, &out)?;
+        let mut out = out.as_ndarray();
+        out.fill(T::default());
+        let (q, k, v) = (q.as_ndarray(), k.as_ndarray(), v.as_ndarray());
+        let wide = |x: T| x.to_f32() as f64;
         let scale = self.scale_for(dims.head_dim) * self.length_factor(dims.n_k);
         let inv = self.frequencies().inv_freq();
         let d_rot = self.frequencies().rotary_dim();
-        let mut out = Array3::<f32>::zeros((dims.n_q, dims.heads_q, dims.value_dim));
         let mut rotated = vec![0f64; dims.head_dim];
         let mut scores = vec![0f64; dims.n_k];
         for (i, &qp) in q_pos.iter().enumerate() {
@@ -41,7 +65,7 @@ impl Attention {
                 for &j in &visible {
                     let p = self.map().position(qp, k_pos[j]);
                     for (x, r) in rotated.iter_mut().enumerate() {
-                        *r = q[[i, h, x]] as f64;
+                        *r = wide(q[[i, h, x]]);
                     }
                     for (pair, w) in inv.iter().enumerate() {
                         let (a, b) = self.layout().pair_dims(pair, d_rot);
@@ -51,7 +75,7 @@ impl Attention {
                         rotated[b] = xb * c + xa * s;
                     }
                     let dot: f64 = (0..dims.head_dim)
-                        .map(|x| rotated[x] * k[[j, kvh, x]] as f64)
+                        .map(|x| rotated[x] * wide(k[[j, kvh, x]]))
                         .sum();
                     scores[j] = dot * scale * qf;
                 }
@@ -74,13 +98,13 @@ impl Attention {
                 for x in 0..dims.value_dim {
                     let acc: f64 = visible
                         .iter()
-                        .map(|&j| scores[j] * v[[j, kvh, x]] as f64)
+                        .map(|&j| scores[j] * wide(v[[j, kvh, x]]))
                         .sum();
-                    out[[i, h, x]] = (acc / denom) as f32;
+                    out[[i, h, x]] = T::from_f32((acc / denom) as f32);
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -12,6 +12,13 @@
 //! in f64 and cast to f32 (fractional positions, e.g. Leaky ReRoPE's `j / k`, are
 //! exact up to that cast). The attention factor `m` is *not* multiplied into cos/sin
 //! here: it is part of the default scale `m^2 / sqrt(d)`, as in the reference kernel.
+//!
+//! ## Element types
+//! Inputs of any [`Element`] type are widened to f32 here, row by row, as they are
+//! loaded ([`RowSource`]): rotated q and k go to f32 buffers anyway, so a bf16 or f16
+//! input costs no extra pass. f32 inputs in standard layout are read in place, and so
+//! are the values (borrowed by [`HeadMajor`]); values of another type or layout are
+//! widened into an owned head-major f32 copy.
 
 use std::borrow::Cow;
 
@@ -19,10 +26,67 @@ use ndarray::ArrayView3;
 
 use super::kernels::{Kernels, MatRef, PackedKeys};
 use super::{Attention, Dims};
-use crate::error::Result;
+use crate::error::{Result, try_vec};
 use crate::position::{Pieces, PositionFn};
 use crate::rotary::trig::cos_sin_into;
 use crate::rotary::{Layout, cast, rotate_lane_with};
+use crate::tensor::{Element, View3};
+
+/// Rows `(t, h)` of a `[rows, heads, width]` input of any element type, read as f32.
+pub(crate) trait RowSource: Sync {
+    /// `(rows, heads, width)`.
+    fn shape(&self) -> (usize, usize, usize);
+
+    /// Row `(t, h)`: a slice of the input itself when it is f32 with a contiguous last
+    /// axis, else widened into `buf`.
+    fn row<'s>(&'s self, t: usize, h: usize, buf: &'s mut Vec<f32>) -> &'s [f32];
+}
+
+/// An input view and, when it is in standard layout, its slice.
+pub(crate) struct Rows<'a, T> {
+    x: ArrayView3<'a, T>,
+    flat: Option<&'a [T]>,
+}
+
+impl<'a, T: Element> Rows<'a, T> {
+    pub(crate) fn new(x: ArrayView3<'a, T>) -> Self {
+        Rows {
+            flat: x.to_slice(),
+            x,
+        }
+    }
+}
+
+impl<T: Element> RowSource for Rows<'_, T> {
+    fn shape(&self) -> (usize, usize, usize) {
+        self.x.dim()
+    }
+
+    #[inline]
+    fn row<'s>(&'s self, t: usize, h: usize, buf: &'s mut Vec<f32>) -> &'s [f32] {
+        let (_, heads, width) = self.x.dim();
+        let lane = self.x.slice(ndarray::s![t, h, ..]);
+        let src = match self.flat {
+            Some(f) => Some(&f[(t * heads + h) * width..(t * heads + h + 1) * width]),
+            None => lane.to_slice(),
+        };
+        match src {
+            Some(src) => match T::as_f32(src) {
+                Some(direct) => direct,
+                None => {
+                    buf.resize(width, 0.0);
+                    T::load_slice(src, buf);
+                    buf
+                }
+            },
+            None => {
+                buf.clear();
+                buf.extend(lane.iter().map(|x| x.to_f32()));
+                buf
+            }
+        }
+    }
+}
 
 /// `heads` row-major `[rows, width]` matrices over one buffer: row `t` of head `h`
 /// starts at `h * head_stride + t * row_stride`. Owned head-major copies have
@@ -38,26 +102,28 @@ pub(crate) struct HeadMajor<'a> {
 }
 
 impl<'a> HeadMajor<'a> {
-    /// `x` (`[rows, heads, width]`): borrowed in place when in standard layout, else
-    /// copied into head-major order.
-    fn from_view(x: &ArrayView3<'a, f32>) -> Self {
+    /// `x` (`[rows, heads, width]`): borrowed in place when f32 in standard layout,
+    /// else widened to f32 in head-major order (an allocation error is typed).
+    fn from_view<T: Element>(x: &ArrayView3<'a, T>) -> Result<Self> {
         let (rows, heads, width) = x.dim();
-        if let Some(src) = x.to_slice() {
-            return HeadMajor {
+        if let Some(src) = x.to_slice().and_then(T::as_f32) {
+            return Ok(HeadMajor {
                 data: Cow::Borrowed(src),
                 rows,
                 width,
                 head_stride: width,
                 row_stride: heads * width,
-            };
+            });
         }
-        let mut data = Vec::with_capacity(rows * heads * width);
+        let mut data = try_vec::<f32>("values widened to f32", rows * heads, width)?;
+        let src = Rows::new(*x);
+        let mut buf = Vec::new();
         for h in 0..heads {
             for t in 0..rows {
-                data.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
+                data.extend_from_slice(src.row(t, h, &mut buf));
             }
         }
-        HeadMajor::owned(data, rows, width)
+        Ok(HeadMajor::owned(data, rows, width))
     }
 
     fn owned(data: Vec<f32>, rows: usize, width: usize) -> Self {
@@ -264,26 +330,6 @@ impl<'t> Rotator<'t> {
     }
 }
 
-/// Row `(t, h)` of `x` (`[rows, heads, width]`): a slice of the standard-layout buffer,
-/// or copied into `buf`.
-fn src_row<'s>(
-    x: &'s ArrayView3<f32>,
-    flat: Option<&'s [f32]>,
-    t: usize,
-    h: usize,
-    buf: &'s mut Vec<f32>,
-) -> &'s [f32] {
-    let (_, heads, width) = x.dim();
-    match flat {
-        Some(f) => &f[(t * heads + h) * width..(t * heads + h + 1) * width],
-        None => {
-            buf.clear();
-            buf.extend(x.slice(ndarray::s![t, h, ..]).iter().copied());
-            buf
-        }
-    }
-}
-
 /// What both preparations start from.
 struct Setup {
     /// Validated sizes.
@@ -302,11 +348,11 @@ impl Attention {
     /// Validates the inputs and lays out the map's pieces, their distinct key functions
     /// (each rotated once: DCA's three pieces and StreamingLLM's two share their keys)
     /// and the per-query factors.
-    fn setup(
+    fn setup<T>(
         &self,
-        q: &ArrayView3<f32>,
-        k: &ArrayView3<f32>,
-        v: &ArrayView3<f32>,
+        q: &View3<T>,
+        k: &View3<T>,
+        v: &View3<T>,
         q_pos: &[usize],
         k_pos: &[usize],
     ) -> Result<Setup> {
@@ -340,11 +386,11 @@ impl Attention {
 
     /// Validates the inputs and rotates every piece's Q and every distinct key function's
     /// K once, head-major; values are borrowed when in standard layout.
-    pub(crate) fn prepare<'a>(
+    pub(crate) fn prepare<'a, T: Element>(
         &self,
-        q: ArrayView3<f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<'a, f32>,
+        q: View3<T>,
+        k: View3<T>,
+        v: View3<'a, T>,
         q_pos: &[usize],
         k_pos: &[usize],
     ) -> Result<Prepared<'a>> {
@@ -357,6 +403,7 @@ impl Attention {
         } = self.setup(&q, &k, &v, q_pos, k_pos)?;
         let ones = vec![1.0; k_pos.len()];
         let inv = self.frequencies().inv_freq();
+        let (q, k) = (Rows::new(q.as_ndarray()), Rows::new(k.as_ndarray()));
         let keys = key_fns
             .iter()
             .map(|&f| self.rotate_all(&k, &Trig::new(inv, f, k_pos), &ones))
@@ -372,26 +419,21 @@ impl Attention {
             q: queries,
             k: keys,
             key_of,
-            v: HeadMajor::from_view(&v),
+            v: HeadMajor::from_view(&v.as_ndarray())?,
         })
     }
 
     /// `factor[t] * R(trig[t]) x[t, h]` for every token and head, head-major.
-    fn rotate_all(&self, x: &ArrayView3<f32>, trig: &Trig, factor: &[f64]) -> HeadMajor<'static> {
-        let (rows, heads, width) = x.dim();
+    fn rotate_all(&self, x: &dyn RowSource, trig: &Trig, factor: &[f64]) -> HeadMajor<'static> {
+        let (rows, heads, width) = x.shape();
         let mut out = vec![0f32; rows * heads * width];
-        let flat = x.to_slice();
         let mut rot = Rotator::new(trig, factor, self.layout());
         let mut buf = Vec::new();
         for t in 0..rows {
             rot.token(t);
             for h in 0..heads {
                 let at = (h * rows + t) * width;
-                rot.row(
-                    t,
-                    src_row(x, flat, t, h, &mut buf),
-                    &mut out[at..at + width],
-                );
+                rot.row(t, x.row(t, h, &mut buf), &mut out[at..at + width]);
             }
         }
         HeadMajor::owned(out, rows, width)
@@ -400,13 +442,12 @@ impl Attention {
     /// The rotated keys of each head, packed: one head at a time through a scratch.
     fn rotate_packed(
         &self,
-        x: &ArrayView3<f32>,
+        x: &dyn RowSource,
         trig: &Trig,
         factor: &[f64],
         kern: Kernels,
     ) -> Vec<PackedKeys> {
-        let (rows, heads, width) = x.dim();
-        let flat = x.to_slice();
+        let (rows, heads, width) = x.shape();
         let mut rot = Rotator::new(trig, factor, self.layout());
         let mut buf = Vec::new();
         let mut scratch = vec![0f32; rows * width];
@@ -414,7 +455,7 @@ impl Attention {
             .map(|h| {
                 for t in 0..rows {
                     rot.token(t);
-                    let src = src_row(x, flat, t, h, &mut buf);
+                    let src = x.row(t, h, &mut buf);
                     rot.row(t, src, &mut scratch[t * width..(t + 1) * width]);
                 }
                 let mut packed = PackedKeys::new();
@@ -456,7 +497,8 @@ pub(crate) struct TiledPrep<'a> {
     pub keys: Vec<TiledKeys>,
     /// Values, `[H_kv][n_k][d_v]` (the input itself when in standard layout).
     pub v: HeadMajor<'a>,
-    q: ArrayView3<'a, f32>,
+    /// The unrotated queries, widened row by row as they are rotated.
+    q: Box<dyn RowSource + 'a>,
     q_factor: Vec<f64>,
     layout: Layout,
 }
@@ -476,20 +518,15 @@ impl TiledPrep<'_> {
         let Some(trig) = self.q_trig[p].as_ref() else {
             return;
         };
-        let (_, heads, d) = self.q.dim();
+        let (_, heads, d) = self.q.shape();
         let bq = rows.len();
-        let flat = self.q.to_slice();
         let mut rot = Rotator::new(trig, &self.q_factor, self.layout);
         let mut buf = Vec::new();
         for (a, t) in rows.enumerate() {
             rot.token(t);
             for h in 0..heads {
                 let at = (h * bq + a) * d;
-                rot.row(
-                    t,
-                    src_row(&self.q, flat, t, h, &mut buf),
-                    &mut out[at..at + d],
-                );
+                rot.row(t, self.q.row(t, h, &mut buf), &mut out[at..at + d]);
             }
         }
     }
@@ -500,11 +537,11 @@ impl Attention {
     /// needed piece uses (`needed[piece]`) once and prepares the needed pieces' query
     /// trigonometry for [`TiledPrep::rotate_queries`].
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn prepare_tiled<'a>(
+    pub(crate) fn prepare_tiled<'a, T: Element>(
         &self,
-        q: ArrayView3<'a, f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<'a, f32>,
+        q: View3<'a, T>,
+        k: View3<T>,
+        v: View3<'a, T>,
         q_pos: &[usize],
         k_pos: &[usize],
         keys: KeyForm,
@@ -519,6 +556,7 @@ impl Attention {
         } = self.setup(&q, &k, &v, q_pos, k_pos)?;
         let ones = vec![1.0; k_pos.len()];
         let inv = self.frequencies().inv_freq();
+        let k = Rows::new(k.as_ndarray());
         let is_needed = |p: usize| needed.get(p).copied().unwrap_or(false);
         let stores = key_fns
             .iter()
@@ -556,8 +594,8 @@ impl Attention {
             q_trig,
             key_of,
             keys: stores,
-            v: HeadMajor::from_view(&v),
-            q,
+            v: HeadMajor::from_view(&v.as_ndarray())?,
+            q: Box::new(Rows::new(q.as_ndarray())),
             q_factor,
             layout: self.layout(),
         })

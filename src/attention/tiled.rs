@@ -73,13 +73,14 @@
 //! tile per piece;
 //! never an `n_q x n_k` buffer (tests/alloc.rs checks this with a counting allocator).
 
-use ndarray::{Array3, ArrayView3};
+use ndarray::{Array3, ArrayViewMut3, Axis};
 
 use super::kernels::{Kernels, MatMut, MatRef, PackedKeys};
 use super::rotated::{KeyForm, TiledPrep, axpy};
-use super::{Attention, MaskCover};
+use super::{Attention, MaskCover, check_output};
 use crate::error::{Result, RopeError};
 use crate::position::{Pieces, TileBounds};
+use crate::tensor::{Element, View3, View3Mut};
 
 /// Tile sizes for [`Attention::tiled_with`]: `block_q` query rows by `block_k` key
 /// columns, both `>= 1`. The default is 64 x 64.
@@ -804,14 +805,14 @@ impl Attention {
     /// assert!((&fast - &slow).iter().all(|e| e.abs() < 1e-5));
     /// # Ok::<(), ropex::RopeError>(())
     /// ```
-    pub fn tiled(
+    pub fn tiled<'a, T: Element>(
         &self,
-        q: ArrayView3<f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
         q_pos: &[usize],
         k_pos: &[usize],
-    ) -> Result<Array3<f32>> {
+    ) -> Result<Array3<T>> {
         self.tiled_with(q, k, v, q_pos, k_pos, &TileConfig::DEFAULT)
             .map(|(out, _)| out)
     }
@@ -834,16 +835,40 @@ impl Attention {
     /// assert_eq!(stats.skipped, 8 * 7 / 2);
     /// # Ok::<(), ropex::RopeError>(())
     /// ```
-    pub fn tiled_with(
+    pub fn tiled_with<'a, T: Element>(
         &self,
-        q: ArrayView3<f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
         q_pos: &[usize],
         k_pos: &[usize],
         tiles: &TileConfig,
-    ) -> Result<(Array3<f32>, TileStats)> {
+    ) -> Result<(Array3<T>, TileStats)> {
+        let (q, k, v) = (q.into(), k.into(), v.into());
         tiles.validate()?;
+        let mut out = self.output_for(&q, &k, &v, q_pos, k_pos)?;
+        let stats = self.tiled_into(q, k, v, q_pos, k_pos, tiles, &mut out)?;
+        Ok((out, stats))
+    }
+
+    /// [`Attention::tiled_with`] writing into `out` (`[n_q, H_q, d_v]`, any strides).
+    /// Each task writes its query block's rows: in place when `out` is f32 in standard
+    /// layout, else through a per-task f32 buffer rounded once into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tiled_into<'a, 'o, T: Element>(
+        &self,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        tiles: &TileConfig,
+        out: impl Into<View3Mut<'o, T>>,
+    ) -> Result<TileStats> {
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let mut out = out.into();
+        tiles.validate()?;
+        check_output(&self.validate(&q, &k, &v, q_pos, k_pos)?, &out)?;
         let kern = Kernels::active();
         // Keys are packed once per call when key blocks start at panel multiples.
         let keys = if tiles.block_k.is_multiple_of(PackedKeys::PANEL) {
@@ -864,7 +889,6 @@ impl Attention {
             .map(|p| used & (1 << p) != 0)
             .collect();
         let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, &needed)?;
-        let dims = prep.dims;
         let plan = Plan {
             att: self,
             prep,
@@ -876,37 +900,52 @@ impl Attention {
             block_k: tiles.block_k.min(k_pos.len()),
             kern,
         };
-        let (dv, heads) = (dims.value_dim, dims.heads_q);
-        let mut out = Array3::<f32>::zeros((dims.n_q, heads, dv));
-        let out_slice = out
-            .as_slice_mut()
-            .expect("a new array is in standard layout");
         // One task per query block (all heads), writing its own output rows.
-        // (`min(block_q, n_q) * H_q * d_v` is at most the output's size: no overflow.)
-        let rows_per_block = (tiles.block_q.min(dims.n_q) * heads * dv).max(1);
-        let blocks_out = plan.q_blocks.iter().zip(
-            out_slice
-                .chunks_mut(rows_per_block)
-                .chain(std::iter::repeat_with(|| &mut [][..])),
-        );
-        let task =
-            |work: &mut Work, (qb, rows): (&Block, &mut [f32])| plan.run_block(*qb, rows, work);
+        let mut out = out.as_ndarray();
+        let blocks_out = plan
+            .q_blocks
+            .iter()
+            .zip(out.axis_chunks_iter_mut(Axis(0), tiles.block_q));
+        let task = |(work, wide): &mut (Work, Vec<f32>), (qb, rows): (&Block, ArrayViewMut3<T>)| {
+            store_rows(rows, wide, |buf| plan.run_block(*qb, buf, work))
+        };
+        let init = || (Work::new(), Vec::new());
         #[cfg(feature = "rayon")]
-        let stats = {
+        if self.parallel() {
             use rayon::prelude::*;
-            blocks_out
+            return Ok(blocks_out
                 .collect::<Vec<_>>()
                 .into_par_iter()
-                .map_init(Work::new, task)
-                .reduce(TileStats::default, TileStats::add)
-        };
-        #[cfg(not(feature = "rayon"))]
-        let stats = {
-            let mut work = Work::new();
-            blocks_out
-                .map(|b| task(&mut work, b))
-                .fold(TileStats::default(), TileStats::add)
-        };
-        Ok((out, stats))
+                .map_init(init, task)
+                .reduce(TileStats::default, TileStats::add));
+        }
+        let mut work = init();
+        Ok(blocks_out
+            .map(|b| task(&mut work, b))
+            .fold(TileStats::default(), TileStats::add))
     }
+}
+
+/// Runs `fill` on the f32 rows `[rows, H_q, d_v]` of `out`: `out`'s own memory when it
+/// is f32 in standard layout, else `wide` (resized), then rounded once into `out`.
+fn store_rows<T: Element, R>(
+    mut out: ArrayViewMut3<T>,
+    wide: &mut Vec<f32>,
+    fill: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    if let Some(direct) = out.as_slice_mut().and_then(T::as_f32_mut) {
+        return fill(direct);
+    }
+    wide.clear();
+    wide.resize(out.len(), 0.0);
+    let r = fill(wide);
+    match out.as_slice_mut() {
+        Some(dst) => T::store_slice(wide, dst),
+        None => {
+            for (o, &x) in out.iter_mut().zip(wide.iter()) {
+                *o = T::from_f32(x);
+            }
+        }
+    }
+    r
 }

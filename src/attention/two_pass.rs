@@ -23,11 +23,12 @@
 //! for batch 1); and no cos/sin table is indexed, so ReRoPE's far query position `w`
 //! needs no table of length `max(n, w + 1)`.
 
-use ndarray::{Array3, ArrayView3};
+use ndarray::Array3;
 
-use super::Attention;
 use super::rotated::{Prepared, axpy, scores_into};
+use super::{Attention, check_output};
 use crate::error::Result;
+use crate::tensor::{Element, View3, View3Mut};
 
 impl Attention {
     /// Two-pass attention (Su's method; see the [module docs](self) for the formula and
@@ -47,30 +48,38 @@ impl Attention {
     /// assert!((&fast - &slow).iter().all(|e| e.abs() < 1e-5));
     /// # Ok::<(), ropex::RopeError>(())
     /// ```
-    pub fn two_pass(
+    pub fn two_pass<'a, T: Element>(
         &self,
-        q: ArrayView3<f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
         q_pos: &[usize],
         k_pos: &[usize],
-    ) -> Result<Array3<f32>> {
-        let prep = self.prepare(q, k, v, q_pos, k_pos)?;
+    ) -> Result<Array3<T>> {
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let mut out = self.output_for(&q, &k, &v, q_pos, k_pos)?;
+        self.two_pass_into(q, k, v, q_pos, k_pos, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Attention::two_pass`] writing into `out` (`[n_q, H_q, d_v]`, any strides).
+    pub fn two_pass_into<'a, 'o, T: Element>(
+        &self,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        out: impl Into<View3Mut<'o, T>>,
+    ) -> Result<()> {
+        let prep = self.prepare(q.into(), k.into(), v.into(), q_pos, k_pos)?;
         let dims = prep.dims;
-        let heads: Vec<Vec<f32>> = {
-            let run = |h: usize| self.two_pass_head(&prep, h, q_pos, k_pos);
-            #[cfg(feature = "rayon")]
-            {
-                use rayon::prelude::*;
-                (0..dims.heads_q).into_par_iter().map(run).collect()
-            }
-            #[cfg(not(feature = "rayon"))]
-            {
-                (0..dims.heads_q).map(run).collect()
-            }
-        };
+        let mut out = out.into();
+        check_output(&dims, &out)?;
+        let run = |h: usize| self.two_pass_head(&prep, h, q_pos, k_pos);
+        let heads = self.par_run((0..dims.heads_q).collect(), run);
         let dv = dims.value_dim;
-        let mut out = Array3::<f32>::zeros((dims.n_q, dims.heads_q, dv));
+        let mut out = out.as_ndarray();
         for (h, head) in heads.iter().enumerate() {
             for i in 0..dims.n_q {
                 for (o, &x) in out
@@ -78,11 +87,11 @@ impl Attention {
                     .iter_mut()
                     .zip(&head[i * dv..(i + 1) * dv])
                 {
-                    *o = x;
+                    *o = T::from_f32(x);
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One query head: returns its `[n_q, d_v]` output.

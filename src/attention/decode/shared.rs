@@ -306,6 +306,7 @@ impl Core {
             log_n_train_len: self.log_n_train_len,
             dca_train_len: self.dca_train_len,
             mask: self.mask,
+            parallel: true,
         }
     }
 
