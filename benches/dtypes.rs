@@ -19,22 +19,15 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use half::bf16;
-use ndarray::Array3;
 use ropex::attention::{Attention, Kernel, VarLen};
 use ropex::{Layout, PositionMap, RopeConfig};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::rand3;
+
 const HEADS: usize = 8;
 const HEAD_DIM: usize = 128;
-
-fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Array3::from_shape_fn(shape, |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    })
-}
 
 fn attention(map: PositionMap) -> Attention {
     let freqs = RopeConfig::new(HEAD_DIM, 10_000.0)

@@ -302,6 +302,7 @@ impl Attention {
     /// when its dims differ). Every element of `out` is written.
     ///
     /// ```
+    /// # #[cfg(feature = "half")] {
     /// use half::bf16;
     /// use ropex::attention::{Attention, Kernel};
     /// use ropex::tensor::{View3, View3Mut};
@@ -316,6 +317,7 @@ impl Attention {
     /// let pos = [0, 1, 2, 3, 4];
     /// att.run_into(Kernel::default(), q, q, q, &pos, &pos, out)?;
     /// assert!(buf.iter().any(|x| x.to_f32() != 0.0));
+    /// # }
     /// # Ok::<(), ropex::RopeError>(())
     /// ```
     #[allow(clippy::too_many_arguments)]

@@ -65,23 +65,26 @@ impl<T: Element> RowSource for Rows<'_, T> {
     #[inline]
     fn row<'s>(&'s self, t: usize, h: usize, buf: &'s mut Vec<f32>) -> &'s [f32] {
         let (_, heads, width) = self.x.dim();
-        let lane = self.x.slice(ndarray::s![t, h, ..]);
         let src = match self.flat {
-            Some(f) => Some(&f[(t * heads + h) * width..(t * heads + h + 1) * width]),
-            None => lane.to_slice(),
-        };
-        match src {
-            Some(src) => match T::as_f32(src) {
-                Some(direct) => direct,
-                None => {
-                    buf.resize(width, 0.0);
-                    T::load_slice(src, buf);
-                    buf
-                }
-            },
+            Some(f) => &f[(t * heads + h) * width..(t * heads + h + 1) * width],
             None => {
-                buf.clear();
-                buf.extend(lane.iter().map(|x| x.to_f32()));
+                let lane = self.x.slice(ndarray::s![t, h, ..]);
+                match lane.to_slice() {
+                    Some(src) => src,
+                    None => {
+                        // A strided last axis: element by element.
+                        buf.clear();
+                        buf.extend(lane.iter().map(|x| x.to_f32()));
+                        return buf;
+                    }
+                }
+            }
+        };
+        match T::as_f32(src) {
+            Some(direct) => direct,
+            None => {
+                buf.resize(width, 0.0);
+                T::load_slice(src, buf);
                 buf
             }
         }

@@ -155,6 +155,7 @@ impl Attention {
     /// [`Attention::varlen_into`].
     ///
     /// ```
+    /// # #[cfg(feature = "half")] {
     /// use half::bf16;
     /// use ropex::attention::{Attention, Kernel, VarLen};
     /// use ropex::tensor::View3;
@@ -175,6 +176,7 @@ impl Attention {
     /// // the second prompt alone gives the same rows
     /// let alone = att.tiled(q.tokens(3..8)?, kv.tokens(3..8)?, kv.tokens(3..8)?, &pos[3..], &pos[3..])?;
     /// assert_eq!(out.slice(ndarray::s![3.., .., ..]), alone);
+    /// # }
     /// # Ok::<(), ropex::RopeError>(())
     /// ```
     pub fn varlen<'a, T: Element>(
