@@ -92,16 +92,34 @@
 //! (kv_cache.rs) and [`KvCacheRerotating`] (rerotating.rs).
 
 mod kv_cache;
+mod paged;
 mod policy;
 mod rerotating;
 mod shared;
+mod step;
 
 use ndarray::{Array3, ArrayView3};
 
 pub use kv_cache::KvCache;
+pub use paged::{BatchScratch, BlockId, BlockPool, PagedKvCache, SeqId};
 pub use policy::RefreshPolicy;
 pub use rerotating::KvCacheRerotating;
 pub use shared::CacheShape;
+pub use step::DecodeScratch;
+
+/// A chunked prefill as both contiguous caches run it: `append` (validated, atomic),
+/// then `attend` the chunk's `c` queries at positions `start .. start + c`.
+fn append_then_attend<C>(
+    cache: &mut C,
+    start: usize,
+    c: usize,
+    append: impl FnOnce(&mut C) -> Result<()>,
+    attend: impl FnOnce(&C, &[usize]) -> Result<Array3<f32>>,
+) -> Result<Array3<f32>> {
+    append(cache)?;
+    let pos: Vec<usize> = (start..start + c).collect();
+    attend(cache, &pos)
+}
 
 use crate::error::Result;
 
