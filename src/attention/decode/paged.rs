@@ -4,12 +4,17 @@
 //! ## Blocks
 //! The pool owns `capacity` blocks of `B` tokens (default [`PagedKvCache::DEFAULT_BLOCK`]
 //! = 16, vLLM's), allocated once when the cache is built. A block holds, for each kv head
-//! `g` in turn, `P` key planes of `[B, d]` and one value plane `[B, d_v]`, row-major, all
-//! in the storage type `S`:
+//! `g`, `P` key planes of `[B, d]` and one value plane `[B, d_v]`, row-major, all in the
+//! storage type `S`. The pool stores each (head, plane) of all its blocks together,
+//! block after block, so blocks with consecutive indices are contiguous per head and
+//! plane and a step reads them as one run (a sequence appended in one go gets
+//! consecutive blocks; a fork or a copy-on-write splits its runs only where blocks
+//! differ):
 //!
 //! ```text
-//! block = [ head 0: keys plane 0 [B, d] | .. | keys plane P-1 [B, d] | values [B, d_v] ]
-//!         [ head 1: .. ] .. [ head H_kv - 1: .. ]
+//! pool = [ head 0: keys plane 0 [capacity, B, d] | .. | keys plane P-1 | values [capacity, B, d_v] ]
+//!        [ head 1: .. ] .. [ head H_kv - 1: .. ]
+//! block i = rows i B .. (i + 1) B of every plane
 //! ```
 //!
 //! Plane 0 holds the main keys `R(g_main(j)) k_j` (as [`super::KvCache`]'s main cache:
@@ -211,11 +216,7 @@ impl<S: Element> BlockPool<S> {
     }
 
     fn block_elems(&self) -> usize {
-        self.heads_kv * self.head_elems()
-    }
-
-    fn head_elems(&self) -> usize {
-        self.block_tokens * (self.planes * self.head_dim + self.value_dim)
+        self.heads_kv * self.block_tokens * (self.planes * self.head_dim + self.value_dim)
     }
 
     /// Bytes of one block: `S::BYTES H_kv B (P d + d_v)`.
@@ -298,21 +299,37 @@ impl<S: Element> BlockPool<S> {
         }
     }
 
-    fn block(&self, i: usize) -> &[S] {
-        let n = self.block_elems();
-        &self.data[i * n..(i + 1) * n]
-    }
-
-    /// The `width` elements of plane `plane` (`planes` = values), head `g`, slot `slot`.
-    fn row_mut(&mut self, i: usize, g: usize, plane: usize, slot: usize) -> &mut [S] {
-        let (d, b) = (self.head_dim, self.block_tokens);
-        let at = i * self.block_elems() + g * self.head_elems() + plane * b * d;
+    /// Where plane `plane` (`planes` = the values) of kv head `g` starts in `data`, and
+    /// its row width: the plane holds `[capacity, B, width]`, block by block.
+    fn plane(&self, g: usize, plane: usize) -> (usize, usize) {
+        let rows = self.capacity() * self.block_tokens;
+        let start = g * rows * (self.planes * self.head_dim + self.value_dim)
+            + plane * rows * self.head_dim;
         let width = if plane == self.planes {
             self.value_dim
         } else {
-            d
+            self.head_dim
         };
-        &mut self.data[at + slot * width..at + (slot + 1) * width]
+        (start, width)
+    }
+
+    /// The row of slot `slot` of block `i` in plane `plane` of head `g`.
+    fn row_mut(&mut self, i: usize, g: usize, plane: usize, slot: usize) -> &mut [S] {
+        let (start, width) = self.plane(g, plane);
+        let at = start + (i * self.block_tokens + slot) * width;
+        &mut self.data[at..at + width]
+    }
+
+    /// Copies block `from` into block `to`, every plane of every head.
+    fn copy_block(&mut self, from: usize, to: usize) {
+        for g in 0..self.heads_kv {
+            for plane in 0..=self.planes {
+                let (start, width) = self.plane(g, plane);
+                let n = self.block_tokens * width;
+                self.data
+                    .copy_within(start + from * n..start + (from + 1) * n, start + to * n);
+            }
+        }
     }
 }
 
@@ -363,24 +380,26 @@ struct Head<'a, S: Element> {
 }
 
 impl<S: Element> Head<'_, S> {
-    /// Calls `f(rows, first)` for plane `plane` (or the values) over slots `lo..hi`,
-    /// one run per block.
+    /// Calls `f(rows, first)` for plane `plane` (or the values) over slots `lo..hi`: one
+    /// run per stretch of blocks with consecutive indices (a sequence appended in one
+    /// go is one run), else one per block.
     fn runs(&self, plane: usize, lo: usize, hi: usize, f: &mut dyn FnMut(&[S], usize)) {
         let p = self.pool;
-        let (b, d) = (p.block_tokens, p.head_dim);
-        let (offset, width) = if plane == p.planes {
-            (plane * b * d, p.value_dim)
-        } else {
-            (plane * b * d, d)
-        };
+        let b = p.block_tokens;
+        let (start, width) = p.plane(self.g, plane);
         let mut j = lo;
         while j < hi {
-            let (blk, slot) = (j / b, j % b);
-            let end = hi.min((blk + 1) * b);
-            let base = self.g * p.head_elems() + offset;
-            let data = p.block(self.table[blk].index as usize);
+            let blk = j / b;
+            let first = self.table[blk].index as usize;
+            let mut end_blk = blk + 1;
+            while end_blk * b < hi && self.table[end_blk].index as usize == first + (end_blk - blk)
+            {
+                end_blk += 1;
+            }
+            let end = hi.min(end_blk * b);
+            let row = first * b + j % b;
             f(
-                &data[base + slot * width..base + (slot + end - j) * width],
+                &p.data[start + row * width..start + (row + end - j) * width],
                 j,
             );
             j = end;
@@ -615,9 +634,7 @@ impl<S: Element> PagedKvCache<S> {
                 .last()
                 .expect("tail");
             let new = self.pool.alloc()?;
-            let n = self.pool.block_elems();
-            let (from, to) = (old.index as usize * n, new.index as usize * n);
-            self.pool.data.copy_within(from..from + n, to);
+            self.pool.copy_block(old.index as usize, new.index as usize);
             self.pool.release(old);
             let seq = self.seqs[id.0].as_mut().expect("checked");
             *seq.blocks.last_mut().expect("tail") = new;
