@@ -16,8 +16,8 @@ use crate::attention::kernels::{Kernels, MatMut, MatRef, as_f32, widen};
 use crate::position::{Piece, Region};
 use crate::tensor::Element;
 
-/// Rows widened per tile: `TILE x d` f32 stay in L1 (`64 x 128 x 4` = 32 KiB).
-pub(super) const TILE: usize = 64;
+/// Rows widened per tile: `TILE x d` f32 stay in L1 (`32 x 128 x 4` = 16 KiB).
+pub(super) const TILE: usize = 32;
 
 pub(super) fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_> {
     MatRef::new(data, rows, cols, stride).expect("decode shapes are consistent")
