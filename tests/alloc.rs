@@ -330,5 +330,6 @@ fn warm_decode_steps_allocate_nothing() {
         }
     }
     run::<f32>();
+    #[cfg(feature = "half")]
     run::<half::bf16>();
 }

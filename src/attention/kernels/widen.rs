@@ -20,6 +20,7 @@ use crate::tensor::Element;
 
 /// The storage format of `S`, for the widening paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "half"), allow(dead_code))] // only f32 exists without `half`
 enum Format {
     F32,
     Bf16,
