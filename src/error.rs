@@ -110,6 +110,38 @@ pub enum RopeError {
         /// What ropex supports instead.
         allowed: String,
     },
+
+    /// A paged KV cache's block pool has too few free blocks for an append or a
+    /// copy-on-write.
+    #[error(
+        "KV block pool exhausted: {needed} free blocks needed, {free} of {capacity} free; free or truncate sequences, or build a larger pool"
+    )]
+    PoolExhausted {
+        /// Blocks the operation needs.
+        needed: usize,
+        /// Blocks free now.
+        free: usize,
+        /// Blocks in the pool.
+        capacity: usize,
+    },
+
+    /// A block table names a block that is not a live block of this pool.
+    #[error("bad KV block {block}: {reason}")]
+    BadBlock {
+        /// The block, formatted.
+        block: String,
+        /// Why it cannot be used (freed, another pool's, out of range) and what is allowed.
+        reason: String,
+    },
+
+    /// A sequence id that is not a live sequence of this paged cache.
+    #[error("unknown sequence {id}: {reason}")]
+    UnknownSequence {
+        /// The id.
+        id: usize,
+        /// Why (never created, or freed).
+        reason: String,
+    },
 }
 
 impl RopeError {

@@ -27,7 +27,14 @@ static LARGEST: AtomicUsize = AtomicUsize::new(0);
 static TOTAL: AtomicUsize = AtomicUsize::new(0);
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Allocation calls made by this thread (const-initialised, no destructor: safe to
+    /// touch from the allocator).
+    static THREAD_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn record_alloc(size: usize) {
+    let _ = THREAD_CALLS.try_with(|c| c.set(c.get() + 1));
     let live = LIVE.fetch_add(size, Ordering::Relaxed) + size;
     PEAK.fetch_max(live, Ordering::Relaxed);
     LARGEST.fetch_max(size, Ordering::Relaxed);
@@ -238,4 +245,91 @@ fn appends_are_amortised() {
         assert!(usage.total <= 3 * final_bytes, "{map:?}: {usage:?}");
         assert!(usage.calls <= 64 + 8 * steps, "{map:?}: {usage:?}");
     }
+}
+
+/// Zero-allocation decode: after one warm-up step with a caller-held scratch, a decode
+/// step into a caller's output allocates nothing, for the contiguous and the paged cache,
+/// f32 and bf16 storage, every kind of map (one piece, band, shared-key DCA), and the
+/// batched paged step.
+#[test]
+fn warm_decode_steps_allocate_nothing() {
+    use ropex::Element;
+    use ropex::attention::decode::{BatchScratch, DecodeScratch, PagedKvCache};
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    fn run<S: Element>() {
+        let (heads_q, heads_kv, d, n) = (8, 2, 64, 1000);
+        let k = rand3((n, heads_kv, d), 9);
+        let v = rand3((n, heads_kv, d), 10);
+        let q = rand3((3, heads_q, d), 11);
+        for map in [
+            PositionMap::Rope,
+            PositionMap::rerope(256).unwrap(),
+            PositionMap::leaky_rerope(100, 16.0).unwrap(),
+            PositionMap::dca(300, 20).unwrap(),
+        ] {
+            let cfg = RopeConfig::new(d, 10_000.0).unwrap();
+            let shape = CacheShape::square(heads_kv, d);
+            let mut cache = KvCache::<S>::new_typed(cfg.clone(), Layout::Half, map, shape).unwrap();
+            cache.append(k.view(), v.view()).unwrap();
+            let mut paged =
+                PagedKvCache::<S>::new_typed(cfg, Layout::Half, map, shape, 16, 200).unwrap();
+            let seqs: Vec<_> = (0..3)
+                .map(|s| {
+                    let id = paged.add_sequence().unwrap();
+                    let len = n - 100 * s;
+                    paged
+                        .append(id, k.slice(s![..len, .., ..]), v.slice(s![..len, .., ..]))
+                        .unwrap();
+                    id
+                })
+                .collect();
+            let one = q.slice(s![..1, .., ..]);
+            let mut out = ndarray::Array3::<f32>::zeros((1, heads_q, d));
+            let mut batch_out = ndarray::Array3::<f32>::zeros((3, heads_q, d));
+            let mut scratch = DecodeScratch::new();
+            let mut batch = BatchScratch::new();
+            let mut step = |out: &mut ndarray::Array3<f32>| {
+                cache
+                    .attend_into(one, &[n - 1], &mut *out, &mut scratch)
+                    .unwrap();
+                paged
+                    .attend_into(seqs[0], one, &[n - 1], &mut *out, &mut scratch)
+                    .unwrap();
+            };
+            step(&mut out); // warm-up
+            // Counted on this thread: worker threads of other tests' pools may still be
+            // winding down and allocating.
+            let before = THREAD_CALLS.with(|c| c.get());
+            for _ in 0..5 {
+                step(&mut out);
+            }
+            let calls = THREAD_CALLS.with(|c| c.get()) - before;
+            assert!(out.iter().all(|x| x.is_finite()));
+            println!("{} {map:?}: 5 warm steps: {calls} allocations", S::NAME);
+            assert_eq!(calls, 0, "{} {map:?}", S::NAME);
+            // The batched step: ropex's buffers are all in the scratch; what rayon's
+            // work-stealing queues allocate (a few KiB, not per step) is bounded here.
+            let ((), usage) = on_two_threads(|| {
+                for _ in 0..2 {
+                    paged
+                        .attend_batch(&seqs, q.view(), &mut batch_out, &mut batch)
+                        .unwrap();
+                }
+                measure(|| {
+                    for _ in 0..20 {
+                        paged
+                            .attend_batch(&seqs, q.view(), &mut batch_out, &mut batch)
+                            .unwrap();
+                    }
+                })
+            });
+            println!("{} {map:?}: 20 warm batched steps: {usage:?}", S::NAME);
+            assert!(usage.total <= 64 * 1024, "{} {map:?}: {usage:?}", S::NAME);
+            #[cfg(not(feature = "rayon"))]
+            assert_eq!(usage.calls, 0, "{} {map:?}: {usage:?}", S::NAME);
+        }
+    }
+    run::<f32>();
+    #[cfg(feature = "half")]
+    run::<half::bf16>();
 }

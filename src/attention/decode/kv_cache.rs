@@ -2,37 +2,17 @@
 
 use ndarray::{Array3, ArrayView3, s};
 
-use super::shared::{
-    CacheShape, Core, Trig, extend_row, mat, mat_mut, per_head, softmax_times_values,
-};
-use super::{DecodeCache, RefreshPolicy};
+use super::shared::{CacheShape, Core, Trig, load_row, per_head, put_row, store_group};
+use super::step::{DecodeScratch, KeySource, Rows, Runs, Step};
+use super::{DecodeCache, RefreshPolicy, append_then_attend};
 use crate::RopeConfig;
 use crate::attention::Attention;
-use crate::attention::kernels::Kernels;
+use crate::attention::kernels::{Kernels, widen};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::{Piece, PositionFn, PositionMap, Region};
 use crate::rotary::Layout;
-
-/// Band keys rebuilt for one [`KvCache::attend`] call: disjoint position spans
-/// `(start, end, offset)`, the keys of span positions stored back to back from token
-/// `offset`, per kv head.
-struct Rebuilt {
-    spans: Vec<(usize, usize, usize)>,
-    keys: Vec<Vec<f32>>,
-}
-
-impl Rebuilt {
-    /// Token index of position `j` in `keys` (0 when `j` was not rebuilt; only called
-    /// for positions inside a span, where the ring does not reach).
-    fn offset_of(&self, j: usize) -> usize {
-        let k = self.spans.partition_point(|s| s.1 <= j);
-        match self.spans.get(k) {
-            Some(&(start, _, offset)) if start <= j => offset + (j - start),
-            _ => 0,
-        }
-    }
-}
+use crate::tensor::{Element, View3, View3Mut};
 
 /// A KV cache that stores each piece of a [`PositionMap`]'s keys once: decoding under
 /// ReRoPE or Leaky ReRoPE costs what a plain RoPE step costs, plus `w` cached keys per kv
@@ -49,6 +29,14 @@ impl Rebuilt {
 /// Length-dependent schemes (dynamic NTK, LongRoPE) re-rotate the cache from raw keys
 /// when their frequencies change ([`RefreshPolicy`]), so the cache never serves stale
 /// keys.
+///
+/// **Storage type.** `S` ([`Element`]: f32, bf16, f16) is what keys and values are
+/// stored in: inputs of any element type are widened to f32, rotated (angles in f64),
+/// and rounded once to `S`; a step widens them back on load, so scores, softmax and
+/// `P V` run in f32 and a bf16/f16 step reads half the bytes of an f32 one. Build a
+/// typed cache with [`KvCache::new_typed`] (`KvCache::new` is the f32 cache).
+/// [`KvCache::attend_into`] writes into a caller's buffer with a reusable
+/// [`DecodeScratch`]: a decode step then allocates nothing.
 ///
 /// ```
 /// use ndarray::{Array3, s};
@@ -78,24 +66,27 @@ impl Rebuilt {
 /// assert_eq!(cache.memory_bytes(), 4 * 2 * (11 * 16 + 4 * 8));
 /// # Ok::<(), ropex::RopeError>(())
 /// ```
+
 #[derive(Debug, Clone, PartialEq)]
-pub struct KvCache {
+pub struct KvCache<S: Element = f32> {
     core: Core,
-    /// The piece every key is cached for: the far piece, or the only piece.
+    /// The map's pieces (`pieces()` order: near then far for a band map).
+    pieces: Vec<Piece>,
+    region: Region,
+    /// The piece every key is cached for: the far piece, or the (shared) only piece.
     main_piece: Piece,
-    /// Window and near piece of a two-piece map.
-    band: Option<(usize, Piece)>,
+    /// Window of a two-piece (band) map; its near piece is `pieces[0]`.
+    band: Option<usize>,
     /// The main piece's key map is `g(j) = 0`: main keys are the raw keys.
     main_is_raw: bool,
     /// Per kv head, `[len, head_dim]`: `R(g_main(j)) k_j`.
-    main: Vec<Vec<f32>>,
+    main: Vec<Vec<S>>,
     /// Per kv head, `[min(len, w), head_dim]`: `R(g_near(j)) k_j` in slot `j mod w`.
-    ring: Vec<Vec<f32>>,
+    ring: Vec<Vec<S>>,
     /// Per kv head, `[len, head_dim]`: raw `k_j`, kept only for re-rotation.
-    raw: Option<Vec<Vec<f32>>>,
-    /// Maps whose pieces all share the main key function (DCA, StreamingLLM): every
-    /// piece, and the rule that picks one per key.
-    shared: Option<(Vec<Piece>, Region)>,
+    raw: Option<Vec<Vec<S>>>,
+    /// Per kv head, `[len, value_dim]`.
+    values: Vec<Vec<S>>,
     /// StreamingLLM: the cache keeps only the sinks and the window (see [`Evicting`]).
     evict: Option<Evicting>,
 }
@@ -116,18 +107,86 @@ impl Evicting {
         self.sinks + self.window
     }
 
-    fn slot(&self, j: usize) -> usize {
-        if j < self.capacity() {
+    /// The slot of position `j`, recorded as holding it.
+    fn assign(&mut self, j: usize) -> usize {
+        let slot = if j < self.capacity() {
             j
         } else {
             self.sinks + (j - self.sinks) % self.window
+        };
+        if slot == self.slot_pos.len() {
+            self.slot_pos.push(j);
+        } else {
+            self.slot_pos[slot] = j;
+        }
+        slot
+    }
+}
+
+/// Band keys rebuilt for one attend call: disjoint position spans `(start, end, offset)`,
+/// the keys of span positions stored back to back from token `offset`, per kv head.
+#[derive(Debug, Default)]
+struct Rebuilt {
+    spans: Vec<(usize, usize, usize)>,
+    keys: Vec<Vec<f32>>,
+}
+
+impl Rebuilt {
+    /// Token index of position `j` in `keys` (0 when `j` was not rebuilt; only called
+    /// for positions inside a span, where the ring does not reach).
+    fn offset_of(&self, j: usize) -> usize {
+        let k = self.spans.partition_point(|s| s.1 <= j);
+        match self.spans.get(k) {
+            Some(&(start, _, offset)) if start <= j => offset + (j - start),
+            _ => 0,
         }
     }
 }
 
-impl KvCache {
-    /// An empty cache for keys and values of `shape` ([`CacheShape`]: key/value heads, key
-    /// dim `>=` the rotary dim with dims past it passing through, value dim).
+/// The keys and values of kv head `g` of a [`KvCache`], as the decode step reads them:
+/// one chunk per piece (two for the wrapping ring, one for keys rebuilt for older
+/// queries).
+struct Head<'a, S: Element> {
+    cache: &'a KvCache<S>,
+    g: usize,
+    rebuilt: &'a Rebuilt,
+}
+
+impl<S: Element> KeySource<S> for Head<'_, S> {
+    fn keys(&self, piece: usize, lo: usize, hi: usize, f: &mut dyn FnMut(Rows<'_, S>, usize)) {
+        let c = self.cache;
+        let d = c.core.head_dim;
+        let Some(w) = c.band.filter(|_| piece == 0) else {
+            f(Rows::Stored(&c.main[self.g][lo * d..hi * d]), lo);
+            return;
+        };
+        // Band keys that left the ring (older queries of a chunk), then the ring: at
+        // most two contiguous runs of slots.
+        let split = c.ring_start().clamp(lo, hi);
+        if split > lo {
+            let at = self.rebuilt.offset_of(lo);
+            let keys = &self.rebuilt.keys[self.g];
+            f(Rows::Wide(&keys[at * d..(at + split - lo) * d]), lo);
+        }
+        let ring = &c.ring[self.g];
+        let mut j = split;
+        while j < hi {
+            let slot = j % w;
+            let end = hi.min(j + (w - slot));
+            f(Rows::Stored(&ring[slot * d..(slot + end - j) * d]), j);
+            j = end;
+        }
+    }
+
+    fn values(&self, lo: usize, hi: usize, f: &mut dyn FnMut(&[S], usize)) {
+        let dv = self.cache.core.value_dim;
+        f(&self.cache.values[self.g][lo * dv..hi * dv], lo);
+    }
+}
+
+impl KvCache<f32> {
+    /// An empty f32 cache for keys and values of `shape` ([`CacheShape`]: key/value
+    /// heads, key dim `>=` the rotary dim with dims past it passing through, value dim).
     ///
     /// Frequencies come from `config` (`config.frequencies_for_len(L)`, see
     /// [`RefreshPolicy`]); `layout` pairs the dims; `map` is validated (window 0 or a
@@ -138,14 +197,27 @@ impl KvCache {
         map: PositionMap,
         shape: CacheShape,
     ) -> Result<Self> {
+        Self::new_typed(config, layout, map, shape)
+    }
+}
+
+impl<S: Element> KvCache<S> {
+    /// An empty cache storing keys and values as `S` (e.g.
+    /// `KvCache::<half::bf16>::new_typed(..)`); arguments as in [`KvCache::new`].
+    pub fn new_typed(
+        config: RopeConfig,
+        layout: Layout,
+        map: PositionMap,
+        shape: CacheShape,
+    ) -> Result<Self> {
         let core = Core::new(config, layout, map, shape)?;
         let heads_kv = shape.heads_kv;
         let pieces = map.pieces();
-        let list = pieces.list();
-        let (main_piece, band, shared) = match pieces.region() {
-            Region::Band { window } => (list[1], Some((window, list[0])), None),
-            Region::Single => (list[0], None, None),
-            region => (list[0], None, Some((list.to_vec(), region))),
+        let list = pieces.list().to_vec();
+        let region = pieces.region();
+        let (main_piece, band) = match region {
+            Region::Band { window } => (list[1], Some(window)),
+            _ => (list[0], None),
         };
         let main_is_raw =
             main_piece.key == PositionFn::Affine(crate::position::Affine::constant(0.0));
@@ -159,6 +231,8 @@ impl KvCache {
             _ => None,
         };
         Ok(KvCache {
+            pieces: list,
+            region,
             main_piece,
             band,
             main_is_raw,
@@ -169,7 +243,7 @@ impl KvCache {
             } else {
                 None
             },
-            shared,
+            values: per_head(heads_kv)?,
             evict,
             core,
         })
@@ -220,18 +294,18 @@ impl KvCache {
         self.core.len == 0
     }
 
-    /// Bytes of cached data:
-    /// `4 H_kv (n (d + d_v) + min(n, w) d + [n d if raw keys are kept])`.
+    /// Bytes of cached data, `S::BYTES` per stored element:
+    /// `S::BYTES H_kv (n (d + d_v) + min(n, w) d + [n d if raw keys are kept])`.
     pub fn memory_bytes(&self) -> usize {
-        let floats: usize = self
+        let elems: usize = self
             .main
             .iter()
             .chain(&self.ring)
-            .chain(&self.core.values)
+            .chain(&self.values)
             .chain(self.raw.iter().flatten())
             .map(Vec::len)
             .sum();
-        floats * std::mem::size_of::<f32>()
+        elems * S::BYTES
     }
 
     /// Whether raw keys are kept: the scheme is length-dependent and the map's main
@@ -280,18 +354,16 @@ impl KvCache {
     /// The first position the ring holds (`len` when there is no band).
     fn ring_start(&self) -> usize {
         match self.band {
-            Some((w, _)) => self.core.len - self.core.len.min(w),
+            Some(w) => self.core.len - self.core.len.min(w),
             None => self.core.len,
         }
     }
 
-    /// The `(slot, position)` of every stored key (slot = position unless the cache
-    /// evicts).
-    fn stored(&self) -> Vec<(usize, usize)> {
-        match &self.evict {
-            Some(ev) => ev.slot_pos.iter().copied().enumerate().collect(),
-            None => (0..self.core.len).map(|j| (j, j)).collect(),
-        }
+    /// Stored slots (positions, unless the cache evicts).
+    fn slots(&self) -> usize {
+        self.evict
+            .as_ref()
+            .map_or(self.core.len, |ev| ev.slot_pos.len())
     }
 
     /// Recomputes the frequencies for cache length `len` and, if they changed,
@@ -309,286 +381,127 @@ impl KvCache {
         let layout = self.core.layout;
         let inv = self.core.freqs.inv_freq().to_vec();
         let mut trig = Trig::new(inv.len());
+        let mut lane = vec![0f32; d];
         if let Some(raw) = &self.raw {
-            for (slot, j) in self.stored() {
+            for slot in 0..self.slots() {
+                let j = self.evict.as_ref().map_or(slot, |ev| ev.slot_pos[slot]);
                 trig.set(&inv, self.main_piece.key.at(j as f64));
                 for (main, raw) in self.main.iter_mut().zip(raw) {
-                    let lane = &mut main[slot * d..(slot + 1) * d];
-                    lane.copy_from_slice(&raw[slot * d..(slot + 1) * d]);
-                    trig.rotate(lane, layout);
+                    widen(&raw[slot * d..(slot + 1) * d], &mut lane);
+                    trig.rotate(&mut lane, layout);
+                    put_row(main, slot, &lane);
                 }
             }
         }
-        if let Some((w, near)) = self.band {
+        if let Some(w) = self.band {
+            let near = self.pieces[0];
             let raw = self.raw.as_ref().unwrap_or(&self.main);
             for j in self.ring_start()..self.core.len {
                 trig.set(&inv, near.key.at(j as f64));
-                let slot = j % w;
                 for (ring, raw) in self.ring.iter_mut().zip(raw) {
-                    let lane = &mut ring[slot * d..(slot + 1) * d];
-                    lane.copy_from_slice(&raw[j * d..(j + 1) * d]);
-                    trig.rotate(lane, layout);
+                    widen(&raw[j * d..(j + 1) * d], &mut lane);
+                    trig.rotate(&mut lane, layout);
+                    put_row(ring, j % w, &lane);
                 }
             }
         }
     }
 
     /// Appends keys `[c, H_kv, head_dim]` and values `[c, H_kv, value_dim]` (one token or
-    /// a chunk) at positions `len() .. len() + c`.
+    /// a chunk, of any [`Element`] type) at positions `len() .. len() + c`.
     ///
     /// For a length-dependent scheme the frequencies for the new length are put in force
-    /// first (re-rotating the cache if they change), then the new keys are rotated with
-    /// them: `R(g_main(j)) k_j` into the main cache, `R(j) k_j` into the ring for the
-    /// last `w`. Shape errors leave the cache unchanged; NaN is stored and propagates
-    /// (see the [module docs](super)).
-    pub fn append(&mut self, k: ArrayView3<f32>, v: ArrayView3<f32>) -> Result<()> {
-        let c = self.core.check_kv(&k, &v)?;
+    /// first (re-rotating the cache if they change), then the new keys are widened to
+    /// f32, rotated with them and rounded once to `S`: `R(g_main(j)) k_j` into the main
+    /// cache, `R(j) k_j` into the ring for the last `w`. Shape errors leave the cache
+    /// unchanged; NaN is stored and propagates (see the [module docs](super)).
+    pub fn append<'a, T: Element>(
+        &mut self,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
+    ) -> Result<()> {
+        let (k, v) = (k.into().as_ndarray(), v.into().as_ndarray());
+        self.core.check_kv(&k, &v)?;
+        let len = self.core.len + k.dim().0;
+        self.append_rows(&k, &v, len);
+        Ok(())
+    }
+
+    /// Appends checked rows under the frequencies for cache length `freq_len` (the length
+    /// after the whole chunk, also when an evicting chunk is appended token by token).
+    fn append_rows<T: Element>(&mut self, k: &ArrayView3<T>, v: &ArrayView3<T>, freq_len: usize) {
+        let c = k.dim().0;
         if c == 0 {
-            return Ok(());
+            return;
         }
-        if self.evict.is_some() {
-            let len = self.core.len + c;
-            self.append_evicting(&k, &v, len);
-            return Ok(());
-        }
+        self.update_frequencies(freq_len);
         let start = self.core.len;
         let new_len = start + c;
-        self.update_frequencies(new_len);
-        let d = self.core.head_dim;
+        let (d, dv) = (self.core.head_dim, self.core.value_dim);
         let layout = self.core.layout;
         let inv = self.core.freqs.inv_freq();
-        let mut trig = Trig::new(inv.len());
-        if let Some((w, _)) = self.band {
+        let (mut trig, mut near_trig) = (Trig::new(inv.len()), Trig::new(inv.len()));
+        let (mut lane, mut near_lane) = (vec![0f32; d.max(dv)], vec![0f32; d]);
+        if let Some(w) = self.band {
             for ring in &mut self.ring {
-                ring.resize(new_len.min(w) * d, 0.0);
+                ring.resize(new_len.min(w) * d, S::default());
             }
         }
         // Room for the chunk up front (amortised growth: a chunk never copies the cache
         // more than once, and a token-by-token decode only at capacity doublings).
-        for buf in self.main.iter_mut().chain(self.raw.iter_mut().flatten()) {
-            buf.reserve(c * d);
+        if self.evict.is_none() {
+            for buf in self.main.iter_mut().chain(self.raw.iter_mut().flatten()) {
+                buf.reserve(c * d);
+            }
+            for buf in &mut self.values {
+                buf.reserve(c * dv);
+            }
         }
         for t in 0..c {
             let j = start + t;
+            let slot = self.evict.as_mut().map_or(j, |ev| ev.assign(j));
             if !self.main_is_raw {
                 trig.set(inv, self.main_piece.key.at(j as f64));
             }
-            for (g, main) in self.main.iter_mut().enumerate() {
-                let at = main.len();
-                extend_row(main, &k, t, g);
+            // Only the last `w` keys of the chunk reach the ring.
+            let band = self.band.filter(|w| j.saturating_add(*w) >= new_len);
+            if band.is_some() {
+                near_trig.set(inv, self.pieces[0].key.at(j as f64));
+            }
+            for g in 0..self.core.heads_kv {
+                let key = &mut lane[..d];
+                load_row(k, t, g, key);
+                if let Some(raw) = &mut self.raw {
+                    put_row(&mut raw[g], slot, key);
+                }
+                if let Some(w) = band {
+                    near_lane.copy_from_slice(key);
+                    near_trig.rotate(&mut near_lane, layout);
+                    put_row(&mut self.ring[g], j % w, &near_lane);
+                }
                 if !self.main_is_raw {
-                    trig.rotate(&mut main[at..], layout);
+                    trig.rotate(key, layout);
                 }
-            }
-            if let Some(raw) = &mut self.raw {
-                for (g, raw) in raw.iter_mut().enumerate() {
-                    extend_row(raw, &k, t, g);
-                }
-            }
-            if let Some((w, near)) = self.band {
-                if j.saturating_add(w) < new_len {
-                    continue; // evicted within this chunk
-                }
-                trig.set(inv, near.key.at(j as f64));
-                let slot = j % w;
-                for (g, ring) in self.ring.iter_mut().enumerate() {
-                    let lane = &mut ring[slot * d..(slot + 1) * d];
-                    for (dst, &src) in lane.iter_mut().zip(k.slice(s![t, g, ..]).iter()) {
-                        *dst = src;
-                    }
-                    trig.rotate(lane, layout);
-                }
+                put_row(&mut self.main[g], slot, key);
+                let value = &mut lane[..dv];
+                load_row(v, t, g, value);
+                put_row(&mut self.values[g], slot, value);
             }
         }
-        self.core.push_values(&v);
         self.core.len = new_len;
-        Ok(())
-    }
-
-    /// [`KvCache::append`] for an evicting (StreamingLLM) cache: every token goes to its
-    /// slot, overwriting the window key it evicts; the frequencies are those for cache
-    /// length `freq_len` (the length after the whole chunk, as for the other maps).
-    fn append_evicting(&mut self, k: &ArrayView3<f32>, v: &ArrayView3<f32>, freq_len: usize) {
-        let c = k.dim().0;
-        let start = self.core.len;
-        self.update_frequencies(freq_len);
-        let d = self.core.head_dim;
-        let dv = self.core.value_dim;
-        let layout = self.core.layout;
-        let inv = self.core.freqs.inv_freq();
-        let mut trig = Trig::new(inv.len());
-        let Some(ev) = self.evict.as_mut() else {
-            return;
-        };
-        // Writes row `t` of head `g` of `x` (`width` wide) into `slot` of `buf`.
-        let put = |buf: &mut Vec<f32>,
-                   slot: usize,
-                   x: &ArrayView3<f32>,
-                   t: usize,
-                   g: usize,
-                   width: usize| {
-            if buf.len() == slot * width {
-                extend_row(buf, x, t, g);
-            } else {
-                for (dst, &src) in buf[slot * width..(slot + 1) * width]
-                    .iter_mut()
-                    .zip(x.slice(s![t, g, ..]).iter())
-                {
-                    *dst = src;
-                }
-            }
-        };
-        for t in 0..c {
-            let j = start + t;
-            let slot = ev.slot(j);
-            if slot == ev.slot_pos.len() {
-                ev.slot_pos.push(j);
-            } else {
-                ev.slot_pos[slot] = j;
-            }
-            trig.set(inv, self.main_piece.key.at(j as f64));
-            for (g, main) in self.main.iter_mut().enumerate() {
-                put(main, slot, k, t, g, d);
-                trig.rotate(&mut main[slot * d..(slot + 1) * d], layout);
-            }
-            for (g, raw) in self.raw.iter_mut().flatten().enumerate() {
-                put(raw, slot, k, t, g, d);
-            }
-            for (g, values) in self.core.values.iter_mut().enumerate() {
-                put(values, slot, v, t, g, dv);
-            }
-        }
-        self.core.len = start + c;
-    }
-
-    /// The runs `(lo, hi, piece)` of stored slots a query at position `i` sees, for maps
-    /// whose pieces share the main keys: DCA's inter-, successive- and intra-chunk keys
-    /// (slots are positions), StreamingLLM's sinks and window.
-    fn runs(&self, region: Region, i: usize) -> Vec<(usize, usize, usize)> {
-        match region {
-            Region::ChunkDistance { period } => {
-                let chunk = i / period;
-                let (succ, intra) = (chunk.saturating_sub(1) * period, chunk * period);
-                let mut runs = Vec::with_capacity(3);
-                if chunk >= 2 {
-                    runs.push((0, succ, 2));
-                }
-                if chunk >= 1 {
-                    runs.push((succ, intra, 1));
-                }
-                runs.push((intra, i + 1, 0));
-                runs
-            }
-            Region::SinksWindow { sinks, window } => {
-                let full = self
-                    .evict
-                    .as_ref()
-                    .is_some_and(|ev| self.core.len > ev.capacity());
-                let seen = if full { sinks + window } else { i + 1 };
-                let sink_end = sinks.min((i + 1).saturating_sub(window)).min(seen);
-                vec![(0, sink_end, 1), (sink_end, seen, 0)]
-            }
-            Region::Single | Region::Band { .. } => vec![(0, i + 1, 0)],
-        }
-    }
-
-    /// [`KvCache::attend`] for maps whose pieces share the main keys: each query rotated
-    /// once per piece it uses, each run of keys scored against its piece's query.
-    fn attend_shared(
-        &self,
-        q: ArrayView3<f32>,
-        q_pos: &[usize],
-        pieces: &[Piece],
-        region: Region,
-    ) -> Result<Array3<f32>> {
-        let group = self.core.check_queries(&q, q_pos)?;
-        if let Some(ev) = &self.evict {
-            let len = self.core.len;
-            if len > ev.capacity()
-                && let Some((a, &p)) = q_pos.iter().enumerate().find(|(_, p)| **p + 1 != len)
-            {
-                return Err(RopeError::invalid(
-                    format!("q_pos[{a}]"),
-                    p,
-                    format!(
-                        "must be the newest position {} : this StreamingLLM cache keeps only its {} sinks and the last {} keys (use prefill_chunk for a chunk)",
-                        len - 1,
-                        ev.sinks,
-                        ev.window
-                    ),
-                ));
-            }
-        }
-        let (n_q, heads_q, d) = q.dim();
-        let dv = self.core.value_dim;
-        let mut out = Array3::<f32>::zeros((n_q, heads_q, dv));
-        let layout = self.core.layout;
-        let inv = self.core.freqs.inv_freq();
-        let mut trig = Trig::new(inv.len());
-        let kern = Kernels::active();
-        let mut q_rot = vec![vec![0f32; heads_q * d]; pieces.len()];
-        let mut scores = Vec::new();
-        let mut acc = vec![0f32; group * dv];
-        let out_slice = out
-            .as_slice_mut()
-            .ok_or_else(|| RopeError::invalid("output", "non-contiguous", "internal"))?;
-        for (a, &i) in q_pos.iter().enumerate() {
-            let factor = self.core.query_factor(i);
-            // Keys before `base` are hidden by the mask (never set on an evicting cache,
-            // whose slots are not positions); scores cover `base..n`.
-            let base = self.core.first_visible(i);
-            let runs: Vec<_> = self
-                .runs(region, i)
-                .into_iter()
-                .map(|(lo, hi, p)| (lo.max(base), hi.max(base), p))
-                .collect();
-            let n = runs.last().map_or(base, |r| r.1);
-            let seen = n - base;
-            for &(lo, hi, p) in &runs {
-                if hi > lo {
-                    Core::load_query(&q, a, factor, &mut q_rot[p]);
-                    trig.set(inv, pieces[p].query.at(i as f64));
-                    for lane in q_rot[p].chunks_exact_mut(d.max(1)) {
-                        trig.rotate(lane, layout);
-                    }
-                }
-            }
-            scores.clear();
-            scores.resize(group * seen, 0f32);
-            for (g, (main, values)) in self.main.iter().zip(&self.core.values).enumerate() {
-                let heads = g * group..(g + 1) * group;
-                for &(lo, hi, p) in &runs {
-                    if hi > lo && d > 0 {
-                        kern.qk_gemv(
-                            mat(&q_rot[p][heads.start * d..heads.end * d], group, d, d),
-                            mat(&main[lo * d..hi * d], hi - lo, d, d),
-                            mat_mut(&mut scores[lo - base..], group, hi - lo, seen),
-                            1.0,
-                        )
-                        .expect("decode shapes are consistent");
-                    }
-                }
-                softmax_times_values(kern, &mut scores, seen, &values[base * dv..], dv, &mut acc);
-                let at = (a * heads_q + heads.start) * dv;
-                out_slice[at..at + group * dv].copy_from_slice(&acc);
-            }
-        }
-        Ok(out)
     }
 
     /// Near-piece keys of the band keys that queries at `q_pos` need and that have left
     /// the ring, rebuilt from the raw keys (`R(g_near(j)) k_j`) or from the main keys
-    /// (`R(g_near(j) - g_main(j)) (R(g_main(j)) k_j)`): only positions inside some
-    /// query's band, so at most `min(n_q (w - 1), n)` keys and none for a query at the
-    /// newest position.
+    /// (`R(g_near(j) - g_main(j)) (R(g_main(j)) k_j)`), in f32: only positions inside
+    /// some query's band, so at most `min(n_q (w - 1), n)` keys and none (and no
+    /// allocation) for queries at the newest position.
     fn rebuild_band(&self, q_pos: &[usize]) -> Rebuilt {
-        let mut rebuilt = Rebuilt {
-            spans: Vec::new(),
-            keys: Vec::new(),
-        };
-        let Some((w, near)) = self.band else {
+        let mut rebuilt = Rebuilt::default();
+        let Some(w) = self.band else {
             return rebuilt;
         };
+        let near = self.pieces[0];
         let ring_start = self.ring_start();
         let mut ranges: Vec<(usize, usize)> = q_pos
             .iter()
@@ -615,155 +528,150 @@ impl KvCache {
         let d = self.core.head_dim;
         let inv = self.core.freqs.inv_freq();
         let mut trig = Trig::new(inv.len());
-        rebuilt.keys = vec![Vec::with_capacity(total * d); self.core.heads_kv];
+        rebuilt.keys = vec![vec![0f32; total * d]; self.core.heads_kv];
         let (source, from_main) = match (&self.raw, self.main_is_raw) {
             (Some(raw), _) => (raw, false),
             (None, true) => (&self.main, false),
             (None, false) => (&self.main, true),
         };
-        for &(lo, hi, _) in &rebuilt.spans {
+        for &(lo, hi, offset) in &rebuilt.spans {
             for j in lo..hi {
                 let mut angle = near.key.at(j as f64);
                 if from_main {
                     angle -= self.main_piece.key.at(j as f64);
                 }
                 trig.set(inv, angle);
+                let at = offset + j - lo;
                 for (buf, src) in rebuilt.keys.iter_mut().zip(source) {
-                    let at = buf.len();
-                    buf.extend_from_slice(&src[j * d..(j + 1) * d]);
-                    trig.rotate(&mut buf[at..], self.core.layout);
+                    let lane = &mut buf[at * d..(at + 1) * d];
+                    widen(&src[j * d..(j + 1) * d], lane);
+                    trig.rotate(lane, self.core.layout);
                 }
             }
         }
         rebuilt
     }
 
-    /// Attends queries `[n_q, H_q, head_dim]` at positions `q_pos` (each `< len()`) to
-    /// the cached keys at positions `<= q_pos[a]`; returns `[n_q, H_q, value_dim]`.
+    /// Attends queries `[n_q, H_q, head_dim]` (any [`Element`] type) at positions `q_pos`
+    /// (each `< len()`) to the cached keys at positions `<= q_pos[a]`; returns
+    /// `[n_q, H_q, value_dim]` in f32 (see [`KvCache::attend_into`]).
+    pub fn attend<'a, T: Element>(
+        &self,
+        q: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+    ) -> Result<Array3<f32>> {
+        let q = q.into();
+        let [n_q, heads_q, _] = q.dims();
+        let mut out = Array3::<f32>::zeros((n_q, heads_q, self.core.value_dim));
+        self.attend_into(q, q_pos, &mut out, &mut DecodeScratch::new())?;
+        Ok(out)
+    }
+
+    /// [`KvCache::attend`] into `out` (`[n_q, H_q, value_dim]`, any [`Element`] type,
+    /// any strides; each result rounded once), with `scratch`'s buffers: once the
+    /// scratch has served a step at this length, a step at the newest position
+    /// allocates nothing.
     ///
     /// Each query is rotated once per piece (`R(f_near(i))`, `R(f_far(i))`), each key
     /// read once from its piece's cache; a decode step at the newest position touches no
-    /// trigonometry but the query's. Errors: shape mismatches, `H_q` not a multiple of
-    /// `H_kv`, a position `>= len()`.
-    pub fn attend(&self, q: ArrayView3<f32>, q_pos: &[usize]) -> Result<Array3<f32>> {
-        if let Some((pieces, region)) = &self.shared {
-            return self.attend_shared(q, q_pos, pieces, *region);
-        }
+    /// trigonometry but the query's. Errors: shape mismatches (also of `out`), `H_q` not
+    /// a multiple of `H_kv`, a position `>= len()`, an older position on a wrapped
+    /// StreamingLLM cache.
+    pub fn attend_into<'a, 'b, T: Element, O: Element>(
+        &self,
+        q: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+        out: impl Into<View3Mut<'b, O>>,
+        scratch: &mut DecodeScratch,
+    ) -> Result<()> {
+        let q = q.into().as_ndarray();
+        let mut out = out.into().into_ndarray();
         let group = self.core.check_queries(&q, q_pos)?;
-        let (n_q, heads_q, d) = q.dim();
-        let dv = self.core.value_dim;
-        let mut out = Array3::<f32>::zeros((n_q, heads_q, dv));
-        let layout = self.core.layout;
-        let inv = self.core.freqs.inv_freq();
-        let mut trig = Trig::new(inv.len());
-        let ring_start = self.ring_start();
+        let (n_q, heads_q, _) = q.dim();
+        self.core
+            .check_out([out.dim().0, out.dim().1, out.dim().2], n_q, heads_q)?;
+        let len = self.core.len;
+        let full = self.evict.as_ref().is_some_and(|ev| len > ev.capacity());
+        if let Some(ev) = self.evict.as_ref().filter(|_| full)
+            && let Some((a, &p)) = q_pos.iter().enumerate().find(|(_, p)| **p + 1 != len)
+        {
+            return Err(RopeError::invalid(
+                format!("q_pos[{a}]"),
+                p,
+                format!(
+                    "must be the newest position {} : this StreamingLLM cache keeps only its {} sinks and the last {} keys (use prefill_chunk for a chunk)",
+                    len - 1,
+                    ev.sinks,
+                    ev.window
+                ),
+            ));
+        }
         let rebuilt = self.rebuild_band(q_pos);
-        let kern = Kernels::active();
-        let mut q_main = vec![0f32; heads_q * d];
-        let mut q_near = vec![0f32; if self.band.is_some() { heads_q * d } else { 0 }];
-        let mut scores = Vec::new();
-        let mut acc = vec![0f32; group * dv];
-        let out_slice = out
-            .as_slice_mut()
-            .ok_or_else(|| RopeError::invalid("output", "non-contiguous", "internal"))?;
+        let step = Step {
+            core: &self.core,
+            kern: Kernels::active(),
+            pieces: &self.pieces,
+            len,
+        };
         for (a, &i) in q_pos.iter().enumerate() {
-            let factor = self.core.query_factor(i);
-            Core::load_query(&q, a, factor, &mut q_main);
-            trig.set(inv, self.main_piece.query.at(i as f64));
-            for lane in q_main.chunks_exact_mut(d) {
-                trig.rotate(lane, layout);
-            }
-            let n = i + 1;
-            // Keys before `base` are hidden by the mask; scores cover `base..n`.
-            let base = self.core.first_visible(i);
-            let seen = n - base;
-            let band_lo = match self.band {
-                Some((w, near)) => {
-                    Core::load_query(&q, a, factor, &mut q_near);
-                    trig.set(inv, near.query.at(i as f64));
-                    for lane in q_near.chunks_exact_mut(d) {
-                        trig.rotate(lane, layout);
-                    }
-                    n.saturating_sub(w)
-                }
-                None => n,
-            };
-            let band_start = band_lo.max(base);
-            // Token offset of key `band_start` among the rebuilt keys, if it left the ring.
-            let rebuilt_at = rebuilt.offset_of(band_start);
-            scores.clear();
-            scores.resize(group * seen, 0f32);
-            let per_head = self.main.iter().zip(&self.ring).zip(&self.core.values);
-            for (g, ((main, ring), values)) in per_head.enumerate() {
+            // Keys before `first_visible` are hidden by the mask (never set on an
+            // evicting cache, whose slots are not positions).
+            let runs = Runs::new(self.region, i, self.core.first_visible(i), full);
+            for g in 0..self.core.heads_kv {
                 let heads = g * group..(g + 1) * group;
-                // Scores of keys `lo..hi` (rows `at..` of `keys`) against `qs`.
-                let mut gemv = |qs: &[f32], keys: &[f32], at: usize, lo: usize, hi: usize| {
-                    if hi > lo && d > 0 {
-                        kern.qk_gemv(
-                            mat(&qs[heads.start * d..heads.end * d], group, d, d),
-                            mat(&keys[at * d..(at + hi - lo) * d], hi - lo, d, d),
-                            mat_mut(&mut scores[lo - base..], group, hi - lo, seen),
-                            1.0,
-                        )
-                        .expect("decode shapes are consistent");
-                    }
+                let head = Head {
+                    cache: self,
+                    g,
+                    rebuilt: &rebuilt,
                 };
-                // Main keys, one streaming pass.
-                gemv(&q_main, main, base, base, band_lo.max(base));
-                if let Some((w, _)) = self.band {
-                    let rebuilt: &[f32] = rebuilt.keys.get(g).map_or(&[], Vec::as_slice);
-                    // Band keys that left the ring (older queries of a chunk).
-                    let split = ring_start.clamp(band_start, n);
-                    gemv(&q_near, rebuilt, rebuilt_at, band_start, split);
-                    // Band keys in the ring: at most two contiguous runs of slots.
-                    let mut j = split;
-                    while j < n {
-                        let slot = j % w;
-                        let end = n.min(j + (w - slot));
-                        gemv(&q_near, ring, slot, j, end);
-                        j = end;
-                    }
-                }
-                softmax_times_values(kern, &mut scores, seen, &values[base * dv..], dv, &mut acc);
-                let at = (a * heads_q + heads.start) * dv;
-                out_slice[at..at + group * dv].copy_from_slice(&acc);
+                step.group(q.slice(s![a, heads, ..]), i, &runs, &head, scratch);
+                store_group(&mut out, a, g * group, &scratch.acc);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Chunked prefill: appends the chunk's keys and values (as [`KvCache::append`]),
     /// then attends its queries `q` (`[c, H_q, head_dim]`, one per appended token) at
     /// their own positions `len_before .. len_before + c`. Validated before anything is
     /// appended: on error the cache is unchanged.
-    pub fn prefill_chunk(
+    pub fn prefill_chunk<'a, T: Element>(
         &mut self,
-        q: ArrayView3<f32>,
-        k: ArrayView3<f32>,
-        v: ArrayView3<f32>,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
     ) -> Result<Array3<f32>> {
-        let c = self.core.check_chunk(&q, &k, &v)?;
+        let (q, k, v) = (
+            q.into().as_ndarray(),
+            k.into().as_ndarray(),
+            v.into().as_ndarray(),
+        );
+        let c = self.core.check_chunk(self.core.len, &q, &k, &v)?;
         let start = self.core.len;
-        if self.evict.is_some() {
-            // Token by token: each query sees the window before the next token evicts
-            // from it.
-            let (_, heads_q, _) = q.dim();
-            let mut out = Array3::<f32>::zeros((c, heads_q, self.core.value_dim));
-            for t in 0..c {
-                let r = s![t..t + 1, .., ..];
-                self.append_evicting(&k.slice(r), &v.slice(r), start + c);
-                let row = self.attend(q.slice(r), &[start + t])?;
-                out.slice_mut(r).assign(&row);
-            }
-            return Ok(out);
+        if self.evict.is_none() {
+            return append_then_attend(
+                self,
+                start,
+                c,
+                |me| me.append(k, v),
+                |me, pos| me.attend(q, pos),
+            );
         }
-        self.append(k, v)?;
-        let pos: Vec<usize> = (start..start + c).collect();
-        self.attend(q, &pos)
+        // Token by token: each query sees the window before the next token evicts from
+        // it.
+        let (_, heads_q, _) = q.dim();
+        let mut out = Array3::<f32>::zeros((c, heads_q, self.core.value_dim));
+        let mut scratch = DecodeScratch::new();
+        for t in 0..c {
+            let r = s![t..t + 1, .., ..];
+            self.append_rows(&k.slice(r), &v.slice(r), start + c);
+            self.attend_into(q.slice(r), &[start + t], out.slice_mut(r), &mut scratch)?;
+        }
+        Ok(out)
     }
 }
 
-impl DecodeCache for KvCache {
+impl<S: Element> DecodeCache for KvCache<S> {
     fn append(&mut self, k: ArrayView3<f32>, v: ArrayView3<f32>) -> Result<()> {
         KvCache::append(self, k, v)
     }

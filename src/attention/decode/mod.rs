@@ -1,5 +1,7 @@
 //! Decoding against a KV cache: [`KvCache`], which stores each piece of a position map's
-//! keys once, and [`KvCacheRerotating`], Su's re-rotating decode, kept as the baseline.
+//! keys once, [`PagedKvCache`], the same in fixed-size blocks of a shared [`BlockPool`]
+//! for many sequences (fork, truncate, batched decode; see [its module](paged)), and
+//! [`KvCacheRerotating`], Su's re-rotating decode, kept as the baseline.
 //!
 //! ## What the cache computes
 //! For a query `q_i` at position `i` and the cached keys `k_0 .. k_{n-1}` (positions
@@ -33,11 +35,11 @@
 //!   and the main keys are not already raw (i.e. not ReRoPE);
 //! - the values `v_j`, once.
 //!
-//! Memory, in bytes, for `n` cached tokens (f32, `H_kv` kv heads, head dim `d`, value dim
-//! `d_v`, window `w`):
+//! Memory, in bytes, for `n` cached tokens (`b` bytes per stored element: 4 for f32, 2
+//! for bf16/f16; `H_kv` kv heads, head dim `d`, value dim `d_v`, window `w`):
 //!
 //! ```text
-//! KvCache            4 H_kv ( n (d + d_v)  +  min(n, w) d  +  [n d if raw keys are kept] )
+//! KvCache<S>         b H_kv ( n (d + d_v)  +  min(n, w) d  +  [n d if raw keys are kept] )
 //! KvCacheRerotating  4 H_kv   n (d + d_v)
 //! ```
 //!
@@ -87,21 +89,47 @@
 //! Nothing else is affected, and finite logits of any size never produce NaN (the
 //! softmax subtracts the row maximum).
 //!
+//! ## Storage types and buffers
+//! Keys and values are stored as `S` ([`crate::Element`]: f32, bf16, f16), rounded once
+//! after rotation in f32, and widened back on load inside the decode loops; scores,
+//! softmax and `P V` run in f32. `attend_into` writes into a caller's
+//! [`crate::View3Mut`] with a reusable [`DecodeScratch`] (a warm step allocates nothing).
+//!
 //! ## Layout
-//! [`RefreshPolicy`] (policy.rs), the state both caches share (shared.rs), [`KvCache`]
-//! (kv_cache.rs) and [`KvCacheRerotating`] (rerotating.rs).
+//! [`RefreshPolicy`] (policy.rs), the state the caches share (shared.rs), the one decode
+//! step every cache runs over runs of keys and values (step.rs), [`KvCache`]
+//! (kv_cache.rs), [`PagedKvCache`] and [`BlockPool`] (paged.rs) and
+//! [`KvCacheRerotating`] (rerotating.rs).
 
 mod kv_cache;
+mod paged;
 mod policy;
 mod rerotating;
 mod shared;
+mod step;
 
 use ndarray::{Array3, ArrayView3};
 
 pub use kv_cache::KvCache;
+pub use paged::{BatchScratch, BlockId, BlockPool, PagedKvCache, SeqId};
 pub use policy::RefreshPolicy;
 pub use rerotating::KvCacheRerotating;
 pub use shared::CacheShape;
+pub use step::DecodeScratch;
+
+/// A chunked prefill as both contiguous caches run it: `append` (validated, atomic),
+/// then `attend` the chunk's `c` queries at positions `start .. start + c`.
+fn append_then_attend<C>(
+    cache: &mut C,
+    start: usize,
+    c: usize,
+    append: impl FnOnce(&mut C) -> Result<()>,
+    attend: impl FnOnce(&C, &[usize]) -> Result<Array3<f32>>,
+) -> Result<Array3<f32>> {
+    append(cache)?;
+    let pos: Vec<usize> = (start..start + c).collect();
+    attend(cache, &pos)
+}
 
 use crate::error::Result;
 

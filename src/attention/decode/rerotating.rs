@@ -2,8 +2,9 @@
 
 use ndarray::{Array3, ArrayView3};
 
-use super::shared::{CacheShape, Core, Trig, extend_head, per_head, softmax_times_values};
-use super::{DecodeCache, RefreshPolicy};
+use super::shared::{CacheShape, Core, Trig, load_row, per_head, put_row};
+use super::step::{KeySource, Rows, softmax_times_values};
+use super::{DecodeCache, RefreshPolicy, append_then_attend};
 use crate::RopeConfig;
 use crate::attention::Attention;
 use crate::attention::kernels::Kernels;
@@ -41,6 +42,22 @@ pub struct KvCacheRerotating {
     core: Core,
     /// Per kv head, `[len, head_dim]`: raw `k_j`.
     keys: Vec<Vec<f32>>,
+    /// Per kv head, `[len, value_dim]`.
+    values: Vec<Vec<f32>>,
+}
+
+/// The values of kv head `g` (the keys are rotated per query, not read as runs).
+struct Values<'a> {
+    values: &'a [f32],
+    dv: usize,
+}
+
+impl KeySource<f32> for Values<'_> {
+    fn keys(&self, _: usize, _: usize, _: usize, _: &mut dyn FnMut(Rows<'_, f32>, usize)) {}
+
+    fn values(&self, lo: usize, hi: usize, f: &mut dyn FnMut(&[f32], usize)) {
+        f(&self.values[lo * self.dv..hi * self.dv], lo);
+    }
 }
 
 impl KvCacheRerotating {
@@ -56,6 +73,7 @@ impl KvCacheRerotating {
         Ok(KvCacheRerotating {
             core,
             keys: per_head(heads_kv)?,
+            values: per_head(heads_kv)?,
         })
     }
 
@@ -104,12 +122,7 @@ impl KvCacheRerotating {
 
     /// Bytes of cached data: `4 H_kv n (d + d_v)`.
     pub fn memory_bytes(&self) -> usize {
-        let floats: usize = self
-            .keys
-            .iter()
-            .chain(&self.core.values)
-            .map(Vec::len)
-            .sum();
+        let floats: usize = self.keys.iter().chain(&self.values).map(Vec::len).sum();
         floats * std::mem::size_of::<f32>()
     }
 
@@ -130,10 +143,17 @@ impl KvCacheRerotating {
         if c == 0 {
             return Ok(());
         }
-        for (g, keys) in self.keys.iter_mut().enumerate() {
-            extend_head(keys, &k, g);
+        let (d, dv) = (self.core.head_dim, self.core.value_dim);
+        let mut lane = vec![0f32; d.max(dv)];
+        for t in 0..c {
+            let slot = self.core.len + t;
+            for g in 0..self.core.heads_kv {
+                load_row(&k, t, g, &mut lane[..d]);
+                put_row(&mut self.keys[g], slot, &lane[..d]);
+                load_row(&v, t, g, &mut lane[..dv]);
+                put_row(&mut self.values[g], slot, &lane[..dv]);
+            }
         }
-        self.core.push_values(&v);
         self.core.len += c;
         if let Some(f) = self.core.frequencies_at(self.core.len) {
             self.core.freqs = f;
@@ -156,12 +176,16 @@ impl KvCacheRerotating {
         let mut key = vec![0f32; d];
         let mut scores = Vec::new();
         let mut acc = vec![0f32; group * dv];
+        let (mut denoms, mut tile) = (Vec::new(), Vec::new());
         let kern = Kernels::active();
         let out_slice = out
             .as_slice_mut()
             .ok_or_else(|| RopeError::invalid("output", "non-contiguous", "internal"))?;
         for (a, &i) in q_pos.iter().enumerate() {
-            Core::load_query(&q, a, self.core.query_factor(i), &mut qs);
+            let factor = self.core.query_factor(i, self.core.len);
+            for (dst, &src) in qs.iter_mut().zip(q.slice(ndarray::s![a, .., ..]).iter()) {
+                *dst = src * factor;
+            }
             let n = i + 1;
             scores.clear();
             scores.resize(hkv * group * n, 0f32);
@@ -187,7 +211,21 @@ impl KvCacheRerotating {
             }
             for g in 0..hkv {
                 let rows = &mut scores[g * group * n..(g + 1) * group * n];
-                softmax_times_values(kern, rows, n, &self.core.values[g], dv, &mut acc);
+                let values = Values {
+                    values: &self.values[g],
+                    dv,
+                };
+                softmax_times_values(
+                    kern,
+                    rows,
+                    n,
+                    &values,
+                    0,
+                    dv,
+                    &mut acc,
+                    &mut denoms,
+                    &mut tile,
+                );
                 let at = (a * heads_q + g * group) * dv;
                 out_slice[at..at + group * dv].copy_from_slice(&acc);
             }
@@ -203,11 +241,15 @@ impl KvCacheRerotating {
         k: ArrayView3<f32>,
         v: ArrayView3<f32>,
     ) -> Result<Array3<f32>> {
-        let c = self.core.check_chunk(&q, &k, &v)?;
+        let c = self.core.check_chunk(self.core.len, &q, &k, &v)?;
         let start = self.core.len;
-        self.append(k, v)?;
-        let pos: Vec<usize> = (start..start + c).collect();
-        self.attend(q, &pos)
+        append_then_attend(
+            self,
+            start,
+            c,
+            |me| me.append(k, v),
+            |me, pos| me.attend(q, pos),
+        )
     }
 }
 

@@ -5,17 +5,17 @@ use ndarray::{ArrayView3, s};
 
 use super::RefreshPolicy;
 use crate::RopeConfig;
-use crate::attention::kernels::{Kernels, MatMut, MatRef};
 use crate::attention::{Attention, Mask};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::PositionMap;
 use crate::rotary::{Layout, log_n_scale, rotate_lane_with};
+use crate::tensor::Element;
 
 /// cos/sin of `p * inv_freq_j` for one position, computed in f64 and cast to f32. No
 /// attention factor: the cache puts `m^2` into the logit scale, as
 /// [`Attention::scale_for`] does.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Trig {
     pub(super) cos: Vec<f32>,
     pub(super) sin: Vec<f32>,
@@ -33,77 +33,38 @@ impl Trig {
         crate::rotary::trig::cos_sin_into(inv_freq, position, 1.0, &mut self.cos, &mut self.sin);
     }
 
+    pub(super) fn resize(&mut self, pairs: usize) {
+        self.cos.resize(pairs, 0.0);
+        self.sin.resize(pairs, 0.0);
+    }
+
     pub(super) fn rotate(&self, lane: &mut [f32], layout: Layout) {
         rotate_lane_with(lane, &self.cos, &self.sin, layout);
     }
 }
 
-/// Appends row `(t, g)` of `x` (`[c, H, d]`) to `buf`: one slice copy when the row is
-/// contiguous (amortised `Vec` growth, no per-element push).
-pub(super) fn extend_row(buf: &mut Vec<f32>, x: &ArrayView3<f32>, t: usize, g: usize) {
+/// Widens row `(t, g)` of `x` (`[c, H, w]`) into `lane` (`w` long).
+pub(super) fn load_row<T: Element>(x: &ArrayView3<T>, t: usize, g: usize, lane: &mut [f32]) {
     let row = x.slice(s![t, g, ..]);
     match row.as_slice() {
-        Some(r) => buf.extend_from_slice(r),
-        None => buf.extend(row.iter()),
+        Some(r) => T::load_slice(r, lane),
+        None => {
+            for (dst, src) in lane.iter_mut().zip(row.iter()) {
+                *dst = src.to_f32();
+            }
+        }
     }
 }
 
-/// Appends head `g` of every token of `x` (`[c, H, d]`) to `buf`.
-pub(super) fn extend_head(buf: &mut Vec<f32>, x: &ArrayView3<f32>, g: usize) {
-    let (c, _, d) = x.dim();
-    buf.reserve(c * d);
-    for t in 0..c {
-        extend_row(buf, x, t, g);
+/// Stores `lane` rounded to `S` into slot `slot` of `buf` (rows `lane.len()` wide),
+/// growing `buf` by one row when `slot` is its next row.
+pub(super) fn put_row<S: Element>(buf: &mut Vec<S>, slot: usize, lane: &[f32]) {
+    let w = lane.len();
+    if buf.len() == slot * w {
+        let at = buf.len();
+        buf.resize(at + w, S::default());
     }
-}
-
-/// Softmax of each `n`-long row of `scores` (one row per query head of a group) with
-/// the row maximum subtracted, in f32, then `sum_j p_j v_j` into `out` (`[rows, d_v]`),
-/// with the vectorised exp and one streaming pass over the values
-/// ([`Kernels::pv_gemv`]). A NaN score makes its whole row NaN.
-pub(super) fn softmax_times_values(
-    kern: Kernels,
-    scores: &mut [f32],
-    n: usize,
-    values: &[f32],
-    dv: usize,
-    out: &mut [f32],
-) {
-    let rows = scores.len() / n.max(1);
-    let mut denoms = [0f32; 16];
-    let mut heap;
-    let denoms: &mut [f32] = if rows <= denoms.len() {
-        &mut denoms[..rows]
-    } else {
-        heap = vec![0f32; rows];
-        &mut heap
-    };
-    for (row, denom) in scores.chunks_exact_mut(n.max(1)).zip(denoms.iter_mut()) {
-        let max = kern.row_max(row);
-        // exp(NaN) stays NaN, so a NaN score makes the sum, and so the row, NaN.
-        *denom = kern.exp_sub_sum(row, max);
-    }
-    out.fill(0.0);
-    if dv == 0 || n == 0 {
-        return;
-    }
-    kern.pv_gemv(
-        mat(scores, rows, n, n),
-        mat(&values[..n * dv], n, dv, dv),
-        mat_mut(out, rows, dv, dv),
-    )
-    .expect("decode shapes are consistent");
-    for (acc, &denom) in out.chunks_exact_mut(dv).zip(denoms.iter()) {
-        kern.scale(acc, 1.0 / denom);
-    }
-}
-
-pub(super) fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_> {
-    MatRef::new(data, rows, cols, stride).expect("decode shapes are consistent")
-}
-
-pub(super) fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<'_> {
-    MatMut::new(data, rows, cols, stride).expect("decode shapes are consistent")
+    S::store_slice(lane, &mut buf[slot * w..(slot + 1) * w]);
 }
 
 use crate::limits::{MAX_HEAD_DIM, MAX_HEADS};
@@ -140,7 +101,7 @@ impl CacheShape {
 }
 
 /// One empty buffer per kv head, allocated fallibly.
-pub(super) fn per_head(heads: usize) -> Result<Vec<Vec<f32>>> {
+pub(super) fn per_head<S>(heads: usize) -> Result<Vec<Vec<S>>> {
     let mut v = Vec::new();
     v.try_reserve_exact(heads).map_err(|_| {
         RopeError::invalid("heads_kv", heads, "could not allocate one buffer per head")
@@ -169,8 +130,6 @@ pub(super) struct Core {
     pub(super) freq_len: usize,
     pub(super) refreshes: usize,
     pub(super) len: usize,
-    /// Per kv head, `[len, value_dim]`.
-    pub(super) values: Vec<Vec<f32>>,
 }
 
 impl Core {
@@ -228,7 +187,6 @@ impl Core {
             freq_len,
             refreshes: 0,
             len: 0,
-            values: per_head(heads_kv)?,
         })
     }
 
@@ -310,12 +268,12 @@ impl Core {
         }
     }
 
-    /// `scale * s_i` for a query at `position`.
-    pub(super) fn query_factor(&self, position: usize) -> f32 {
+    /// `scale * s_i` for a query at `position` of a sequence of `len` cached tokens.
+    pub(super) fn query_factor(&self, position: usize, len: usize) -> f32 {
         let scale = crate::attention::logit_scale(&self.freqs, self.scale, self.head_dim)
             * self
                 .dca_train_len
-                .map_or(1.0, |l| crate::attention::dca_logit_factor(self.len, l));
+                .map_or(1.0, |l| crate::attention::dca_logit_factor(len, l));
         let s = self
             .log_n_train_len
             .map_or(1.0, |l| log_n_scale(position, l))
@@ -324,7 +282,17 @@ impl Core {
     }
 
     /// Checks a chunk of keys and values; returns its length.
-    pub(super) fn check_kv(&self, k: &ArrayView3<f32>, v: &ArrayView3<f32>) -> Result<usize> {
+    pub(super) fn check_kv<T, U>(&self, k: &ArrayView3<T>, v: &ArrayView3<U>) -> Result<usize> {
+        self.check_kv_at(self.len, k, v)
+    }
+
+    /// [`Core::check_kv`] for a sequence of `len` cached tokens.
+    pub(super) fn check_kv_at<T, U>(
+        &self,
+        len: usize,
+        k: &ArrayView3<T>,
+        v: &ArrayView3<U>,
+    ) -> Result<usize> {
         let (c, hk, d) = k.dim();
         if (hk, d) != (self.heads_kv, self.head_dim) {
             return Err(RopeError::shape(
@@ -341,14 +309,13 @@ impl Core {
                 format!("[{cv}, {hv}, {dv}]"),
             ));
         }
-        if self
-            .len
+        if len
             .checked_add(c)
             .is_none_or(|n| n > crate::limits::MAX_POSITION)
         {
             return Err(RopeError::invalid(
                 "cache length",
-                format!("{} + {c}", self.len),
+                format!("{len} + {c}"),
                 format!(
                     "must stay <= {} (ropex::limits::MAX_POSITION)",
                     crate::limits::MAX_POSITION
@@ -359,7 +326,7 @@ impl Core {
     }
 
     /// Checks the shape of queries against `n_q` positions; returns the GQA group size.
-    pub(super) fn check_q_shape(&self, q: &ArrayView3<f32>, n_pos: usize) -> Result<usize> {
+    pub(super) fn check_q_shape<T>(&self, q: &ArrayView3<T>, n_pos: usize) -> Result<usize> {
         let (n_q, hq, d) = q.dim();
         if d != self.head_dim {
             return Err(RopeError::shape("q head_dim", self.head_dim, d));
@@ -385,13 +352,14 @@ impl Core {
     }
 
     /// Checks a prefill chunk: keys, values and one query per token; returns its length.
-    pub(super) fn check_chunk(
+    pub(super) fn check_chunk<T, U, W>(
         &self,
-        q: &ArrayView3<f32>,
-        k: &ArrayView3<f32>,
-        v: &ArrayView3<f32>,
+        len: usize,
+        q: &ArrayView3<T>,
+        k: &ArrayView3<U>,
+        v: &ArrayView3<W>,
     ) -> Result<usize> {
-        let c = self.check_kv(k, v)?;
+        let c = self.check_kv_at(len, k, v)?;
         if q.dim().0 != c {
             return Err(RopeError::shape(
                 "q [c, H_q, head_dim] of a prefill chunk",
@@ -404,31 +372,55 @@ impl Core {
     }
 
     /// Checks queries and their positions (each `< len`); returns the GQA group size.
-    pub(super) fn check_queries(&self, q: &ArrayView3<f32>, q_pos: &[usize]) -> Result<usize> {
+    pub(super) fn check_queries<T>(&self, q: &ArrayView3<T>, q_pos: &[usize]) -> Result<usize> {
+        self.check_queries_at(self.len, q, q_pos)
+    }
+
+    /// [`Core::check_queries`] for a sequence of `len` cached tokens.
+    pub(super) fn check_queries_at<T>(
+        &self,
+        len: usize,
+        q: &ArrayView3<T>,
+        q_pos: &[usize],
+    ) -> Result<usize> {
         let group = self.check_q_shape(q, q_pos.len())?;
-        if let Some((a, &p)) = q_pos.iter().enumerate().find(|(_, p)| **p >= self.len) {
+        if let Some((a, &p)) = q_pos.iter().enumerate().find(|(_, p)| **p >= len) {
             return Err(RopeError::invalid(
                 format!("q_pos[{a}]"),
                 p,
                 format!(
-                    "must be < the cache length {} (a query attends to cached keys at positions <= its own; append its key first)",
-                    self.len
+                    "must be < the cache length {len} (a query attends to cached keys at positions <= its own; append its key first)"
                 ),
             ));
         }
         Ok(group)
     }
 
-    pub(super) fn push_values(&mut self, v: &ArrayView3<f32>) {
-        for (g, buf) in self.values.iter_mut().enumerate() {
-            extend_head(buf, v, g);
+    /// Checks an output view `[n_q, H_q, value_dim]` for `n_q` queries of `heads_q` heads.
+    pub(super) fn check_out(&self, dims: [usize; 3], n_q: usize, heads_q: usize) -> Result<()> {
+        let want = [n_q, heads_q, self.value_dim];
+        if dims != want {
+            return Err(RopeError::shape(
+                "output [n_q, H_q, value_dim]",
+                format!("{want:?}"),
+                format!("{dims:?}"),
+            ));
         }
+        Ok(())
     }
+}
 
-    /// Copies query token `a` of `q` into `buf` (`[H_q, d]`), times `factor`.
-    pub(super) fn load_query(q: &ArrayView3<f32>, a: usize, factor: f32, buf: &mut [f32]) {
-        for (dst, &src) in buf.iter_mut().zip(q.slice(s![a, .., ..]).iter()) {
-            *dst = src * factor;
+/// Stores `acc` (`[group, d_v]`) rounded to `O` into heads `h0..` of token `a` of `out`.
+pub(super) fn store_group<O: Element>(
+    out: &mut ndarray::ArrayViewMut3<O>,
+    a: usize,
+    h0: usize,
+    acc: &[f32],
+) {
+    let dv = out.dim().2;
+    for (r, row) in acc.chunks_exact(dv.max(1)).enumerate() {
+        for (dst, &x) in out.slice_mut(s![a, h0 + r, ..]).iter_mut().zip(row) {
+            *dst = O::from_f32(x);
         }
     }
 }

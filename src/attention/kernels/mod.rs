@@ -70,6 +70,9 @@ mod gemm;
 mod peak;
 mod simd;
 mod softmax;
+mod widen;
+
+pub(crate) use widen::{as_f32, widen};
 
 #[cfg(test)]
 mod tests;
