@@ -15,7 +15,8 @@
 //! ([`ropex_lm::passkey`]) fitted to each of `--passkey-contexts`, the key at each of
 //! `--depths`, `--keys` keys; prefill through ropex's tiled kernel into one ropex
 //! `KvCache` per block, then greedy decoding of `--new-tokens` tokens through the
-//! caches. Writes `passkey.md` and `passkey.json`.
+//! caches. Writes `passkey.md` and `passkey.json` (and `passkey_trials.json` after
+//! every trial).
 //!
 //! ```text
 //! tools/fetch_smollm2.sh && apt-get install debian-handbook
@@ -482,6 +483,12 @@ fn passkey_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
                         "key": key, "answer": answer, "correct": got == Some(key),
                         "seconds": t.elapsed().as_secs_f64(),
                     }));
+                    // Every trial so far, so that an interrupted run keeps its results.
+                    std::fs::create_dir_all(&args.out_dir)?;
+                    std::fs::write(
+                        args.out_dir.join("passkey_trials.json"),
+                        serde_json::to_string_pretty(&records)?,
+                    )?;
                     progress.advance(1.0, &format!("{} {key_name}", ctx_label(len)));
                 }
             }
