@@ -38,7 +38,7 @@ use ropex_lm::plot::{self, Line, PALETTE};
 use ropex_lm::progress::Progress;
 use ropex_lm::protocol::{Window, endpoints};
 use ropex_lm::report::{Best, markdown_table};
-use ropex_lm::scheme::{Map, Spec};
+use ropex_lm::scheme::{Freq, Map, Spec};
 use ropex_lm::{Plan, passkey};
 
 /// Every scheme of `--full` (and of `--schemes all`).
@@ -368,9 +368,12 @@ fn loss_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)], contexts: &[usi
         .filter_map(|s| loss[s][last].map(|l| (s, l)))
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(s, _)| s);
-    let rope = schemes
-        .iter()
-        .position(|(_, s)| *s == Spec::parse("rope").unwrap_or(*s));
+    let plain = Spec {
+        freq: Freq::Plain,
+        map: Map::Rope,
+        log_n: false,
+    };
+    let rope = schemes.iter().position(|(_, s)| *s == plain);
     let bucket = 256;
     let curve_lines: Vec<Line> = [rope, best_map]
         .into_iter()
@@ -458,7 +461,7 @@ fn passkey_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
                     let target = n + args.new_tokens;
                     // A static scheme is planned for the whole sequence, as its cache is;
                     // dynamic NTK's segments are those of the prompt (the cache refreshes).
-                    let plan_len = if spec.freq == ropex_lm::scheme::Freq::Dynamic {
+                    let plan_len = if spec.freq == Freq::Dynamic {
                         n
                     } else {
                         target
