@@ -363,16 +363,23 @@ fn loss_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)], contexts: &[usi
         &lines,
     )?;
     // Per position at the longest context: RoPE and the best windowed map there.
-    let best_map = (0..n_s)
-        .filter(|&s| windowed(&schemes[s].1))
-        .filter_map(|s| loss[s][last].map(|l| (s, l)))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(s, _)| s);
     let plain = Spec {
         freq: Freq::Plain,
         map: Map::Rope,
         log_n: false,
     };
+    // A windowed map that is plain RoPE at this context (a window >= L) shares RoPE's
+    // forward pass; it is not a second curve.
+    let plain_plan = ctx.plan(&plain, max_len)?;
+    let best_map = (0..n_s)
+        .filter(|&s| windowed(&schemes[s].1))
+        .filter(|&s| {
+            ctx.plan(&schemes[s].1, max_len)
+                .is_ok_and(|p| p != plain_plan)
+        })
+        .filter_map(|s| loss[s][last].map(|l| (s, l)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(s, _)| s);
     let rope = schemes.iter().position(|(_, s)| *s == plain);
     let bucket = 256;
     let curve_lines: Vec<Line> = [rope, best_map]
