@@ -12,7 +12,10 @@
 //! - [`TinyLm::forward`]: logits under a [`Plan`] ([`model`]);
 //! - [`Plan`]: which [`ropex::Attention`] serves which queries, including the segmented
 //!   plans of length-dependent schemes ([`plan`]);
-//! - [`protocol::endpoints`]: the windows of Su's evaluation protocol;
+//! - [`protocol::endpoints`], [`protocol::Window`]: the windows of Su's evaluation
+//!   protocol; [`scheme::Spec`]: every context-extension scheme as a plan or decode
+//!   cache; [`report`]: markdown tables; [`passkey`]: the passkey-retrieval prompt;
+//!   `plot` and `progress` (feature `report`, default): SVG plots and a progress bar;
 //! - [`llama`]: a real Llama-family model (SmolLM2) read from a GGUF file, run through
 //!   the same kernels, with its own byte-level BPE tokenizer.
 //!
@@ -40,11 +43,18 @@ pub mod config;
 pub mod error;
 pub mod llama;
 pub mod model;
+pub mod passkey;
 pub mod plan;
+#[cfg(feature = "report")]
+pub mod plot;
+#[cfg(feature = "report")]
+pub mod progress;
 pub mod protocol;
+pub mod report;
+pub mod scheme;
 pub mod weights;
 
 pub use config::{ModelConfig, TensorSpec};
-pub use error::{ModelError, Result};
+pub use error::{AllocError, ModelError, Result};
 pub use model::{TinyLm, attend, nll_rows};
 pub use plan::{Plan, Segment};

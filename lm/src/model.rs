@@ -95,11 +95,10 @@ impl TinyLm {
                 "forward pass over {t} tokens asked for logits from position {from}"
             )));
         }
-        let segments = plan.segments(t)?;
+        plan.segments(t)?;
         let cfg = &self.config;
         let (h, dh) = (cfg.n_heads, cfg.head_dim);
         let eps = cfg.norm_eps as f32;
-        let positions: Vec<usize> = (0..t).collect();
 
         let mut x = Array2::<f32>::zeros((t, cfg.d_model));
         for (mut row, &b) in x.rows_mut().into_iter().zip(tokens) {
@@ -109,7 +108,7 @@ impl TinyLm {
         for (l, layer) in self.layers.iter().enumerate() {
             // The last layer only computes the rows whose logits are wanted.
             let q_from = if l + 1 == n_layers { from } else { 0 };
-            let a = rms_norm(x.view(), &layer.attn_norm, eps);
+            let a = rms_norm(x.view(), &layer.attn_norm, eps)?;
             let q = a.slice(s![q_from.., ..]).dot(&layer.wq.t());
             let k = a.dot(&layer.wk.t());
             let v = a.dot(&layer.wv.t());
@@ -122,25 +121,7 @@ impl TinyLm {
             let v = v
                 .into_shape_with_order((t, h, dh))
                 .map_err(|e| ModelError::Input(e.to_string()))?;
-            let mut heads = Array3::<f32>::zeros((t - q_from, h, dh));
-            for (range, att) in &segments {
-                let start = range.start.max(q_from);
-                if start >= range.end {
-                    continue;
-                }
-                let out = attend_with(
-                    kernel,
-                    att,
-                    q.slice(s![start - q_from..range.end - q_from, .., ..]),
-                    k.slice(s![..range.end, .., ..]),
-                    v.slice(s![..range.end, .., ..]),
-                    &positions[start..range.end],
-                    &positions[..range.end],
-                )?;
-                heads
-                    .slice_mut(s![start - q_from..range.end - q_from, .., ..])
-                    .assign(&out);
-            }
+            let heads = plan.attend(kernel, q.view(), k.view(), v.view(), q_from)?;
             let heads = heads
                 .into_shape_with_order((t - q_from, h * dh))
                 .map_err(|e| ModelError::Input(e.to_string()))?;
@@ -150,7 +131,7 @@ impl TinyLm {
             }
             x += &attn_out;
 
-            let m = rms_norm(x.view(), &layer.mlp_norm, eps);
+            let m = rms_norm(x.view(), &layer.mlp_norm, eps)?;
             let mut gate = m.dot(&layer.w1.t());
             let up = m.dot(&layer.w3.t());
             ndarray::Zip::from(&mut gate)
@@ -161,21 +142,26 @@ impl TinyLm {
         if n_layers == 0 && from > 0 {
             x = x.slice(s![from.., ..]).to_owned();
         }
-        let xn = rms_norm(x.view(), &self.norm, eps);
+        let xn = rms_norm(x.view(), &self.norm, eps)?;
         Ok(xn.dot(&self.lm_head.t()))
     }
 }
 
-/// `x / sqrt(mean(x^2) + eps) * g`, row by row.
-pub(crate) fn rms_norm(x: ArrayView2<f32>, g: &Array1<f32>, eps: f32) -> Array2<f32> {
-    let mut out = x.to_owned();
+/// `x / sqrt(mean(x^2) + eps) * g`, row by row (the output allocated fallibly).
+pub(crate) fn rms_norm(
+    x: ArrayView2<f32>,
+    g: &Array1<f32>,
+    eps: f32,
+) -> std::result::Result<Array2<f32>, crate::error::AllocError> {
+    let mut out = crate::error::zeros2("rms_norm output", x.dim())?;
+    out.assign(&x);
     let d = x.ncols() as f32;
     for mut row in out.axis_iter_mut(Axis(0)) {
         let ms = row.iter().map(|v| v * v).sum::<f32>() / d;
         let inv = 1.0 / (ms + eps).sqrt();
         row.zip_mut_with(g, |v, &w| *v = *v * inv * w);
     }
-    out
+    Ok(out)
 }
 
 /// Negative log-likelihood (nats) of `target` under each row of `logits`, in f64.

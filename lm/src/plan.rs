@@ -10,11 +10,12 @@
 
 use std::ops::Range;
 
-use ndarray::{Array3, s};
-use ropex::attention::Attention;
+use ndarray::{Array3, ArrayView3, s};
+use ropex::attention::{Attention, Kernel};
 use ropex::{Frequencies, RefreshPolicy, RopeConfig, TileConfig};
 
-use crate::error::{ModelError, Result};
+use crate::error::{ModelError, Result, zeros3};
+use crate::model::attend_with;
 
 /// A contiguous range of query positions and the attention that serves it. A forward
 /// pass attends queries `queries` to every key before `queries.end` under `attention`.
@@ -109,6 +110,52 @@ impl Plan {
         }
     }
 
+    /// Causal attention of the queries at positions `q_from..T` under this plan, each
+    /// segment computed by `kernel` ([`attend_with`]): `q` `[T - q_from, H_q, d]`, `k` / `v`
+    /// `[T, H_kv, d]` (unrotated, positions `0..T`); returns `[T - q_from, H_q, d_v]`.
+    /// A query of segment `a..b` attends to keys `0..b` under the segment's attention.
+    ///
+    /// This is the one attention loop of every forward pass in this crate (the tiny
+    /// model's and the Llama model's). The output buffer is allocated fallibly.
+    pub fn attend(
+        &self,
+        kernel: Kernel,
+        q: ArrayView3<f32>,
+        k: ArrayView3<f32>,
+        v: ArrayView3<f32>,
+        q_from: usize,
+    ) -> Result<Array3<f32>> {
+        let (t, (n_q, heads_q, _)) = (k.dim().0, q.dim());
+        if q_from.checked_add(n_q) != Some(t) || v.dim().0 != t {
+            return Err(ModelError::Input(format!(
+                "attention over {t} keys ({} values) got {n_q} queries from position {q_from}; \
+                 the queries must be positions {q_from}..{t}",
+                v.dim().0
+            )));
+        }
+        let segments = self.segments(t)?;
+        let positions: Vec<usize> = (0..t).collect();
+        let mut heads = zeros3("attention output", (n_q, heads_q, v.dim().2))?;
+        for (range, att) in &segments {
+            let start = range.start.max(q_from);
+            if start >= range.end {
+                continue;
+            }
+            let rows = s![start - q_from..range.end - q_from, .., ..];
+            let out = attend_with(
+                kernel,
+                att,
+                q.slice(rows),
+                k.slice(s![..range.end, .., ..]),
+                v.slice(s![..range.end, .., ..]),
+                &positions[start..range.end],
+                &positions[..range.end],
+            )?;
+            heads.slice_mut(rows).assign(&out);
+        }
+        Ok(heads)
+    }
+
     /// Score-tile products `Q K^T` ropex's tiled kernel evaluates for one head over a
     /// causal prefill of `len` tokens of head dim `head_dim` under this plan (every piece
     /// of the position map a tile touches counted, tiles the map hides wholly skipped):
@@ -185,5 +232,70 @@ mod tests {
             PositionMap::rerope(32).unwrap(),
         );
         assert_eq!(Plan::Single(rerope).tile_products(8, 128).unwrap(), 6);
+    }
+
+    /// A two-segment plan's attention equals, row by row, each segment's own attention
+    /// of its queries over the keys before the segment's end (the reference kernel run
+    /// directly), also when the queries start inside the first segment; queries that
+    /// are not positions `q_from..T` are an error.
+    #[test]
+    fn attend_runs_each_segment_over_its_prefix() {
+        let rope = RopeConfig::new(8, 10_000.0).unwrap();
+        let a = Attention::new(rope.frequencies(), Layout::Half, PositionMap::Rope);
+        let b = Attention::new(
+            rope.frequencies_for_len(64),
+            Layout::Half,
+            PositionMap::rerope(4).unwrap(),
+        );
+        let plan = Plan::Segments(vec![
+            Segment {
+                queries: 0..7,
+                attention: a.clone(),
+            },
+            Segment {
+                queries: 7..12,
+                attention: b.clone(),
+            },
+        ]);
+        let x = Array3::from_shape_fn((12, 2, 8), |(t, h, i)| {
+            (((t * 31 + h * 17 + i * 7) % 23) as f32 - 11.0) / 9.0
+        });
+        let pos: Vec<usize> = (0..12).collect();
+        for q_from in [0, 3] {
+            let got = plan
+                .attend(
+                    Kernel::Reference,
+                    x.slice(s![q_from.., .., ..]),
+                    x.view(),
+                    x.view(),
+                    q_from,
+                )
+                .unwrap();
+            for (att, r) in [(&a, q_from..7), (&b, 7..12)] {
+                let want = att
+                    .reference(
+                        x.slice(s![r.clone(), .., ..]),
+                        x.slice(s![..r.end, .., ..]),
+                        x.slice(s![..r.end, .., ..]),
+                        &pos[r.clone()],
+                        &pos[..r.end],
+                    )
+                    .unwrap();
+                let g = got.slice(s![r.start - q_from..r.end - q_from, .., ..]);
+                for (u, w) in g.iter().zip(&want) {
+                    assert!((u - w).abs() < 1e-6);
+                }
+            }
+        }
+        assert!(
+            plan.attend(
+                Kernel::Reference,
+                x.view(),
+                x.slice(s![..11, .., ..]),
+                x.view(),
+                0
+            )
+            .is_err()
+        );
     }
 }

@@ -28,3 +28,75 @@ pub fn endpoints(n_bytes: usize, max_len: usize, windows: usize) -> Result<Vec<u
         .map(|n| lo + n * (hi - lo) / windows.saturating_sub(1).max(1))
         .collect())
 }
+
+/// The window of context length `len` ending at `end` (exclusive) under Su's protocol,
+/// scoring its final `scored` tokens: the model reads `input`, and the NLL of
+/// `targets` (the next token after each input position) is taken from row `from` on,
+/// i.e. of the tokens `end - scored + 1 ..= end`, the same for every `len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Token indices read by the model: `end - len .. end`.
+    pub input: std::ops::Range<usize>,
+    /// Token indices predicted after each input position: `end - len + 1 .. end + 1`.
+    pub targets: std::ops::Range<usize>,
+    /// The first scored row of the window: `len - scored`.
+    pub from: usize,
+}
+
+impl Window {
+    /// The window of `len` tokens ending at `end`, scoring its last `scored` tokens;
+    /// errors when `len > end`, `scored` is 0 or more than `len`.
+    ///
+    /// ```
+    /// let w = ropex_lm::protocol::Window::new(16384, 8192, 512)?;
+    /// assert_eq!((w.input, w.targets, w.from), (8192..16384, 8193..16385, 7680));
+    /// # Ok::<(), ropex_lm::ModelError>(())
+    /// ```
+    pub fn new(end: usize, len: usize, scored: usize) -> Result<Window> {
+        if len > end || scored == 0 || scored > len {
+            return Err(ModelError::Input(format!(
+                "a window of {len} tokens ending at {end} scoring {scored}: need \
+                 1 <= scored <= len <= end"
+            )));
+        }
+        Ok(Window {
+            input: end - len..end,
+            targets: end - len + 1..end + 1,
+            from: len - scored,
+        })
+    }
+
+    /// The token indices whose NLL is scored: `targets` from row `from` on.
+    pub fn scored(&self) -> std::ops::Range<usize> {
+        self.targets.start + self.from..self.targets.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every context length scores the same final tokens of the window; the windows of
+    /// `endpoints` fit the text for the longest length; bad windows are errors.
+    #[test]
+    fn windows_score_the_same_tokens_at_every_length() {
+        let ends = endpoints(300_000, 32_768, 3).unwrap();
+        assert_eq!(ends, [32_768, 32_768 + (299_999 - 32_768) / 2, 299_999]);
+        for &end in &ends {
+            let mut scored = None;
+            for len in [2048, 4096, 8192, 16_384, 32_768] {
+                let w = Window::new(end, len, 512).unwrap();
+                assert_eq!(w.input.len(), len);
+                assert_eq!(w.targets.len(), len);
+                assert_eq!(w.targets.end, end + 1);
+                assert!(w.targets.end <= 300_000, "targets inside the text");
+                assert_eq!(w.scored().len(), 512);
+                assert_eq!(*scored.get_or_insert(w.scored()), w.scored());
+            }
+        }
+        assert!(Window::new(100, 101, 10).is_err());
+        assert!(Window::new(100, 50, 0).is_err());
+        assert!(Window::new(100, 50, 51).is_err());
+        assert!(endpoints(32_768, 32_768, 1).is_err());
+    }
+}

@@ -274,3 +274,55 @@ fn greedy_generation_follows_the_prefill_argmax() {
     }
     println!("greedy: {:?}", tok.decode(&new).unwrap());
 }
+
+/// The tiled prefill into the caches (`Llama::prefill`) then `KvCache` decode steps give
+/// the logits of one tiled forward pass over the whole sequence, under a scheme with a
+/// windowed map and log-n whose training length (128; window 64) the 200-token passage
+/// exceeds; `Llama::nll` equals `nll_tokens` of `Llama::forward`'s logits.
+#[test]
+fn tiled_prefill_then_cache_decode_equals_one_forward_pass() {
+    let Some(path) = model_path("tiled_prefill_then_cache_decode_equals_one_forward_pass") else {
+        return;
+    };
+    let m = model(&path);
+    let fx = fixture();
+    let ids = fx.ids.clone();
+    let (n, prompt) = (ids.len(), 150);
+    let spec = ropex_lm::scheme::Spec::parse("leaky-w64-logn").unwrap();
+    let (train, rope) = (128, &m.rope().config);
+    let plan = spec.plan(rope, m.rope().layout, train, n).unwrap();
+    let want = m.forward(&ids, &plan, prompt - 1).unwrap();
+
+    let d = spec.decode(rope, train, n).unwrap();
+    assert_eq!(d.log_n, Some(train));
+    let mut cache = m
+        .cache_with(d.config, d.map, |c| c.with_log_n(train))
+        .unwrap();
+    let mut rows = vec![m.prefill(&mut cache, &ids[..prompt], &plan).unwrap()];
+    assert_eq!(cache.len(), prompt);
+    for &t in &ids[prompt..] {
+        rows.push(m.step(&mut cache, &[t]).unwrap());
+    }
+    let mut err = 0f64;
+    for (i, row) in rows.iter().enumerate() {
+        for (a, b) in row.row(0).iter().zip(want.row(i)) {
+            err = err.max((*a as f64 - *b as f64).abs());
+        }
+    }
+    println!("max |prefill + decode - forward| under Leaky w=64 + log-n: {err:.3e}");
+    assert!(err < DECODE_TOL, "prefill + decode differs by {err}");
+
+    let nll = m
+        .nll(&ids[..n - 1], &ids[prompt..], &plan, prompt - 1)
+        .unwrap();
+    let logits = m.forward(&ids[..n - 1], &plan, prompt - 1).unwrap();
+    let direct = nll_tokens(logits.view(), &ids[prompt..]).unwrap();
+    assert_eq!(nll.len(), n - prompt);
+    for (a, b) in nll.iter().zip(&direct) {
+        assert!((a - b).abs() < 1e-9);
+    }
+    assert!(
+        m.nll(&ids[..n - 1], &ids[prompt + 1..], &plan, prompt - 1)
+            .is_err()
+    );
+}

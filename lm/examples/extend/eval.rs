@@ -4,63 +4,15 @@
 
 use std::time::Instant;
 
-use ropex::attention::{Attention, RefreshPolicy};
-use ropex::position::{dca_for, leak_for_target, self_extend_for};
-use ropex::{Frequencies, PositionMap, Scaling, Yarn};
+use ropex::PositionMap;
+use ropex::attention::Attention;
+use ropex::position::dca_for;
+use ropex_lm::scheme::Spec;
 use ropex_lm::{ModelError, Plan, Result, TinyLm, nll_rows};
 
-use crate::progress::Progress;
+use ropex_lm::progress::Progress;
 
-/// NTK-mixed exponent (Su, post 11).
-pub const NTK_MIXED_B: f64 = 0.625;
-
-/// Which frequencies a scheme uses at extension `s = L / L_train`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Freq {
-    /// Plain RoPE.
-    Plain,
-    /// Position interpolation by `s`.
-    Pi,
-    /// NTK-aware base change by `s`.
-    NtkAware,
-    /// NTK-mixed by `s` with `b = 0.625`.
-    NtkMixed,
-    /// Dynamic NTK (transformers `dynamic`, factor 1, `L0 = L_train`): NTK-aware at the
-    /// current sequence length, refreshed (keys re-rotated) when the length passes a
-    /// power of two, as ropex's decode cache does with [`RefreshPolicy::PowerOfTwo`].
-    Dynamic,
-    /// YaRN by `s` with `L0 = L_train` (attention factor `0.1 ln s + 1`).
-    Yarn,
-}
-
-/// Which relative-position map a scheme uses.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Map {
-    /// `P = i - j`.
-    Rope,
-    /// ReRoPE with this window.
-    ReRope(usize),
-    /// Leaky ReRoPE with this window and `k` from the target length
-    /// ([`leak_for_target`]).
-    Leaky(usize),
-    /// Self-Extend with LongLM's recommendation for the target length
-    /// ([`self_extend_for`]): neighbour window `L_train / 4`, the smallest group size `G`
-    /// keeping every position below `L_train`.
-    SelfExtend,
-    /// Dual Chunk Attention with ChunkLlama's recommendation ([`dca_for`]):
-    /// `chunk_size = 3 L_train / 4`, `local_window = L_train / 8`; with or without its
-    /// logit scale `(0.05 ln(L / L_train) + 1)^2`.
-    Dca {
-        /// ChunkLlama's length-dependent logit scale.
-        logit_scale: bool,
-    },
-    /// StreamingLLM with this many attention sinks and the window `L_train - sinks`, so
-    /// that every position stays inside the trained range.
-    Streaming(usize),
-}
-
-/// StreamingLLM's attention sinks (Xiao et al. use 4).
-pub const STREAMING_SINKS: usize = 4;
+pub use ropex_lm::scheme::{Freq, Map, NTK_MIXED_B, STREAMING_SINKS};
 
 /// Which checkpoint a scheme reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,74 +187,13 @@ impl Scheme {
     /// 1 and a StreamingLLM cache holding every key are plain RoPE, and log-n and DCA's
     /// logit scale are the identity up to the training length.
     pub fn plan(&self, model: &TinyLm, len: usize) -> Result<Plan> {
+        let spec = Spec {
+            freq: self.freq,
+            map: self.map,
+            log_n: self.log_n,
+        };
         let cfg = model.config();
-        let train_len = cfg.train_len;
-        let rope = cfg.rope()?;
-        let s = (len as f64 / train_len as f64).max(1.0);
-        let map = match self.map {
-            Map::Rope => PositionMap::Rope,
-            Map::ReRope(w) => PositionMap::rerope(w)?,
-            Map::Leaky(w) => {
-                let k = leak_for_target(w, train_len, len)?;
-                if k == 1.0 {
-                    PositionMap::Rope
-                } else {
-                    PositionMap::leaky_rerope(w, k)?
-                }
-            }
-            Map::SelfExtend => match self_extend_for(train_len, len)? {
-                PositionMap::SelfExtend { group: 1, .. } => PositionMap::Rope,
-                map => map,
-            },
-            Map::Dca { .. } => match dca_for(train_len)? {
-                PositionMap::DualChunk {
-                    chunk_size,
-                    local_window,
-                } if chunk_size - local_window >= len => PositionMap::Rope,
-                map => map,
-            },
-            Map::Streaming(sinks) => {
-                let window = train_len.checked_sub(sinks).filter(|&w| w > 0).ok_or_else(|| {
-                    ModelError::Input(format!(
-                        "StreamingLLM with {sinks} sinks needs a training length above {sinks}, got {train_len}"
-                    ))
-                })?;
-                if sinks + window >= len {
-                    PositionMap::Rope
-                } else {
-                    PositionMap::streaming(sinks, window)?
-                }
-            }
-        };
-        let log_n = self.log_n && len > train_len;
-        let dca_scale = matches!(self.map, Map::Dca { logit_scale: true }) && len > train_len;
-        let attention = |freqs: Frequencies| -> Result<Attention> {
-            let mut att = Attention::new(freqs, model.layout(), map);
-            if log_n {
-                att = att.with_log_n(train_len)?;
-            }
-            if dca_scale {
-                att = att.with_dca_logit_scale(train_len)?;
-            }
-            Ok(att)
-        };
-        let scaling = if s == 1.0 {
-            Scaling::None
-        } else {
-            match self.freq {
-                Freq::Plain => Scaling::None,
-                Freq::Pi => Scaling::linear(s),
-                Freq::NtkAware => Scaling::ntk_aware(s),
-                Freq::NtkMixed => Scaling::ntk_mixed(s, NTK_MIXED_B),
-                Freq::Yarn => Scaling::Yarn(Yarn::new(s, train_len)),
-                Freq::Dynamic => {
-                    let rope = rope.with_scaling(Scaling::dynamic(1.0, train_len))?;
-                    return Plan::refreshed(&rope, RefreshPolicy::PowerOfTwo, len, attention);
-                }
-            }
-        };
-        let rope = rope.with_scaling(scaling)?;
-        Ok(Plan::Single(attention(rope.frequencies_for_len(len))?))
+        spec.plan(&cfg.rope()?, model.layout(), cfg.train_len, len)
     }
 }
 

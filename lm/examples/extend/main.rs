@@ -9,8 +9,6 @@
 //! in bold) and writes two SVG plots; `--help` lists the flags.
 
 mod eval;
-mod plot;
-mod progress;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,9 +16,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use eval::{Checkpoint, Results, Scheme, Setup};
-use plot::Line;
-use progress::Progress;
 use ropex_lm::TinyLm;
+use ropex_lm::plot::{self, Line};
+use ropex_lm::progress::Progress;
 use ropex_lm::protocol::endpoints;
 
 /// Windows per length, `--quick` included: the acceptance check then scores exactly the
@@ -309,6 +307,7 @@ fn run(args: Args) -> Result<(), String> {
     plot::loss_vs_length(
         &length_svg,
         &format!("Loss on the last {train_len} bytes vs context ({text_name}, {windows} windows)"),
+        "byte",
         &lengths,
         train_len,
         &lines,
@@ -349,6 +348,7 @@ fn run(args: Args) -> Result<(), String> {
                 "Loss by position at {}x (L = {len}), {windows} windows, {bucket}-byte buckets",
                 len / train_len
             ),
+            "byte",
             len,
             train_len,
             &curve_lines,

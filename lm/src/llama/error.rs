@@ -43,6 +43,10 @@ pub enum LlamaError {
     /// The input is not something the model can run on (empty, token id out of range).
     #[error("{0}")]
     Input(String),
+    /// A buffer sized by the input (sequence length times a model width) could not be
+    /// allocated.
+    #[error(transparent)]
+    Alloc(#[from] crate::error::AllocError),
     /// A forward-pass error from the shared model code (plans, kernels).
     #[error(transparent)]
     Model(#[from] crate::error::ModelError),

@@ -11,10 +11,12 @@
 use ndarray::{Array2, ArrayView2, Axis, linalg::general_mat_mul};
 use rayon::prelude::*;
 
-/// `x W^T`: `x` `[n, in]`, `w` `[out, in]`, returns `[n, out]`.
-pub(crate) fn linear(x: ArrayView2<f32>, w: &Array2<f32>) -> Array2<f32> {
+use crate::error::{AllocError, zeros2};
+
+/// `x W^T`: `x` `[n, in]`, `w` `[out, in]`, returns `[n, out]` (allocated fallibly).
+pub(crate) fn linear(x: ArrayView2<f32>, w: &Array2<f32>) -> Result<Array2<f32>, AllocError> {
     let (n, out_dim) = (x.nrows(), w.nrows());
-    let mut out = Array2::<f32>::zeros((n, out_dim));
+    let mut out = zeros2("linear layer output", (n, out_dim))?;
     let threads = rayon::current_num_threads().max(1);
     if n >= 8 * threads {
         let block = n.div_ceil(threads);
@@ -33,7 +35,7 @@ pub(crate) fn linear(x: ArrayView2<f32>, w: &Array2<f32>) -> Array2<f32> {
         jobs.into_par_iter()
             .for_each(|(mut o, wb)| general_mat_mul(1.0, &x, &wb.t(), 0.0, &mut o));
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -46,7 +48,7 @@ mod tests {
         let w = Array2::from_shape_fn((37, 19), |(o, i)| ((o * 7 + i * 3) % 11) as f32 * 0.1 - 0.5);
         for n in [1, 3, 100] {
             let x = Array2::from_shape_fn((n, 19), |(t, i)| ((t * 5 + i) % 13) as f32 * 0.05 - 0.3);
-            let y = linear(x.view(), &w);
+            let y = linear(x.view(), &w).unwrap();
             for t in 0..n {
                 for o in 0..37 {
                     let r: f64 = (0..19).map(|i| x[[t, i]] as f64 * w[[o, i]] as f64).sum();

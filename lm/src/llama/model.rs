@@ -20,20 +20,25 @@
 //! outputs, since values and the output projection are not permuted.
 //!
 //! Prefill runs every block's attention through ropex's tiled kernel (via the same
-//! [`crate::attend`] as the tiny model, one [`Plan`] segment at a time); decoding keeps
-//! one ropex [`KvCache`] per block ([`LlamaCache`]).
+//! [`Plan::attend`] as the tiny model, one [`Plan`] segment at a time); decoding keeps
+//! one ropex [`KvCache`] per block ([`LlamaCache`]): [`Llama::prefill`] fills it from a
+//! tiled prefill, [`Llama::step`] appends. Buffers sized by the sequence are allocated
+//! fallibly ([`LlamaError::Alloc`]), and [`Llama::nll`] scores long windows without
+//! materialising every row of logits at once.
 
 use std::fmt;
 use std::path::Path;
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, Axis, s};
+use ropex::attention::Kernel;
 use ropex::gguf::{GgufFile, GgufRope};
 use ropex::{Attention, CacheShape, KvCache, PositionMap};
 
 use super::config::LlamaConfig;
 use super::error::{LlamaError, Result};
 use super::linear::linear;
-use crate::model::{attend, rms_norm};
+use crate::error::zeros2;
+use crate::model::rms_norm;
 use crate::plan::Plan;
 
 /// One transformer block's f32 weights, `[out, in]`.
@@ -172,7 +177,7 @@ impl Llama {
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Array2<f32>> {
-        let mut x = Array2::<f32>::zeros((tokens.len(), self.config.hidden));
+        let mut x = zeros2("token embeddings", (tokens.len(), self.config.hidden))?;
         for (mut row, &t) in x.rows_mut().into_iter().zip(tokens) {
             let id = t as usize;
             if id >= self.config.vocab {
@@ -186,20 +191,24 @@ impl Llama {
         Ok(x)
     }
 
-    fn logits(&self, x: ArrayView2<f32>) -> Array2<f32> {
-        let xn = rms_norm(x, &self.norm, self.config.norm_eps as f32);
-        linear(xn.view(), self.lm_head.as_ref().unwrap_or(&self.tok_emb))
+    fn logits(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
+        let xn = rms_norm(x, &self.norm, self.config.norm_eps as f32)?;
+        Ok(linear(
+            xn.view(),
+            self.lm_head.as_ref().unwrap_or(&self.tok_emb),
+        )?)
     }
 
     /// The SwiGLU half of a block, added to `x` in place.
-    fn mlp(&self, b: &Block, x: &mut Array2<f32>) {
-        let m = rms_norm(x.view(), &b.ffn_norm, self.config.norm_eps as f32);
-        let mut g = linear(m.view(), &b.gate);
-        let u = linear(m.view(), &b.up);
+    fn mlp(&self, b: &Block, x: &mut Array2<f32>) -> Result<()> {
+        let m = rms_norm(x.view(), &b.ffn_norm, self.config.norm_eps as f32)?;
+        let mut g = linear(m.view(), &b.gate)?;
+        let u = linear(m.view(), &b.up)?;
         ndarray::Zip::from(&mut g)
             .and(&u)
             .for_each(|g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
-        *x += &linear(g.view(), &b.down);
+        *x += &linear(g.view(), &b.down)?;
+        Ok(())
     }
 
     /// `q` `[n, H_q, d]`, `k` / `v` `[n, H_kv, d]` of a block for the normed input `a`.
@@ -211,12 +220,12 @@ impl Llama {
                 .map_err(|e| LlamaError::Input(e.to_string()))
         };
         let q = shape(
-            linear(a.slice(s![q_from.., ..]), &b.wq),
+            linear(a.slice(s![q_from.., ..]), &b.wq)?,
             n - q_from,
             c.n_heads,
         )?;
-        let k = shape(linear(a, &b.wk), n, c.n_kv_heads)?;
-        let v = shape(linear(a, &b.wv), n, c.n_kv_heads)?;
+        let k = shape(linear(a, &b.wk)?, n, c.n_kv_heads)?;
+        let v = shape(linear(a, &b.wv)?, n, c.n_kv_heads)?;
         Ok([q, k, v])
     }
 
@@ -225,68 +234,149 @@ impl Llama {
         let flat = heads
             .into_shape_with_order((rows, self.config.hidden))
             .map_err(|e| LlamaError::Input(e.to_string()))?;
-        Ok(linear(flat.view(), &b.wo))
+        Ok(linear(flat.view(), &b.wo)?)
     }
 
     /// Logits `[T - from, vocab]` for positions `from..T` of `tokens` (the next-token
     /// distribution after each), with attention as `plan` says: ropex's tiled prefill
     /// kernel per plan segment. The last block only computes the rows asked for.
     pub fn forward(&self, tokens: &[u32], plan: &Plan, from: usize) -> Result<Array2<f32>> {
+        self.forward_with(tokens, plan, from, Kernel::default())
+    }
+
+    /// [`Llama::forward`] with every attention call computed by `kernel`.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        plan: &Plan,
+        from: usize,
+        kernel: Kernel,
+    ) -> Result<Array2<f32>> {
+        let x = self.hidden(tokens, plan, from, kernel, None)?;
+        self.logits(x.view())
+    }
+
+    /// Negative log-likelihoods (nats, f64) of `targets` (`targets[i]` follows
+    /// `tokens[from + i]`, `targets.len() == tokens.len() - from`) under `plan`: the same
+    /// forward pass as [`Llama::forward`], with the output head applied to 512 rows at a
+    /// time so that scoring every position of a 32k window needs 100 MB of logits, not
+    /// 6 GB.
+    pub fn nll(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        plan: &Plan,
+        from: usize,
+    ) -> Result<Vec<f64>> {
+        if targets.len() != tokens.len().saturating_sub(from) {
+            return Err(LlamaError::Input(format!(
+                "{} targets for the {} positions {from}..{}",
+                targets.len(),
+                tokens.len().saturating_sub(from),
+                tokens.len()
+            )));
+        }
+        let x = self.hidden(tokens, plan, from, Kernel::default(), None)?;
+        let mut out = Vec::with_capacity(targets.len());
+        for (rows, tgt) in x.axis_chunks_iter(Axis(0), 512).zip(targets.chunks(512)) {
+            let logits = self.logits(rows)?;
+            let nll = nll_tokens(logits.view(), tgt).ok_or_else(|| {
+                LlamaError::Input(format!(
+                    "a target id is outside the vocabulary of {}",
+                    self.config.vocab
+                ))
+            })?;
+            out.extend(nll);
+        }
+        Ok(out)
+    }
+
+    /// Feeds a whole prompt into an empty `cache` through ropex's tiled prefill kernel
+    /// (attention as `plan` says, which must describe the same frequencies, map and
+    /// log-n as the cache), appending every block's unrotated keys and values to the
+    /// cache, and returns the logits of the last prompt token `[1, vocab]`. Decoding then
+    /// continues with [`Llama::step`], which attends through the cache.
+    pub fn prefill(
+        &self,
+        cache: &mut LlamaCache,
+        tokens: &[u32],
+        plan: &Plan,
+    ) -> Result<Array2<f32>> {
+        if !cache.is_empty() || cache.blocks.len() != self.blocks.len() {
+            return Err(LlamaError::Input(format!(
+                "prefill needs an empty cache of {} blocks; got {} blocks holding {} tokens",
+                self.blocks.len(),
+                cache.blocks.len(),
+                cache.len()
+            )));
+        }
+        let from = tokens.len().saturating_sub(1);
+        let x = self.hidden(tokens, plan, from, Kernel::default(), Some(cache))?;
+        self.logits(x.view())
+    }
+
+    /// The final hidden states `[T - from, hidden]` (before the output norm); with a
+    /// cache, every block's keys and values are appended to it.
+    fn hidden(
+        &self,
+        tokens: &[u32],
+        plan: &Plan,
+        from: usize,
+        kernel: Kernel,
+        mut cache: Option<&mut LlamaCache>,
+    ) -> Result<Array2<f32>> {
         let t = tokens.len();
         if t == 0 || from >= t {
             return Err(LlamaError::Input(format!(
                 "forward pass over {t} tokens asked for logits from position {from}"
             )));
         }
-        let segments = plan.segments(t)?;
-        let positions: Vec<usize> = (0..t).collect();
+        plan.segments(t)?;
         let mut x = self.embed(tokens)?;
         let eps = self.config.norm_eps as f32;
         let n_blocks = self.blocks.len();
         for (l, b) in self.blocks.iter().enumerate() {
             let q_from = if l + 1 == n_blocks { from } else { 0 };
-            let a = rms_norm(x.view(), &b.attn_norm, eps);
+            let a = rms_norm(x.view(), &b.attn_norm, eps)?;
             let [q, k, v] = self.qkv(b, a.view(), q_from)?;
-            let mut heads = Array3::<f32>::zeros(q.dim());
-            for (range, att) in &segments {
-                let start = range.start.max(q_from);
-                if start >= range.end {
-                    continue;
-                }
-                let out = attend(
-                    att,
-                    q.slice(s![start - q_from..range.end - q_from, .., ..]),
-                    k.slice(s![..range.end, .., ..]),
-                    v.slice(s![..range.end, .., ..]),
-                    &positions[start..range.end],
-                    &positions[..range.end],
-                )?;
-                heads
-                    .slice_mut(s![start - q_from..range.end - q_from, .., ..])
-                    .assign(&out);
+            if let Some(c) = cache.as_deref_mut() {
+                c.blocks[l].append(k.view(), v.view())?;
             }
+            let heads = plan.attend(kernel, q.view(), k.view(), v.view(), q_from)?;
             let attn_out = self.heads_out(b, heads)?;
             if q_from > 0 {
                 x = x.slice(s![q_from.., ..]).to_owned();
             }
             x += &attn_out;
-            self.mlp(b, &mut x);
+            self.mlp(b, &mut x)?;
         }
-        Ok(self.logits(x.view()))
+        Ok(x)
     }
 
     /// An empty decode cache: one ropex [`KvCache`] per block with the file's rope
     /// config and layout under `map`.
     pub fn cache(&self, map: PositionMap) -> Result<LlamaCache> {
+        self.cache_with(self.rope.config.clone(), map, Ok)
+    }
+
+    /// An empty decode cache with frequencies from `config` (e.g. the file's rope with a
+    /// [`ropex::Scaling`]) under `map`, each block's [`KvCache`] passed through `finish`
+    /// (e.g. `|c| c.with_log_n(8192)`).
+    pub fn cache_with(
+        &self,
+        config: ropex::RopeConfig,
+        map: PositionMap,
+        finish: impl Fn(KvCache) -> ropex::Result<KvCache>,
+    ) -> Result<LlamaCache> {
         let c = &self.config;
         let blocks = (0..c.n_layers)
             .map(|_| {
-                KvCache::new(
-                    self.rope.config.clone(),
+                finish(KvCache::new(
+                    config.clone(),
                     self.rope.layout,
                     map,
                     CacheShape::square(c.n_kv_heads, c.head_dim),
-                )
+                )?)
             })
             .collect::<ropex::Result<Vec<_>>>()?;
         Ok(LlamaCache { blocks })
@@ -312,13 +402,13 @@ impl Llama {
         let mut x = self.embed(tokens)?;
         let eps = self.config.norm_eps as f32;
         for (b, kv) in self.blocks.iter().zip(&mut cache.blocks) {
-            let a = rms_norm(x.view(), &b.attn_norm, eps);
+            let a = rms_norm(x.view(), &b.attn_norm, eps)?;
             let [q, k, v] = self.qkv(b, a.view(), 0)?;
             let heads = kv.prefill_chunk(q.view(), k.view(), v.view())?;
             x += &self.heads_out(b, heads)?;
-            self.mlp(b, &mut x);
+            self.mlp(b, &mut x)?;
         }
-        Ok(self.logits(x.view()))
+        self.logits(x.view())
     }
 
     /// Greedy decoding: feeds `prompt` in one chunk, then appends the argmax token
@@ -332,7 +422,26 @@ impl Llama {
         n_new: usize,
         stop: Option<u32>,
     ) -> Result<Vec<u32>> {
-        let mut logits = self.step(cache, prompt)?;
+        let logits = self.step(cache, prompt)?;
+        self.decode_greedy(cache, logits, n_new, stop)
+    }
+
+    /// Greedy decoding after a prompt already in `cache` whose last row of `logits` is
+    /// the next-token distribution (from [`Llama::prefill`] or [`Llama::step`]): appends
+    /// the argmax `n_new` times (or until `stop`) through the cache; returns the new
+    /// tokens.
+    pub fn decode_greedy(
+        &self,
+        cache: &mut LlamaCache,
+        mut logits: Array2<f32>,
+        n_new: usize,
+        stop: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        if logits.nrows() == 0 {
+            return Err(LlamaError::Input(
+                "greedy decoding needs logits of at least one row".into(),
+            ));
+        }
         let mut out = Vec::new();
         while out.len() < n_new {
             let last = logits.row(logits.nrows() - 1);

@@ -1,5 +1,8 @@
-//! SVG plots with plotters' SVG backend. No font is loaded: plotters estimates text
-//! extents itself and the SVG names a generic `sans-serif` family for the viewer.
+//! SVG plots of evaluation results (feature `report`), with plotters' SVG backend: loss
+//! against context length and loss by position in the window. No font is loaded:
+//! plotters estimates text extents itself and the SVG names a generic `sans-serif`
+//! family for the viewer. `unit` names what a position is (`byte` for the tiny model,
+//! `token` for a real one) in the axis labels.
 
 use std::path::Path;
 
@@ -129,6 +132,7 @@ where
 pub fn loss_vs_length(
     path: &Path,
     title: &str,
+    unit: &str,
     lengths: &[usize],
     train_len: usize,
     lines: &[Line],
@@ -156,8 +160,10 @@ pub fn loss_vs_length(
         .map_err(err(path))?;
     chart
         .configure_mesh()
-        .x_desc("context length in bytes (log scale)")
-        .y_desc("loss on the last bytes of each window (nats/byte)")
+        .x_desc(format!("context length in {unit}s (log scale)"))
+        .y_desc(format!(
+            "loss on the last {unit}s of each window (nats/{unit})"
+        ))
         .x_label_formatter(&|v| {
             let x = v.round() as usize;
             if x.is_multiple_of(train_len) {
@@ -186,6 +192,7 @@ pub fn loss_vs_length(
 pub fn per_position(
     path: &Path,
     title: &str,
+    unit: &str,
     len: usize,
     train_len: usize,
     lines: &[Line],
@@ -193,7 +200,7 @@ pub fn per_position(
     let root = SVGBackend::new(path, (1120, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err(path))?;
     let (left, right) = root.split_horizontally(800);
-    // Cap the y axis so that the first bytes (almost no context) do not flatten the rest.
+    // Cap the y axis so that the first positions (almost no context) do not flatten the rest.
     let tail: Vec<Line> = lines
         .iter()
         .map(|l| Line {
@@ -211,8 +218,8 @@ pub fn per_position(
         .map_err(err(path))?;
     chart
         .configure_mesh()
-        .x_desc("position in the window (bytes)")
-        .y_desc("loss (nats/byte, mean over windows and buckets)")
+        .x_desc(format!("position in the window ({unit}s)"))
+        .y_desc(format!("loss (nats/{unit}, mean over windows and buckets)"))
         .y_label_formatter(&|v| format!("{v:.2}"))
         .x_label_formatter(&|v| format!("{v:.0}"))
         .label_style(("sans-serif", 13))

@@ -1,4 +1,4 @@
-//! Progress on stderr: an `indicatif` bar redrawn in place on a terminal, one line per
+//! Progress on stderr (feature `report`): an `indicatif` bar redrawn in place on a terminal, one line per
 //! tenth of the work otherwise (logs, CI), where a bar would not be drawn.
 
 use std::io::IsTerminal;
@@ -12,6 +12,12 @@ pub struct Progress {
     bar: ProgressBar,
     tty: bool,
     last_tenth: u64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Progress {
