@@ -33,12 +33,19 @@
 //! - [`decode`]: decoding against a KV cache that stores each piece's keys once
 //!   ([`KvCache`]), with Su's re-rotating decode ([`KvCacheRerotating`]) as the baseline.
 //!
-//! [`kernels`] holds the low-level SIMD primitives (tile GEMMs, decode GEMVs, vectorised
-//! exp) the fast kernels are built from.
+//! The crate-private `kernels` module holds the low-level SIMD primitives (tile GEMMs,
+//! decode GEMVs, vectorised exp) the fast kernels are built from; the environment
+//! variable `ROPEX_KERNELS` (`portable`, `avx2`, `avx512`) caps the instruction set they
+//! use, and the non-default feature `bench-internals` exposes them to the benches.
 
 pub mod decode;
+#[cfg(feature = "bench-internals")]
 pub mod kernels;
+#[cfg(not(feature = "bench-internals"))]
+#[allow(dead_code)]
+pub(crate) mod kernels;
 mod mask;
+mod planner;
 pub mod reference;
 mod rotated;
 pub mod tiled;
@@ -95,7 +102,9 @@ pub enum Kernel {
     Reference,
     /// [`Attention::two_pass`].
     TwoPass,
-    /// [`Attention::tiled_with`] with these tiles.
+    /// [`Attention::tiled_with`] with these tiles; [`TileConfig::DEFAULT`] (what
+    /// `Kernel::default()` holds) lets the planner choose them per call (shape, map,
+    /// instruction set, threads; the rules and the measurements behind them are in `src/attention/planner.rs`).
     Tiled(TileConfig),
 }
 
@@ -233,9 +242,11 @@ impl Attention {
         match kernel {
             Kernel::Reference => self.reference(q, k, v, q_pos, k_pos).map(|o| (o, None)),
             Kernel::TwoPass => self.two_pass(q, k, v, q_pos, k_pos).map(|o| (o, None)),
-            Kernel::Tiled(tiles) => self
-                .tiled_with(q, k, v, q_pos, k_pos, &tiles)
-                .map(|(o, s)| (o, Some(s))),
+            Kernel::Tiled(tiles) => {
+                let tiles = planner::resolve(tiles, &self.map, q.dim(), k.dim());
+                self.tiled_with(q, k, v, q_pos, k_pos, &tiles)
+                    .map(|(o, s)| (o, Some(s)))
+            }
         }
     }
 

@@ -1,9 +1,13 @@
 //! Low-level f32 compute primitives for attention: tile GEMMs, decode GEMVs, a
 //! vectorised `exp` and row reductions, with runtime CPU dispatch.
 //!
-//! This module is the engine room of the tiled and decode kernels; most users want
-//! [`crate::attention`] instead. It is public so that benches, and engines that bring
-//! their own attention loop, can call the primitives directly.
+//! This module is the engine room of the tiled and decode kernels; users want
+//! [`crate::attention`] instead. It is crate-private: the non-default feature
+//! `bench-internals` makes it public as `ropex::attention::kernels`, for the micro-kernel
+//! benches (`benches/kernels.rs`) and the reports (`examples/bench_report.rs`) only, with
+//! no stability promise. Without the feature the one knob is the environment variable
+//! `ROPEX_KERNELS` below, which picks the instruction set of every kernel (benchmarks
+//! and tests use it to compare the paths).
 //!
 //! # Instruction sets and dispatch
 //! Every primitive has three implementations, chosen at run time:
@@ -145,6 +149,7 @@ enum Imp {
 /// Cheap to copy; obtain it once ([`Kernels::active`]) and call its methods in loops.
 ///
 /// ```
+/// # #[cfg(feature = "bench-internals")] {
 /// use ropex::attention::kernels::{Kernels, MatMut, MatRef};
 /// let k = Kernels::active();
 /// // Two queries, three keys, head dim 4: S = 0.5 * Q K^T.
@@ -158,6 +163,7 @@ enum Imp {
 ///     0.5,
 /// )?;
 /// assert_eq!(s, [0.5, 2.5, 4.5, 1.0, 3.0, 5.0]);
+/// # }
 /// # Ok::<(), ropex::RopeError>(())
 /// ```
 #[derive(Debug, Clone, Copy)]
