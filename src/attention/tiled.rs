@@ -52,7 +52,7 @@
 //!
 //! ## Tile size
 //! Measured single-threaded (H = 8, d = 128, causal, AVX-512; interleaved runs of
-//! `cargo run --release --example bench_report -- --ns 4096 --tune 64x64,128x128,..`),
+//! `cargo run --release --features bench-internals --example bench_report -- --ns 4096 --tune 64x64,128x128,..`),
 //! n = 4096, rope_tiled / rerope_tiled (w = 512) in GFLOP/s: 32 x 32: 99 / 95;
 //! 64 x 64: 122-128 / 118-120; 128 x 64: 136 / 127; 64 x 128: 132 / 125;
 //! 128 x 128: 138-145 / 133-134; 256 x 128: 149 / 135; 128 x 256: 144 / 132. Larger

@@ -49,7 +49,7 @@
 //!
 //! # Performance
 //! On the reference machine (one Zen 5 core, AVX-512, ~285 GFLOP/s f32 FMA-loop peak
-//! on an uncontended core; `cargo bench --bench kernels` prints the table), single
+//! on an uncontended core; `cargo bench --features bench-internals --bench kernels` prints the table), single
 //! thread, best of interleaved batches: `qk_tile` 64x64x128 ~245 GFLOP/s (86% of
 //! peak; packing the keys in the call costs ~7%), `qk_tile_packed` ~260 (92%),
 //! `pv_tile` ~255 (90%); `exp` ~6.8 G/s; decode GEMVs at n = 32768, d = 128 read K or
