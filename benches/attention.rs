@@ -40,15 +40,9 @@ const HEAD_DIM: usize = 128;
 const LEAK: f64 = 16.0;
 const DECODE_WINDOW: usize = 512;
 
-fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Array3::from_shape_fn(shape, |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    })
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::rand3;
 
 fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")

@@ -2,7 +2,7 @@
 //! set this CPU supports, in one run, next to the machine's FMA peak.
 //!
 //! ```sh
-//! taskset -c 0 cargo bench --bench kernels
+//! taskset -c 0 cargo bench --features bench-internals --bench kernels
 //! ```
 //!
 //! `qk_tile_.../packed_per_call` packs the keys inside every call (`qk_tile`);

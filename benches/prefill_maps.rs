@@ -12,7 +12,6 @@
 //! kernel's score-tile counts, which do not depend on the machine. The README's
 //! compute-cost paragraph cites this output.
 
-use ndarray::Array3;
 use ropex::attention::{Attention, TileConfig};
 use ropex::{Layout, PositionMap, RopeConfig};
 use std::hint::black_box;
@@ -23,19 +22,13 @@ const HEADS: usize = 4;
 const HEAD_DIM: usize = 32;
 const ROUNDS: usize = 15;
 
-fn random(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut s = seed;
-    Array3::from_shape_fn(shape, |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    })
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::rand3;
 
 fn main() {
     let shape = (TOKENS, HEADS, HEAD_DIM);
-    let (q, k, v) = (random(shape, 1), random(shape, 2), random(shape, 3));
+    let (q, k, v) = (rand3(shape, 1), rand3(shape, 2), rand3(shape, 3));
     let pos: Vec<usize> = (0..TOKENS).collect();
     let freqs = RopeConfig::new(HEAD_DIM, 10_000.0)
         .expect("valid config")

@@ -10,21 +10,14 @@
 //! window 512, leak 16), n (prefill length or cache length), repetitions, and for `tiled`
 //! an optional tile size. H = 8, d = 128, one rayon thread.
 
-use ndarray::Array3;
 use ropex::CacheShape;
 use ropex::attention::decode::KvCache;
 use ropex::attention::{Attention, TileConfig};
 use ropex::{Layout, PositionMap, RopeConfig};
 
-fn rand3(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Array3::from_shape_fn(shape, |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    })
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::rand3;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

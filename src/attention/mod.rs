@@ -61,12 +61,20 @@
 //! checks every prefill kernel in each type against the f64 reference on the unrounded
 //! f32 inputs within this bound (plus the f32 kernels' own `1e-5`).
 //!
-//! [`kernels`] holds the low-level SIMD primitives (tile GEMMs, decode GEMVs, vectorised
-//! exp) the fast kernels are built from.
+//!
+//! The crate-private `kernels` module holds the low-level SIMD primitives (tile GEMMs,
+//! decode GEMVs, vectorised exp) the fast kernels are built from; the environment
+//! variable `ROPEX_KERNELS` (`portable`, `avx2`, `avx512`) caps the instruction set they
+//! use, and the non-default feature `bench-internals` exposes them to the benches.
 
 pub mod decode;
+#[cfg(feature = "bench-internals")]
 pub mod kernels;
+#[cfg(not(feature = "bench-internals"))]
+#[allow(dead_code)]
+pub(crate) mod kernels;
 mod mask;
+mod planner;
 pub mod reference;
 mod rotated;
 pub mod tiled;
@@ -127,7 +135,9 @@ pub enum Kernel {
     Reference,
     /// [`Attention::two_pass`].
     TwoPass,
-    /// [`Attention::tiled_with`] with these tiles.
+    /// [`Attention::tiled_with`] with these tiles; [`TileConfig::DEFAULT`] (what
+    /// `Kernel::default()` holds) lets the planner choose them per call (shape, map,
+    /// instruction set, threads; the rules and the measurements behind them are in `src/attention/planner.rs`).
     Tiled(TileConfig),
 }
 
@@ -336,9 +346,14 @@ impl Attention {
                 .reference_into(q, k, v, q_pos, k_pos, out)
                 .map(|_| None),
             Kernel::TwoPass => self.two_pass_into(q, k, v, q_pos, k_pos, out).map(|_| None),
-            Kernel::Tiled(tiles) => self
-                .tiled_into(q, k, v, q_pos, k_pos, &tiles, out)
-                .map(Some),
+            Kernel::Tiled(tiles) => {
+                let (q, k) = (q.into(), k.into());
+                let [nq, hq, d] = q.dims();
+                let [nk, hkv, _] = k.dims();
+                let tiles = planner::resolve(tiles, &self.map, (nq, hq, d), (nk, hkv, d));
+                self.tiled_into(q, k, v, q_pos, k_pos, &tiles, out)
+                    .map(Some)
+            }
         }
     }
 

@@ -52,7 +52,7 @@
 //!
 //! ## Tile size
 //! Measured single-threaded (H = 8, d = 128, causal, AVX-512; interleaved runs of
-//! `cargo run --release --example bench_report -- --ns 4096 --tune 64x64,128x128,..`),
+//! `cargo run --release --features bench-internals --example bench_report -- --ns 4096 --tune 64x64,128x128,..`),
 //! n = 4096, rope_tiled / rerope_tiled (w = 512) in GFLOP/s: 32 x 32: 99 / 95;
 //! 64 x 64: 122-128 / 118-120; 128 x 64: 136 / 127; 64 x 128: 132 / 125;
 //! 128 x 128: 138-145 / 133-134; 256 x 128: 149 / 135; 128 x 256: 144 / 132. Larger
@@ -65,7 +65,9 @@
 //!
 //! ## Parallelism and memory
 //! Work is split into one task per query block (all query heads), run in parallel with
-//! rayon (feature `rayon`, on by default) or serially; every task visits its tiles in the
+//! rayon (feature `rayon`, on by default) or serially. Parallel tasks are handed out
+//! largest first (cost: tile products of the block row), one at a time, so that no
+//! thread idles behind one expensive block at the end; every task visits its tiles in the
 //! same fixed order and writes its own output rows, so the output is bit-identical for
 //! any thread count. Memory beyond the inputs and the output: each key function's packed
 //! keys (`O(n_k H_kv d)`) and trigonometry tables (`O(n d)`), and per task its rotated
@@ -880,9 +882,13 @@ impl Attention {
         let k_blocks = blocks(k_pos, tiles.block_k);
         let pieces = self.map().pieces();
         let mut used = 0u8;
-        for qb in &q_blocks {
+        // Products per query block (all heads alike): the cost that orders the tasks.
+        let mut cost = vec![0u32; q_blocks.len()];
+        for (qb, c) in q_blocks.iter().zip(cost.iter_mut()) {
             for kb in &k_blocks {
-                used |= self.tile_work(&pieces, &Plan::bounds(qb, kb)).pieces;
+                let p = self.tile_work(&pieces, &Plan::bounds(qb, kb)).pieces;
+                used |= p;
+                *c += p.count_ones() + u32::from(p != 0);
             }
         }
         let needed: Vec<bool> = (0..pieces.list().len())
@@ -913,12 +919,21 @@ impl Attention {
         #[cfg(feature = "rayon")]
         if self.parallel() {
             use rayon::prelude::*;
-            return Ok(blocks_out
+            // Largest first (a causal triangle's last rows first), so the threads end on
+            // the cheapest blocks instead of idling behind one expensive tail block.
+            let mut tasks: Vec<_> = blocks_out.zip(cost).collect();
+            tasks.sort_by_key(|t| std::cmp::Reverse(t.1));
+            return Ok(tasks
+                .into_iter()
+                .map(|t| t.0)
                 .collect::<Vec<_>>()
                 .into_par_iter()
+                .with_max_len(1)
                 .map_init(init, task)
                 .reduce(TileStats::default, TileStats::add));
         }
+        // One thread: the order does not matter.
+        let _ = cost;
         let mut work = init();
         Ok(blocks_out
             .map(|b| task(&mut work, b))

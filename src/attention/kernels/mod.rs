@@ -1,9 +1,13 @@
 //! Low-level f32 compute primitives for attention: tile GEMMs, decode GEMVs, a
 //! vectorised `exp` and row reductions, with runtime CPU dispatch.
 //!
-//! This module is the engine room of the tiled and decode kernels; most users want
-//! [`crate::attention`] instead. It is public so that benches, and engines that bring
-//! their own attention loop, can call the primitives directly.
+//! This module is the engine room of the tiled and decode kernels; users want
+//! [`crate::attention`] instead. It is crate-private: the non-default feature
+//! `bench-internals` makes it public as `ropex::attention::kernels`, for the micro-kernel
+//! benches (`benches/kernels.rs`) and the reports (`examples/bench_report.rs`) only, with
+//! no stability promise. Without the feature the one knob is the environment variable
+//! `ROPEX_KERNELS` below, which picks the instruction set of every kernel (benchmarks
+//! and tests use it to compare the paths).
 //!
 //! # Instruction sets and dispatch
 //! Every primitive has three implementations, chosen at run time:
@@ -45,7 +49,7 @@
 //!
 //! # Performance
 //! On the reference machine (one Zen 5 core, AVX-512, ~285 GFLOP/s f32 FMA-loop peak
-//! on an uncontended core; `cargo bench --bench kernels` prints the table), single
+//! on an uncontended core; `cargo bench --features bench-internals --bench kernels` prints the table), single
 //! thread, best of interleaved batches: `qk_tile` 64x64x128 ~245 GFLOP/s (86% of
 //! peak; packing the keys in the call costs ~7%), `qk_tile_packed` ~260 (92%),
 //! `pv_tile` ~255 (90%); `exp` ~6.8 G/s; decode GEMVs at n = 32768, d = 128 read K or
@@ -148,6 +152,7 @@ enum Imp {
 /// Cheap to copy; obtain it once ([`Kernels::active`]) and call its methods in loops.
 ///
 /// ```
+/// # #[cfg(feature = "bench-internals")] {
 /// use ropex::attention::kernels::{Kernels, MatMut, MatRef};
 /// let k = Kernels::active();
 /// // Two queries, three keys, head dim 4: S = 0.5 * Q K^T.
@@ -161,6 +166,7 @@ enum Imp {
 ///     0.5,
 /// )?;
 /// assert_eq!(s, [0.5, 2.5, 4.5, 1.0, 3.0, 5.0]);
+/// # }
 /// # Ok::<(), ropex::RopeError>(())
 /// ```
 #[derive(Debug, Clone, Copy)]
