@@ -289,7 +289,7 @@ fn rerope_and_leaky_through_candle_match_the_reference_kernel() {
         PositionMap::rerope(32).unwrap(),
         PositionMap::leaky_rerope(32, 8.0).unwrap(),
     ] {
-        let attn = Attention::new(plain(d), Layout::Half, map.clone());
+        let attn = Attention::new(plain(d), Layout::Half, map);
         let ours = attention(&attn, &q, &k, &v, &pos, &pos).unwrap();
         let reference: Vec<Array3<f32>> = (0..2)
             .map(|b| {
