@@ -56,6 +56,8 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "serde")]
 pub mod config;
 pub mod error;
