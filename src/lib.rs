@@ -73,7 +73,8 @@ pub mod tensor;
 pub use ndarray;
 
 pub use attention::{
-    Attention, CacheShape, KvCache, KvCacheRerotating, RefreshPolicy, TileConfig, TileStats,
+    Attention, BlockPool, CacheShape, DecodeScratch, KvCache, KvCacheRerotating, PagedKvCache,
+    RefreshPolicy, TileConfig, TileStats, VarLen,
 };
 pub use error::{Result, RopeError};
 pub use frequencies::Frequencies;

@@ -90,7 +90,10 @@ pub use tiled::{
 pub use crate::position::TileBounds;
 pub use varlen::VarLen;
 
-pub use decode::{CacheShape, DecodeCache, KvCache, KvCacheRerotating, RefreshPolicy};
+pub use decode::{
+    BatchScratch, BlockId, BlockPool, CacheShape, DecodeCache, DecodeScratch, KvCache,
+    KvCacheRerotating, PagedKvCache, RefreshPolicy, SeqId,
+};
 
 use ndarray::Array3;
 

@@ -10,7 +10,7 @@ use super::json::{Obj, need_count, show, truthy};
 use super::parser::{Layer, Parser};
 use super::profile::{Convert, HeadDimRule, LayerRule, Profile};
 use crate::error::{Result, RopeError};
-use crate::scheme::MAX_HEAD_DIM;
+use crate::limits::MAX_HEAD_DIM;
 
 /// `head_dim` as the rope code sees the config attribute.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -251,6 +251,12 @@ impl<T: Float> RotaryTable<T> {
     /// Rotates `x`, shaped `[tokens, heads, head_dim]`, in place: token `t` by table row
     /// `rows[t]`. Works for any memory layout of the view (contiguous lanes take the fast
     /// path).
+    ///
+    /// This is for engines that run their own attention. Do **not** pass rotated q/k to
+    /// ropex's kernels ([`crate::Attention`], the KV caches, `ropex::candle` when
+    /// enabled): they take unrotated q/k and rotate each position-map piece themselves, so
+    /// a rotated input is rotated twice (a RoPE output then sees relative positions
+    /// `2 (i - j)`).
     pub fn rotate(&self, mut x: ArrayViewMut3<T>, rows: &[usize]) -> Result<()> {
         let (tokens, heads, head_dim) = x.dim();
         self.check_rows(rows, tokens)?;

@@ -44,7 +44,7 @@ mod yarn;
 pub use explain::{PairReport, Regime, beta, digits};
 pub use llama3::Llama3;
 pub use longrope::LongRope;
-pub use rope_config::{MAX_HEAD_DIM, RopeConfig};
+pub use rope_config::RopeConfig;
 pub use yarn::Yarn;
 
 use crate::error::{Result, RopeError, check_factor};

@@ -232,7 +232,7 @@ impl RopeConfig {
     }
 }
 
-pub use crate::limits::MAX_HEAD_DIM;
+use crate::limits::MAX_HEAD_DIM;
 
 fn check_rotary_dim(field: &str, d: usize) -> Result<()> {
     if d == 0 || d % 2 == 1 {

@@ -11,7 +11,7 @@ use super::*;
 #[cfg(not(miri))]
 use proptest::prelude::*;
 
-/// The sizes the brief asks for: around every lane and block boundary.
+/// Sizes around every SIMD lane and register-block boundary, plus a few odd ones.
 #[cfg(not(miri))]
 const SIZES: [usize; 7] = [1, 3, 17, 63, 65, 127, 129];
 /// Under Miri: one size below, at and above a vector of every instruction set.
