@@ -18,12 +18,22 @@
 //! caches. Writes `passkey.md` and `passkey.json` (and `passkey_trials.json` after
 //! every trial).
 //!
+//! **Speed** (`--speed`). Prefill of the first `--speed-context` tokens (default 16384)
+//! through the tiled kernel into the caches, then `--new-tokens` greedy decode steps;
+//! tokens/s of each, fastest of `--speed-reps`, for each of `--schemes`. Writes
+//! `speed.md` and `speed.json`.
+//!
+//! `--dump-text FILE` writes the text of the first window's tokens (decoded), so that
+//! llama.cpp's `llama-perplexity -f FILE -c L` reads the same tokens: its first chunk
+//! scores positions `L/2 + 1 .. L - 1`, which is `--contexts L-1 --scored L/2-1` here.
+//!
 //! ```text
 //! tools/fetch_smollm2.sh && apt-get install debian-handbook
 //! cargo run --release -p ropex-lm --example eval_real_model -- --quick
-//! cargo run --release -p ropex-lm --example eval_real_model            # default grid
+//! cargo run --release -p ropex-lm --example eval_real_model            # 2k-16k, 7 schemes
 //! cargo run --release -p ropex-lm --example eval_real_model -- --full  # + 32k, all schemes
 //! cargo run --release -p ropex-lm --example eval_real_model -- --passkey
+//! cargo run --release -p ropex-lm --example eval_real_model -- --speed --schemes rope,leaky-w2048
 //! ```
 //!
 //! `--text` is a UTF-8 file, or a directory whose `*.html` files are read in name order
@@ -58,7 +68,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384")]
     contexts: Vec<usize>,
     /// Scheme keys (see `ropex_lm::scheme`), comma-separated, or `all`.
-    #[arg(long, value_delimiter = ',', default_value = "rope,yarn,rerope-w2048")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "rope,ntk,yarn,rerope-w2048,leaky-w2048,self-extend,dca"
+    )]
     schemes: Vec<String>,
     /// Windows of the text (evenly spaced end points shared by every context).
     #[arg(long, default_value_t = 1)]
@@ -90,6 +104,22 @@ struct Args {
     /// Tokens decoded greedily after the question.
     #[arg(long, default_value_t = 6)]
     new_tokens: usize,
+    /// Speed instead of loss: prefill tokens/s of the first `--speed-context` tokens
+    /// of the text (through the tiled kernel into the KV caches), then decode tokens/s
+    /// of `--new-tokens` greedy steps after it; every scheme of `--schemes`.
+    #[arg(long)]
+    speed: bool,
+    /// Prompt length of `--speed`.
+    #[arg(long, default_value_t = 16384)]
+    speed_context: usize,
+    /// Timed repetitions of `--speed` (the fastest is reported).
+    #[arg(long, default_value_t = 2)]
+    speed_reps: usize,
+    /// Also write the text of the first window's tokens (the input and its last
+    /// target, decoded) to this file, e.g. for llama.cpp's `llama-perplexity`, which
+    /// then reads the same tokens.
+    #[arg(long)]
+    dump_text: Option<PathBuf>,
     /// Output directory.
     #[arg(long, default_value = "lm/results/real_model")]
     out_dir: PathBuf,
@@ -193,6 +223,16 @@ fn loss_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)], contexts: &[usi
         ids.len(),
         ctx.train_len
     );
+    if let Some(path) = &args.dump_text {
+        let e = ends[0];
+        std::fs::write(path, ctx.tok.decode(&ids[e - max_len..e + 1])?)?;
+        eprintln!(
+            "wrote the text of tokens {}..{} to {}",
+            e - max_len,
+            e + 1,
+            path.display()
+        );
+    }
     // Distinct plans per context, and which one serves each scheme.
     let mut runs: Vec<Vec<(Plan, Vec<usize>)>> = Vec::new();
     for &len in contexts {
@@ -443,6 +483,83 @@ fn cache_for(ctx: &Ctx, spec: &Spec, target: usize) -> Res<LlamaCache> {
     })?)
 }
 
+/// Prefill and decode throughput: `--speed-context` prompt tokens through
+/// [`Llama::prefill`] (tiled kernel, caches filled), then `--new-tokens` greedy steps
+/// through the caches, fastest of `--speed-reps`.
+fn speed_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
+    let ids = ctx.tok.encode(&read_text(&args.text)?)?;
+    let n = args.speed_context;
+    if n == 0 || n > ids.len() || args.new_tokens == 0 || args.speed_reps == 0 {
+        return Err(format!(
+            "--speed needs 1 <= --speed-context <= {} (the text's tokens), --new-tokens >= 1 \
+             and --speed-reps >= 1",
+            ids.len()
+        )
+        .into());
+    }
+    let threads = rayon::current_num_threads();
+    let mut md = format!(
+        "Speed of the Rust model, {threads} rayon thread(s): prefill of {n} tokens \
+         (tokens/s) and {} greedy decode steps after it (tokens/s), fastest of {}:\n\n\
+         | scheme | prefill s | prefill tok/s | decode s | decode tok/s |\n|---|---:|---:|---:|---:|\n",
+        args.new_tokens, args.speed_reps
+    );
+    let mut rows = Vec::new();
+    for (key, spec) in schemes {
+        let target = n + args.new_tokens;
+        let plan_len = if spec.freq == Freq::Dynamic {
+            n
+        } else {
+            target
+        };
+        let plan = ctx.plan(spec, plan_len)?;
+        let (mut pre, mut dec) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..args.speed_reps {
+            let mut cache = cache_for(ctx, spec, target)?;
+            let t = Instant::now();
+            let logits = ctx.model.prefill(&mut cache, &ids[..n], &plan)?;
+            pre = pre.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let new = ctx
+                .model
+                .decode_greedy(&mut cache, logits, args.new_tokens, None)?;
+            // decode_greedy feeds all new tokens but the last through the cache.
+            let steps = new.len().saturating_sub(1).max(1);
+            dec = dec.min(t.elapsed().as_secs_f64() / steps as f64);
+        }
+        eprintln!(
+            "{key}: prefill {n} tokens {pre:.2} s ({:.0} tok/s), decode {:.1} ms/token ({:.1} tok/s)",
+            n as f64 / pre,
+            dec * 1e3,
+            1.0 / dec
+        );
+        md += &format!(
+            "| {} | {pre:.2} | {:.0} | {:.4} | {:.1} |\n",
+            spec.label(ctx.train_len),
+            n as f64 / pre,
+            dec,
+            1.0 / dec
+        );
+        rows.push(serde_json::json!({
+            "key": key, "prefill_seconds": pre, "prefill_tokens_per_second": n as f64 / pre,
+            "decode_seconds_per_token": dec, "decode_tokens_per_second": 1.0 / dec,
+        }));
+    }
+    println!("{md}");
+    std::fs::create_dir_all(&args.out_dir)?;
+    std::fs::write(args.out_dir.join("speed.md"), &md)?;
+    let json = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "prompt_tokens": n, "new_tokens": args.new_tokens, "threads": threads,
+        "reps": args.speed_reps, "schemes": rows,
+    });
+    std::fs::write(
+        args.out_dir.join("speed.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    Ok(())
+}
+
 fn passkey_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
     let t_all = Instant::now();
     let keys = passkey::keys(args.keys, 2023);
@@ -587,7 +704,9 @@ fn main() -> Res<()> {
         tok,
         train_len,
     };
-    if args.passkey {
+    if args.speed {
+        speed_mode(&ctx, &args, &schemes)
+    } else if args.passkey {
         passkey_mode(&ctx, &args, &schemes)
     } else {
         loss_mode(&ctx, &args, &schemes, &contexts)
