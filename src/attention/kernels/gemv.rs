@@ -23,8 +23,10 @@
 
 use super::simd::Simd;
 
-/// Bytes ahead of the current row that the GEMVs prefetch.
-const PREFETCH: usize = 4096;
+/// Bytes ahead of the current row that the GEMVs prefetch. Measured on one Zen 5 core
+/// (L = 32768, G = 4, d = 128): no prefetch 8.2-9.8 ms bf16 / 21 ms f32 a step,
+/// 4 KiB 5-6 / 10.6-12.8, 8 KiB 4.4 / 9.0-10.0, 16 KiB 4.4 / 10.2, 32 KiB 4.6-4.9 / 10.8-11.6.
+const PREFETCH: usize = 8192;
 
 /// Rows of V per `pv` k-block: `PV_KC` rows of `dv = 128` f32 are 32 KiB (L1).
 pub(crate) const PV_KC: usize = 64;
