@@ -557,9 +557,9 @@ impl Kernels {
     /// (overwritten). `key_start` must be a multiple of [`PackedKeys::PANEL`] (tile
     /// boundaries at multiples of 32 keys are).
     ///
-    /// Also the fastest decode scoring for a GQA group (2 to 8 queries against one kv
-    /// head) when the cache keeps its keys packed: about 1.8x [`Kernels::qk_gemv`] at
-    /// 8 queries, the same at 1.
+    /// Also a decode scoring for a GQA group (2 to 8 queries against one kv head) when
+    /// the cache keeps its keys packed (measured about 1.8x the previous
+    /// [`Kernels::qk_gemv`] at 8 queries; not re-measured against the current one).
     ///
     /// # Errors
     /// [`RopeError::ShapeMismatch`] if `A` and `keys` differ in head dim, `S` does not
