@@ -11,6 +11,8 @@
 //! machine blurs, so `ROPEX_DECODE_RATIOS=<rounds>` instead times the pairs of each
 //! ratio interleaved (`a, b, a, b, ..`, one step each) and prints the median of the
 //! per-round ratios: `cargo bench --bench decode_dtypes` with the variable set.
+//! `ROPEX_DECODE_PROFILE=rope_bf16` (any case name; `ROPEX_DECODE_STEPS`, default 200)
+//! runs one case in a loop, to profile it.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -255,7 +257,37 @@ fn ratios(rounds: usize) {
     }
 }
 
+/// Runs one case (`{rope,rerope}_<name>`, e.g. `rope_bf16`) for `steps` steps and
+/// prints its median step time: a loop to profile (`perf record`).
+fn profile(case: &str, steps: usize) {
+    let (rerope, name) = match case.split_once('_') {
+        Some(("rerope", n)) => (true, n),
+        Some((_, n)) => (false, n),
+        None => (false, case),
+    };
+    let Some((_, make, bytes)) = cases().into_iter().find(|c| c.0 == name) else {
+        eprintln!("unknown case {case}");
+        return;
+    };
+    let mut s = make(rerope);
+    let t: Vec<f64> = (0..steps).map(|_| time(s.as_mut())).collect();
+    let m = median(t);
+    let gb = (bytes * HKV * L * 2 * D) as f64 / m / 1e9;
+    println!(
+        "{case}: median {:.3} ms over {steps} steps, {gb:.1} GB/s of K/V",
+        m * 1e3
+    );
+}
+
 fn main() {
+    if let Ok(case) = std::env::var("ROPEX_DECODE_PROFILE") {
+        let steps = std::env::var("ROPEX_DECODE_STEPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        profile(&case, steps);
+        return;
+    }
     if let Some(rounds) = std::env::var("ROPEX_DECODE_RATIOS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())

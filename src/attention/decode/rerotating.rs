@@ -176,7 +176,7 @@ impl KvCacheRerotating {
         let mut key = vec![0f32; d];
         let mut scores = Vec::new();
         let mut acc = vec![0f32; group * dv];
-        let (mut denoms, mut tile) = (Vec::new(), Vec::new());
+        let mut denoms = Vec::new();
         let kern = Kernels::active();
         let out_slice = out
             .as_slice_mut()
@@ -215,17 +215,7 @@ impl KvCacheRerotating {
                     values: &self.values[g],
                     dv,
                 };
-                softmax_times_values(
-                    kern,
-                    rows,
-                    n,
-                    &values,
-                    0,
-                    dv,
-                    &mut acc,
-                    &mut denoms,
-                    &mut tile,
-                );
+                softmax_times_values(kern, rows, n, &values, 0, dv, &mut acc, &mut denoms);
                 let at = (a * heads_q + g * group) * dv;
                 out_slice[at..at + group * dv].copy_from_slice(&acc);
             }

@@ -4,20 +4,18 @@
 //! one chunk per kv head for [`super::KvCache`], one chunk per block for
 //! [`super::PagedKvCache`].
 //!
-//! Keys and values are read in their storage type `S` and widened to f32 on load, a
-//! tile of [`TILE`] rows at a time into the scratch (f32 is read in place): a bf16/f16
-//! step streams half the bytes of an f32 one, and every product, sum and the softmax run
+//! Keys and values are read in place in their storage type `S` and widened to f32 in
+//! registers by the decode GEMVs as they load them (bf16: zero-extend and shift by 16;
+//! f16: `vcvtph2ps`; both exact): a bf16/f16 step streams half the bytes of an f32 one,
+//! with no round trip through a scratch tile, and every product, sum and the softmax run
 //! in f32.
 
 use ndarray::ArrayView2;
 
 use super::shared::{Core, Trig};
-use crate::attention::kernels::{Kernels, MatMut, MatRef, as_f32, widen};
+use crate::attention::kernels::{Kernels, MatMut, MatRef};
 use crate::position::{Piece, Region};
 use crate::tensor::Element;
-
-/// Rows widened per tile: `TILE x d` f32 stay in L1 (`32 x 128 x 4` = 16 KiB).
-pub(super) const TILE: usize = 32;
 
 pub(super) fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_> {
     MatRef::new(data, rows, cols, stride).expect("decode shapes are consistent")
@@ -44,8 +42,6 @@ pub struct DecodeScratch {
     scores: Vec<f32>,
     /// Softmax denominators, one per query row.
     denoms: Vec<f32>,
-    /// One tile of widened keys or values.
-    tile: Vec<f32>,
     /// The output of a group `[group, d_v]` (f32, before the store rounds it).
     pub(super) acc: Vec<f32>,
     pub(super) trig: Option<Trig>,
@@ -153,8 +149,8 @@ impl Runs {
 }
 
 /// Scores `keys` (`[rows, d]`) against the queries `qs` (`[group, d]`) into columns
-/// `col..col + rows` of `scores` (`[group, seen]`), widening stored rows a tile at a time.
-#[allow(clippy::too_many_arguments)]
+/// `col..col + rows` of `scores` (`[group, seen]`); stored rows are widened to f32 in
+/// registers as the GEMV loads them.
 fn score_rows<S: Element>(
     kern: Kernels,
     qs: &[f32],
@@ -163,34 +159,23 @@ fn score_rows<S: Element>(
     scores: &mut [f32],
     col: usize,
     seen: usize,
-    tile: &mut [f32],
 ) {
     let group = qs.len() / d;
-    let mut gemv = |k: &[f32], col: usize| {
-        let rows = k.len() / d;
-        kern.qk_gemv(
-            mat(qs, group, d, d),
-            mat(k, rows, d, d),
-            mat_mut(&mut scores[col..], group, rows, seen),
-            1.0,
-        )
-        .expect("decode shapes are consistent");
+    let q = mat(qs, group, d, d);
+    let rows = match keys {
+        Rows::Wide(k) => k.len() / d,
+        Rows::Stored(k) => k.len() / d,
     };
+    let out = mat_mut(&mut scores[col..], group, rows, seen);
     match keys {
-        Rows::Wide(k) => gemv(k, col),
-        Rows::Stored(k) => match as_f32(k) {
-            Some(k) => gemv(k, col),
-            None => {
-                for (t, chunk) in k.chunks(TILE * d).enumerate() {
-                    widen(chunk, tile);
-                    gemv(&tile[..chunk.len()], col + t * TILE);
-                }
-            }
-        },
+        Rows::Wide(k) => kern.qk_gemv(q, mat(k, rows, d, d), out, 1.0),
+        Rows::Stored(k) => kern.qk_gemv_stored(q, k, out, 1.0),
     }
+    .expect("decode shapes are consistent");
 }
 
-/// `acc += P[:, col..col + rows] V` for stored values `V` (`[rows, dv]`).
+/// `acc += P[:, col..col + rows] V` for stored values `V` (`[rows, dv]`), widened in
+/// registers.
 #[allow(clippy::too_many_arguments)]
 fn accumulate_values<S: Element>(
     kern: Kernels,
@@ -201,26 +186,14 @@ fn accumulate_values<S: Element>(
     col: usize,
     dv: usize,
     acc: &mut [f32],
-    tile: &mut [f32],
 ) {
-    let mut gemv = |v: &[f32], col: usize| {
-        let rows = v.len() / dv;
-        kern.pv_gemv(
-            mat(&scores[col..], group, rows, seen),
-            mat(v, rows, dv, dv),
-            mat_mut(acc, group, dv, dv),
-        )
-        .expect("decode shapes are consistent");
-    };
-    match as_f32(values) {
-        Some(v) => gemv(v, col),
-        None => {
-            for (t, chunk) in values.chunks(TILE * dv).enumerate() {
-                widen(chunk, tile);
-                gemv(&tile[..chunk.len()], col + t * TILE);
-            }
-        }
-    }
+    let rows = values.len() / dv;
+    kern.pv_gemv_stored(
+        mat(&scores[col..], group, rows, seen),
+        values,
+        mat_mut(acc, group, dv, dv),
+    )
+    .expect("decode shapes are consistent");
 }
 
 /// Softmax of each `seen`-long row of `scores` (row maximum subtracted, f32), then
@@ -236,7 +209,6 @@ pub(super) fn softmax_times_values<S: Element>(
     dv: usize,
     acc: &mut [f32],
     denoms: &mut Vec<f32>,
-    tile: &mut Vec<f32>,
 ) {
     let group = acc.len() / dv.max(1);
     denoms.clear();
@@ -249,9 +221,8 @@ pub(super) fn softmax_times_values<S: Element>(
     if dv == 0 || seen == 0 {
         return;
     }
-    grow(tile, TILE * dv);
     src.values(lo, lo + seen, &mut |v, first| {
-        accumulate_values(kern, scores, group, seen, v, first - lo, dv, acc, tile);
+        accumulate_values(kern, scores, group, seen, v, first - lo, dv, acc);
     });
     for (row, &denom) in acc.chunks_exact_mut(dv).zip(denoms.iter()) {
         kern.scale(row, 1.0 / denom);
@@ -294,7 +265,6 @@ impl Step<'_> {
         let (lo, hi) = runs.span();
         let seen = hi - lo;
         grow(&mut scratch.q, self.pieces.len() * group * d);
-        grow(&mut scratch.tile, TILE * d.max(dv));
         scratch.scores.clear();
         scratch.scores.resize(group * seen, 0.0);
         scratch.acc.clear();
@@ -313,9 +283,9 @@ impl Step<'_> {
         if d > 0 {
             for r in runs.as_slice().iter().filter(|r| r.hi > r.lo) {
                 let qs = &scratch.q[r.piece * group * d..(r.piece + 1) * group * d];
-                let (scores, tile) = (&mut scratch.scores, &mut scratch.tile);
+                let scores = &mut scratch.scores;
                 src.keys(r.piece, r.lo, r.hi, &mut |keys, first| {
-                    score_rows(self.kern, qs, d, keys, scores, first - lo, seen, tile);
+                    score_rows(self.kern, qs, d, keys, scores, first - lo, seen);
                 });
             }
         }
@@ -328,7 +298,6 @@ impl Step<'_> {
             dv,
             &mut scratch.acc,
             &mut scratch.denoms,
-            &mut scratch.tile,
         );
     }
 }

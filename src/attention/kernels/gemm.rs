@@ -1,4 +1,4 @@
-//! Tile GEMMs and decode GEMVs, written once against [`Simd`].
+//! Tile GEMMs, written once against [`Simd`] (the decode GEMVs are in `gemv.rs`).
 //!
 //! - `qk`: `S = scale * A B^T`. B is packed, transposed, into panels of [`PANEL`] keys
 //!   by up to `PANEL_KC` head dims (on the stack, or once for all keys with
@@ -6,8 +6,6 @@
 //!   accumulates `A[i, k] * panel[k, :]` (A broadcast from memory, panel loaded).
 //! - `pv`: `O += P V`. V rows are already "k-major", so V is read in place; an
 //!   `MR x NV` block of O is loaded, accumulated over `k` and stored.
-//! - `qk_dot`: `S = scale * Q K^T` for a handful of queries (decode): dot products along
-//!   the head dim, `G` queries by `R` keys per block, no packing, so K is streamed once.
 
 use std::mem::MaybeUninit;
 
@@ -388,161 +386,6 @@ unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
                 } else {
                     s.store_masked(q, x, masks[u]);
                 }
-            }
-        }
-    }
-}
-
-/// `S = scale * Q K^T` by dot products along the head dim for exactly `G` queries
-/// (rows of Q), `R` keys (rows of K) at a time: `G * R` vector accumulators.
-#[inline(always)]
-pub(crate) fn qk_dot<S: Simd, const G: usize, const R: usize>(
-    s: S,
-    q: MatRef<'_>,
-    k: MatRef<'_>,
-    mut out: MatMut<'_>,
-    scale: f32,
-) {
-    let (n, d) = (k.rows(), q.cols());
-    debug_assert!(q.rows() == G && k.cols() == d && out.rows() == G && out.cols() == n);
-    if n == 0 {
-        return;
-    }
-    if d == 0 {
-        // Empty dot products; K may be `[n, 0]` with any stride over an empty slice, so
-        // no pointer into it is formed.
-        zero_rows(&mut out);
-        return;
-    }
-    let (qp, ldq) = (q.as_ptr(), q.stride());
-    let (kp, ldk) = (k.as_ptr(), k.stride());
-    let (op, ldo) = (out.as_mut_ptr(), out.stride());
-    let dims = (d / S::LANES, d % S::LANES);
-    let mut j = 0;
-    while j + R <= n {
-        // SAFETY: rows `j .. j + R <= n` of K and columns `j .. j + R` of the `G` rows
-        // of `out` are in bounds (MatRef / MatMut checks); Q has `G` rows of `d`.
-        unsafe {
-            qk_dot_block::<S, G, R>(
-                s,
-                qp,
-                ldq,
-                kp.add(j * ldk),
-                ldk,
-                dims,
-                op.add(j),
-                ldo,
-                scale,
-            )
-        };
-        j += R;
-    }
-    while j < n {
-        // SAFETY: as above, for the single row `j < n`.
-        unsafe {
-            qk_dot_block::<S, G, 1>(
-                s,
-                qp,
-                ldq,
-                kp.add(j * ldk),
-                ldk,
-                dims,
-                op.add(j),
-                ldo,
-                scale,
-            )
-        };
-        j += 1;
-    }
-}
-
-/// `out[gq, r] = scale * q[gq] . k[r]` for `G` queries and `R` keys; the head dim is
-/// `full` whole vectors plus `rem` more lanes (`dims = (full, rem)`).
-///
-/// # Safety
-/// `q` readable for `G` rows and `k` for `R` rows of `full * LANES + rem` f32 (strides
-/// `ldq`, `ldk`); `out` writable at `gq * ldo + r`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn qk_dot_block<S: Simd, const G: usize, const R: usize>(
-    s: S,
-    q: *const f32,
-    ldq: usize,
-    k: *const f32,
-    ldk: usize,
-    (full, rem): (usize, usize),
-    out: *mut f32,
-    ldo: usize,
-    scale: f32,
-) {
-    let mut acc = [[s.zero(); R]; G];
-    let tail = s.mask(rem);
-    // SAFETY: `c * LANES + LANES <= full * LANES` (whole steps) and the `rem` lanes
-    // after `full * LANES` (the masked step) lie inside the caller's rows.
-    unsafe {
-        for c in 0..full {
-            dot_step::<S, G, R>(s, &mut acc, q, ldq, k, ldk, c * S::LANES, None);
-        }
-        if rem > 0 {
-            dot_step::<S, G, R>(s, &mut acc, q, ldq, k, ldk, full * S::LANES, Some(tail));
-        }
-    }
-    // Horizontal sums, LANES accumulators at a time (accumulator `f` is query `f / R`,
-    // key `f % R`), zero-padded to whole groups.
-    let l = S::LANES;
-    let sc = s.splat(scale);
-    let mut f0 = 0;
-    while f0 < G * R {
-        let mut group = [s.zero(); 16];
-        for (x, f) in group.iter_mut().take(l).zip(f0..G * R) {
-            *x = acc[f / R][f % R];
-        }
-        let mut sums = [0f32; 16];
-        // SAFETY: `sums` holds 16 >= LANES f32.
-        unsafe { s.store(sums.as_mut_ptr(), s.mul(s.transpose_sum(&group[..l]), sc)) };
-        for (f, &x) in (f0..G * R).zip(&sums[..l]) {
-            // SAFETY: `out` is writable at `gq * ldo + r` for `gq < G`, `r < R`.
-            unsafe { *out.add((f / R) * ldo + f % R) = x };
-        }
-        f0 += l;
-    }
-}
-
-/// One step of `qk_dot_block`: `LANES` head dims at offset `off`, masked if `mask`.
-///
-/// # Safety
-/// `q` (`G` rows) and `k` (`R` rows) readable at `off .. off + LANES` (or the lanes of
-/// `mask`) of each row.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dot_step<S: Simd, const G: usize, const R: usize>(
-    s: S,
-    acc: &mut [[S::V; R]; G],
-    q: *const f32,
-    ldq: usize,
-    k: *const f32,
-    ldk: usize,
-    off: usize,
-    mask: Option<S::M>,
-) {
-    let mut kv = [s.zero(); R];
-    // SAFETY: forwarded contract.
-    unsafe {
-        for (r, x) in kv.iter_mut().enumerate() {
-            let pk = k.add(r * ldk + off);
-            *x = match mask {
-                Some(m) => s.load_masked(pk, m),
-                None => s.load(pk),
-            };
-        }
-        for (gq, row) in acc.iter_mut().enumerate() {
-            let pq = q.add(gq * ldq + off);
-            let qv = match mask {
-                Some(m) => s.load_masked(pq, m),
-                None => s.load(pq),
-            };
-            for (x, kr) in row.iter_mut().zip(kv) {
-                *x = s.fma(qv, kr, *x);
             }
         }
     }

@@ -71,12 +71,14 @@
 //! Miri only the portable path exists, so its tests check that arithmetic there.
 
 mod gemm;
+mod gemv;
 mod peak;
 mod simd;
 mod softmax;
 mod widen;
 
-pub(crate) use widen::{as_f32, widen};
+pub(crate) use widen::widen;
+use widen::{Stored, stored};
 
 #[cfg(test)]
 mod tests;
@@ -85,6 +87,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, RopeError};
+use crate::tensor::Element;
 use simd::Portable;
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};
@@ -268,22 +271,56 @@ macro_rules! dispatch {
     };
 }
 
+/// Calls `$f(token, format, args..)` in the decode entry module (`decode_*`) of the
+/// handle's instruction set for the storage format of `$rows` (a [`Stored`]), with `KP`
+/// in the arguments replaced by the pointer to its data. f16 on AVX2 takes the F16C
+/// entry points when the CPU has F16C, else the portable ones.
+macro_rules! decode {
+    ($self:expr, $rows:expr, $f:ident($($a:tt)*)) => {
+        match $rows {
+            Stored::F32(x) => decode!(@isa $self, gemv::F32, false, x, $f($($a)*)),
+            Stored::Bf16(x) => decode!(@isa $self, gemv::Bf16, false, x, $f($($a)*)),
+            Stored::F16(x) => decode!(@isa $self, gemv::F16, true, x, $f($($a)*)),
+        }
+    };
+    (@isa $self:expr, $w:expr, $f16:expr, $x:ident, $f:ident($($a:tt)*)) => {
+        match $self.imp {
+            Imp::Portable(t) => decode!(@call decode_portable, t, $w, $x, $f($($a)*)),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2(t) if !$f16 => decode!(@call decode_avx2, t, $w, $x, $f($($a)*)),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2(t) if has_f16c() => {
+                decode!(@call decode_avx2_f16c, t, $w, $x, $f($($a)*))
+            }
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2(_) => decode!(@call decode_portable, Portable, $w, $x, $f($($a)*)),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx512(t) => decode!(@call decode_avx512, t, $w, $x, $f($($a)*)),
+        }
+    };
+    (@call $m:ident, $t:expr, $w:expr, $x:ident,
+        $f:ident($g:ident, $p:ident, $ld:ident, KP, $($rest:tt)*)) => {
+        $m::$f($t, $w, $g, $p, $ld, $x.as_ptr(), $($rest)*)
+    };
+}
+
+/// Whether the CPU has F16C (detected once by std).
+#[cfg(target_arch = "x86_64")]
+fn has_f16c() -> bool {
+    is_x86_feature_detected!("f16c")
+}
+
 /// The per-instruction-set entry points: each calls a generic body with its token
 /// under `#[target_feature]`, with that instruction set's register-block sizes.
 ///
 /// - `qk = (MR, NV)`: `qk_tile` block of `MR` rows by `NV` vectors.
-/// - `pv = (MR, NV)`: `pv_tile` block; `pv_small = [(max_rows, MR, NV), ..]` the
-///   blocks `pv_gemv` uses for `rows <= max_rows`, falling back to `pv`.
-/// - `dot = [R1, .., R8]`: keys per block of `qk_gemv` for 1 ..= 8 queries.
+/// - `pv = (MR, NV)`: `pv_tile` block.
 /// - `chains`: FMA chains of `fma_loop`.
 macro_rules! entries {
     (
         $module:ident, $tok:ty, [$(#[$attr:meta])*],
         qk = ($qmr:literal, $qnv:literal),
         pv = ($pmr:literal, $pnv:literal),
-        pv_small = [$(($pmax:literal, $psmr:literal, $psnv:literal)),*],
-        dot = [$r1:literal, $r2:literal, $r3:literal, $r4:literal,
-               $r5:literal, $r6:literal, $r7:literal, $r8:literal],
         chains = $chains:literal $(,)?
     ) => {
         mod $module {
@@ -315,33 +352,6 @@ macro_rules! entries {
             $(#[$attr])*
             pub(super) fn pv_tile(t: $tok, p: MatRef<'_>, v: MatRef<'_>, o: MatMut<'_>) {
                 gemm::pv::<$tok, $pmr, $pnv>(t, p, v, o)
-            }
-
-            $(#[$attr])*
-            pub(super) fn pv_gemv(t: $tok, p: MatRef<'_>, v: MatRef<'_>, o: MatMut<'_>) {
-                let _m = p.rows();
-                $(
-                    if _m <= $pmax {
-                        return gemm::pv::<$tok, $psmr, $psnv>(t, p, v, o);
-                    }
-                )*
-                gemm::pv::<$tok, $pmr, $pnv>(t, p, v, o)
-            }
-
-            /// `q` has 1 ..= 8 rows.
-            $(#[$attr])*
-            pub(super) fn qk_dot(t: $tok, q: MatRef<'_>, k: MatRef<'_>, o: MatMut<'_>, sc: f32) {
-                match q.rows() {
-                    1 => gemm::qk_dot::<$tok, 1, $r1>(t, q, k, o, sc),
-                    2 => gemm::qk_dot::<$tok, 2, $r2>(t, q, k, o, sc),
-                    3 => gemm::qk_dot::<$tok, 3, $r3>(t, q, k, o, sc),
-                    4 => gemm::qk_dot::<$tok, 4, $r4>(t, q, k, o, sc),
-                    5 => gemm::qk_dot::<$tok, 5, $r5>(t, q, k, o, sc),
-                    6 => gemm::qk_dot::<$tok, 6, $r6>(t, q, k, o, sc),
-                    7 => gemm::qk_dot::<$tok, 7, $r7>(t, q, k, o, sc),
-                    8 => gemm::qk_dot::<$tok, 8, $r8>(t, q, k, o, sc),
-                    _ => unreachable!("query groups have 1 to 8 rows"),
-                }
             }
 
             $(#[$attr])*
@@ -380,8 +390,6 @@ entries!(
     [],
     qk = (4, 1),
     pv = (4, 1),
-    pv_small = [],
-    dot = [4, 2, 1, 1, 1, 1, 1, 1],
     chains = 8,
 );
 
@@ -390,8 +398,6 @@ entries!(
     entry_avx2, Avx2, [#[target_feature(enable = "avx2,fma")]],
     qk = (6, 2),
     pv = (6, 2),
-    pv_small = [(1, 1, 8), (2, 2, 4), (4, 4, 2)],
-    dot = [8, 4, 2, 2, 1, 1, 1, 1],
     chains = 12,
 );
 
@@ -400,9 +406,104 @@ entries!(
     entry_avx512, Avx512, [#[target_feature(enable = "avx512f,avx2,fma")]],
     qk = (8, 2),
     pv = (4, 4),
-    pv_small = [(2, 2, 8)],
-    dot = [16, 8, 5, 4, 3, 3, 2, 2],
     chains = 16,
+);
+
+/// The decode entry points (`gemv.rs`), per instruction set and storage format `W`:
+/// - `dot = [R1, .., R8]`: keys per `qk` block for 1 ..= 8 queries;
+/// - `pvnv = [NV1, .., NV8]`: vectors of columns per `pv` block for 1 ..= 8 rows
+///   (`G * NV` accumulators and `NV` value vectors fit the register file).
+macro_rules! decode_entries {
+    (
+        $module:ident, $tok:ty, [$(#[$attr:meta])*],
+        dot = [$r1:literal, $r2:literal, $r3:literal, $r4:literal,
+               $r5:literal, $r6:literal, $r7:literal, $r8:literal],
+        pvnv = [$n1:literal, $n2:literal, $n3:literal, $n4:literal,
+                $n5:literal, $n6:literal, $n7:literal, $n8:literal] $(,)?
+    ) => {
+        mod $module {
+            use super::gemv::{self, Widen};
+            #[allow(unused_imports)]
+            use super::simd::*;
+
+            /// `g` (1 ..= 8) queries; the contract of [`gemv::qk`].
+            $(#[$attr])*
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn qk<W: Widen>(
+                t: $tok, w: W, g: usize, q: *const f32, ldq: usize, k: *const W::E,
+                ldk: usize, n: usize, d: usize, o: *mut f32, ldo: usize, sc: f32,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe {
+                    match g {
+                        1 => gemv::qk::<$tok, W, 1, $r1>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        2 => gemv::qk::<$tok, W, 2, $r2>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        3 => gemv::qk::<$tok, W, 3, $r3>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        4 => gemv::qk::<$tok, W, 4, $r4>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        5 => gemv::qk::<$tok, W, 5, $r5>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        6 => gemv::qk::<$tok, W, 6, $r6>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        7 => gemv::qk::<$tok, W, 7, $r7>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        8 => gemv::qk::<$tok, W, 8, $r8>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        _ => unreachable!("query groups have 1 to 8 rows"),
+                    }
+                }
+            }
+
+            /// `g` (1 ..= 8) rows; the contract of [`gemv::pv`].
+            $(#[$attr])*
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn pv<W: Widen>(
+                t: $tok, w: W, g: usize, p: *const f32, ldp: usize, v: *const W::E,
+                ldv: usize, n: usize, dv: usize, o: *mut f32, ldo: usize,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe {
+                    match g {
+                        1 => gemv::pv::<$tok, W, 1, $n1>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        2 => gemv::pv::<$tok, W, 2, $n2>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        3 => gemv::pv::<$tok, W, 3, $n3>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        4 => gemv::pv::<$tok, W, 4, $n4>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        5 => gemv::pv::<$tok, W, 5, $n5>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        6 => gemv::pv::<$tok, W, 6, $n6>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        7 => gemv::pv::<$tok, W, 7, $n7>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        8 => gemv::pv::<$tok, W, 8, $n8>(t, w, p, ldp, v, ldv, n, dv, o, ldo),
+                        _ => unreachable!("query groups have 1 to 8 rows"),
+                    }
+                }
+            }
+        }
+    };
+}
+
+decode_entries!(
+    decode_portable,
+    Portable,
+    [],
+    dot = [4, 2, 1, 1, 1, 1, 1, 1],
+    pvnv = [2, 2, 1, 1, 1, 1, 1, 1],
+);
+
+#[cfg(target_arch = "x86_64")]
+decode_entries!(
+    decode_avx2, Avx2, [#[target_feature(enable = "avx2,fma")]],
+    dot = [8, 4, 2, 2, 1, 1, 1, 1],
+    pvnv = [8, 4, 2, 2, 1, 1, 1, 1],
+);
+
+// f16 on AVX2 needs F16C's `vcvtph2ps`: the same kernels compiled with it, called only
+// when the CPU has it.
+#[cfg(target_arch = "x86_64")]
+decode_entries!(
+    decode_avx2_f16c, Avx2, [#[target_feature(enable = "avx2,fma,f16c")]],
+    dot = [8, 4, 2, 2, 1, 1, 1, 1],
+    pvnv = [8, 4, 2, 2, 1, 1, 1, 1],
+);
+
+#[cfg(target_arch = "x86_64")]
+decode_entries!(
+    decode_avx512, Avx512, [#[target_feature(enable = "avx512f,avx2,fma")]],
+    dot = [8, 4, 3, 2, 2, 2, 1, 1],
+    pvnv = [8, 8, 4, 4, 4, 4, 2, 2],
 );
 
 fn shape_err(what: &str, expected: String, got: String) -> RopeError {
@@ -456,9 +557,9 @@ impl Kernels {
     /// (overwritten). `key_start` must be a multiple of [`PackedKeys::PANEL`] (tile
     /// boundaries at multiples of 32 keys are).
     ///
-    /// Also the fastest decode scoring for a GQA group (2 to 8 queries against one kv
-    /// head) when the cache keeps its keys packed: about 1.8x [`Kernels::qk_gemv`] at
-    /// 8 queries, the same at 1.
+    /// Also a decode scoring for a GQA group (2 to 8 queries against one kv head) when
+    /// the cache keeps its keys packed (measured about 1.8x the previous
+    /// [`Kernels::qk_gemv`] at 8 queries; not re-measured against the current one).
     ///
     /// # Errors
     /// [`RopeError::ShapeMismatch`] if `A` and `keys` differ in head dim, `S` does not
@@ -521,31 +622,132 @@ impl Kernels {
     pub fn qk_gemv(&self, q: MatRef<'_>, k: MatRef<'_>, s: MatMut<'_>, scale: f32) -> Result<()> {
         check_dims("qk_gemv K [n, d]", (k.rows, q.cols), (k.rows, k.cols))?;
         check_dims("qk_gemv S [g, n]", (q.rows, k.rows), (s.rows, s.cols))?;
-        let mut s = s;
+        self.qk_rows(q, Stored::F32(k.data), k.stride, s, scale);
+        Ok(())
+    }
+
+    /// [`Kernels::qk_gemv`] against keys stored as `E` (f32, bf16 or f16), widened to
+    /// f32 in registers as they are loaded: `k` holds `S.cols` contiguous rows of
+    /// `d = Q.cols` elements.
+    ///
+    /// # Errors
+    /// [`RopeError::ShapeMismatch`] if `S` does not have `Q.rows` rows or `k` is not
+    /// `S.cols * d` elements.
+    pub(crate) fn qk_gemv_stored<E: Element>(
+        &self,
+        q: MatRef<'_>,
+        k: &[E],
+        s: MatMut<'_>,
+        scale: f32,
+    ) -> Result<()> {
+        let n = s.cols;
+        check_dims("qk_gemv_stored S [g, n]", (q.rows, n), (s.rows, s.cols))?;
+        if Some(k.len()) != n.checked_mul(q.cols) {
+            return Err(shape_err(
+                "qk_gemv_stored K [n, d]",
+                format!("{n} x {} elements", q.cols),
+                k.len().to_string(),
+            ));
+        }
+        self.qk_rows(q, stored(k), q.cols, s, scale);
+        Ok(())
+    }
+
+    /// `S = scale * Q K^T` for `K` = `S.cols` rows of `Q.cols` elements at stride `ldk`
+    /// in `k` (shapes checked by the callers).
+    fn qk_rows(&self, q: MatRef<'_>, k: Stored<'_>, ldk: usize, mut s: MatMut<'_>, scale: f32) {
+        let (n, d) = (s.cols, q.cols);
+        if q.rows == 0 || n == 0 {
+            return;
+        }
+        if d == 0 {
+            // Empty dot products; no pointer into K is formed.
+            for i in 0..s.rows {
+                s.row_mut(i).fill(0.0);
+            }
+            return;
+        }
+        // The bounds every kernel below relies on (MatRef / MatMut checked Q and S).
+        assert!(
+            ldk >= d && k.len() >= (n - 1) * ldk + d,
+            "decode keys in bounds"
+        );
         let mut g0 = 0;
         while g0 < q.rows {
             let g = (q.rows - g0).min(8);
-            let qg = q.sub_rows(g0, g);
-            let sg = s.sub_rows_mut(g0, g);
-            dispatch!(self, qk_dot(qg, k, sg, scale));
+            let (qp, ldq) = (q.sub_rows(g0, g).as_ptr(), q.stride);
+            let ldo = s.stride;
+            let op = s.sub_rows_mut(g0, g).as_mut_ptr();
+            // SAFETY: Q has `g` rows of `d` from `qp` (stride `ldq`), S `g` rows of `n`
+            // from `op` (stride `ldo`), K `n` rows of `d` at stride `ldk` (asserted);
+            // `decode!` passes f16 only to entry points compiled for, and run on, CPUs
+            // with a conversion instruction (or to the portable ones).
+            unsafe { decode!(self, k, qk(g, qp, ldq, KP, ldk, n, d, op, ldo, scale)) };
             g0 += g;
         }
-        Ok(())
     }
 
     /// Decode values: `O += P V` for a few queries `P: [g, n]` against many values
     /// `V: [n, dv]`; `O: [g, dv]` (accumulated into).
     ///
-    /// Same result as [`Kernels::pv_tile`], with register blocks for few rows and V
-    /// streamed once per 256-row block.
+    /// Same result as [`Kernels::pv_tile`] up to summation order, with register blocks
+    /// for 1 to 8 rows and V streamed once, 64 rows at a time.
     ///
     /// # Errors
     /// [`RopeError::ShapeMismatch`] if the shapes do not agree.
     pub fn pv_gemv(&self, p: MatRef<'_>, v: MatRef<'_>, o: MatMut<'_>) -> Result<()> {
         check_dims("pv_gemv V [n, dv]", (p.cols, v.cols), (v.rows, v.cols))?;
         check_dims("pv_gemv O [g, dv]", (p.rows, v.cols), (o.rows, o.cols))?;
-        dispatch!(self, pv_gemv(p, v, o));
+        self.pv_rows(p, Stored::F32(v.data), v.stride, o);
         Ok(())
+    }
+
+    /// [`Kernels::pv_gemv`] against values stored as `E`, widened in registers: `v`
+    /// holds `P.cols` contiguous rows of `dv = O.cols` elements.
+    ///
+    /// # Errors
+    /// [`RopeError::ShapeMismatch`] if `O` does not have `P.rows` rows or `v` is not
+    /// `P.cols * dv` elements.
+    pub(crate) fn pv_gemv_stored<E: Element>(
+        &self,
+        p: MatRef<'_>,
+        v: &[E],
+        o: MatMut<'_>,
+    ) -> Result<()> {
+        let dv = o.cols;
+        check_dims("pv_gemv_stored O [g, dv]", (p.rows, dv), (o.rows, o.cols))?;
+        if Some(v.len()) != p.cols.checked_mul(dv) {
+            return Err(shape_err(
+                "pv_gemv_stored V [n, dv]",
+                format!("{} x {dv} elements", p.cols),
+                v.len().to_string(),
+            ));
+        }
+        self.pv_rows(p, stored(v), dv, o);
+        Ok(())
+    }
+
+    /// `O += P V` for `V` = `P.cols` rows of `O.cols` elements at stride `ldv` in `v`.
+    fn pv_rows(&self, p: MatRef<'_>, v: Stored<'_>, ldv: usize, mut o: MatMut<'_>) {
+        let (n, dv) = (p.cols, o.cols);
+        if p.rows == 0 || n == 0 || dv == 0 {
+            return;
+        }
+        assert!(
+            ldv >= dv && v.len() >= (n - 1) * ldv + dv,
+            "decode values in bounds"
+        );
+        let mut g0 = 0;
+        while g0 < p.rows {
+            let g = (p.rows - g0).min(8);
+            let (pp, ldp) = (p.sub_rows(g0, g).as_ptr(), p.stride);
+            let ldo = o.stride;
+            let op = o.sub_rows_mut(g0, g).as_mut_ptr();
+            // SAFETY: P has `g` rows of `n` (stride `ldp`), O `g` rows of `dv` (stride
+            // `ldo`), V `n` rows of `dv` at stride `ldv` (asserted); f16 as in `qk_rows`.
+            unsafe { decode!(self, v, pv(g, pp, ldp, KP, ldv, n, dv, op, ldo)) };
+            g0 += g;
+        }
     }
 
     /// `x[i] = e^x[i]`, relative error below `1e-6` wherever the result is a normal

@@ -116,6 +116,26 @@ pub(crate) trait Simd: Copy {
             }
         }
     }
+
+    // decode: widening loads of 16-bit storage and a prefetch hint, for the decode
+    // GEMVs (`gemv.rs`), which read bf16 / f16 keys and values in place.
+
+    /// Loads `LANES` bf16 (bit patterns) widened to f32: `f32::from_bits(b << 16)`,
+    /// exact (a NaN keeps its payload).
+    ///
+    /// # Safety
+    /// `p .. p + LANES` must be readable.
+    unsafe fn load_bf16(self, p: *const u16) -> Self::V;
+    /// Loads `LANES` f16 (bit patterns) widened to f32 (IEEE half to single, exact for
+    /// every pattern; a NaN stays a NaN).
+    ///
+    /// # Safety
+    /// `p .. p + LANES` must be readable; on [`Avx2`](x86::Avx2) the CPU must also have
+    /// F16C and the caller be compiled with it (the decode entry points check it).
+    unsafe fn load_f16(self, p: *const u16) -> Self::V;
+    /// A hint to fetch the cache line of `p` into the caches; never faults, any address.
+    #[inline(always)]
+    fn prefetch(self, _p: *const u8) {}
 }
 
 /// Constants of the f32 exponential shared by every instruction set.
@@ -275,6 +295,39 @@ impl Simd for Portable {
     fn exp(self, x: Self::V) -> Self::V {
         x.map(exp_scalar)
     }
+
+    // decode
+    #[inline(always)]
+    unsafe fn load_bf16(self, p: *const u16) -> Self::V {
+        // SAFETY: the caller guarantees PL readable u16 at `p`.
+        let h = unsafe { p.cast::<[u16; PL]>().read_unaligned() };
+        h.map(|b| f32::from_bits(u32::from(b) << 16))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(self, p: *const u16) -> Self::V {
+        // SAFETY: the caller guarantees PL readable u16 at `p`.
+        let h = unsafe { p.cast::<[u16; PL]>().read_unaligned() };
+        h.map(f16_to_f32)
+    }
+}
+
+/// IEEE half (bit pattern) to single, exact: normals re-biased, subnormals as
+/// `m * 2^-24`, infinities and NaN (payload shifted, so a NaN stays a NaN) kept.
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let sign = (u32::from(h) & 0x8000) << 16;
+    let exp = u32::from(h >> 10) & 0x1f;
+    let man = u32::from(h) & 0x3ff;
+    let bits = match exp {
+        0x1f => sign | 0x7f80_0000 | (man << 13),
+        0 => {
+            // 0 or subnormal: man * 2^-24 is exact in f32.
+            let m = man as f32 * f32::from_bits(0x3380_0000);
+            sign | m.to_bits()
+        }
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -509,6 +562,26 @@ mod x86 {
                 }
                 j += 8;
             }
+        }
+
+        // decode
+        #[inline(always)]
+        unsafe fn load_bf16(self, p: *const u16) -> __m256 {
+            // SAFETY: token => AVX2; the caller guarantees 8 readable u16 (16 bytes).
+            unsafe {
+                let h = _mm_loadu_si128(p.cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(self, p: *const u16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable u16 and that the CPU has F16C.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+        #[inline(always)]
+        fn prefetch(self, p: *const u8) {
+            // SAFETY: a prefetch never faults, whatever the address (SSE, implied).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
     }
 
@@ -768,6 +841,26 @@ mod x86 {
                 }
                 j += 16;
             }
+        }
+
+        // decode
+        #[inline(always)]
+        unsafe fn load_bf16(self, p: *const u16) -> __m512 {
+            // SAFETY: token => AVX-512F; the caller guarantees 16 readable u16 (32 bytes).
+            unsafe {
+                let h = _mm256_loadu_si256(p.cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(self, p: *const u16) -> __m512 {
+            // SAFETY: token => AVX-512F (its `vcvtph2ps`); 16 readable u16 (caller).
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+        #[inline(always)]
+        fn prefetch(self, p: *const u8) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
     }
 

@@ -887,3 +887,208 @@ proptest! {
         }
     }
 }
+
+// decode: the GEMVs on stored bf16 / f16 keys and values, widened in registers.
+
+/// `f16_to_f32` is IEEE half to single for every pattern (NaN stays NaN).
+#[cfg(feature = "half")]
+#[test]
+fn f16_to_f32_matches_half_for_every_pattern() {
+    for h in 0..=u16::MAX {
+        let want = half::f16::from_bits(h).to_f32();
+        let got = simd::f16_to_f32(h);
+        if want.is_nan() {
+            assert!(got.is_nan(), "{h:#06x}");
+        } else {
+            assert_eq!(want.to_bits(), got.to_bits(), "{h:#06x}");
+        }
+    }
+}
+
+/// Every token's `load_bf16` / `load_f16` widens every 16-bit pattern exactly.
+#[cfg(all(feature = "half", not(miri)))]
+#[test]
+fn widening_loads_match_the_scalar_conversion_for_every_pattern() {
+    use simd::Simd;
+    fn check<S: Simd>(s: S, f16: bool) {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut out = [0f32; 16];
+        for c in all.chunks_exact(S::LANES) {
+            // SAFETY: `c` holds LANES u16, `out` 16 >= LANES f32; F16C checked by the
+            // callers for AVX2.
+            unsafe {
+                let v = if f16 {
+                    s.load_f16(c.as_ptr())
+                } else {
+                    s.load_bf16(c.as_ptr())
+                };
+                s.store(out.as_mut_ptr(), v);
+            }
+            for (&h, &x) in c.iter().zip(&out) {
+                let want = if f16 {
+                    half::f16::from_bits(h).to_f32()
+                } else {
+                    f32::from_bits(u32::from(h) << 16)
+                };
+                if want.is_nan() {
+                    assert!(x.is_nan(), "{h:#06x} f16 {f16}");
+                } else {
+                    assert_eq!(want.to_bits(), x.to_bits(), "{h:#06x} f16 {f16}");
+                }
+            }
+        }
+    }
+    for f16 in [false, true] {
+        check(Portable, f16);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(t) = Avx2::new()
+                && (!f16 || is_x86_feature_detected!("f16c"))
+            {
+                check(t, f16);
+            }
+            if let Some(t) = Avx512::new() {
+                check(t, f16);
+            }
+        }
+    }
+}
+
+/// Values rounded to `E` and their exact f32 widening.
+#[cfg(feature = "half")]
+fn rounded<E: Element>(rng: &mut Rng, n: usize) -> (Vec<E>, Vec<f32>) {
+    let x: Vec<E> = (0..n).map(|_| E::from_f32(rng.next())).collect();
+    let w = x.iter().map(|e| e.to_f32()).collect();
+    (x, w)
+}
+
+/// `qk_gemv_stored` / `pv_gemv_stored` on bf16 / f16 rows: on every instruction set
+/// bit-identical to the f32 GEMV on the widened rows (the widening is exact and the
+/// kernels share their operation order), and within the f32 summation bound of an
+/// f64 oracle; shapes around every lane and register block (1 to 10 queries, head dims
+/// with ragged tails).
+#[cfg(feature = "half")]
+fn run_stored<E: Element>(seed: u64) {
+    let mut rng = Rng(seed | 1);
+    let gs: &[usize] = if cfg!(miri) {
+        &[1, 3]
+    } else {
+        &[1, 2, 3, 4, 5, 6, 7, 8, 10]
+    };
+    let ds: &[usize] = if cfg!(miri) {
+        &[3, 17]
+    } else {
+        &[1, 3, 17, 64, 127, 128, 129]
+    };
+    let ns: &[usize] = if cfg!(miri) {
+        &[1, 9]
+    } else {
+        &[1, 5, 33, 70, 131]
+    };
+    for &g in gs {
+        for &d in ds {
+            for &n in ns {
+                let q = Buf::new(&mut rng, g, d, 3);
+                let (k, kw) = rounded::<E>(&mut rng, n * d);
+                let (v, vw) = rounded::<E>(&mut rng, n * d);
+                let p = Buf::new(&mut rng, g, n, 2);
+                let o0 = Buf::new(&mut rng, g, d, 1);
+                let (mut exact_s, mut abs_s) = (vec![0f64; g * n], vec![0f64; g * n]);
+                let (mut exact_o, mut abs_o) = (vec![0f64; g * d], vec![0f64; g * d]);
+                for i in 0..g {
+                    for j in 0..n {
+                        for c in 0..d {
+                            let t = q.at(i, c) as f64 * kw[j * d + c] as f64 * 0.5;
+                            exact_s[i * n + j] += t;
+                            abs_s[i * n + j] += t.abs();
+                        }
+                    }
+                    for c in 0..d {
+                        exact_o[i * d + c] = o0.at(i, c) as f64;
+                        abs_o[i * d + c] = (o0.at(i, c) as f64).abs();
+                        for j in 0..n {
+                            let t = p.at(i, j) as f64 * vw[j * d + c] as f64;
+                            exact_o[i * d + c] += t;
+                            abs_o[i * d + c] += t.abs();
+                        }
+                    }
+                }
+                let kmat = MatRef::contiguous(&kw, n, d).unwrap();
+                let vmat = MatRef::contiguous(&vw, n, d).unwrap();
+                for kern in Kernels::all_supported() {
+                    let what = format!("{} g {g} d {d} n {n}", E::NAME);
+                    let mut s = Buf::new(&mut rng, g, n, 1);
+                    let mut s32 = Buf::new(&mut rng, g, n, 1);
+                    kern.qk_gemv_stored(q.r(), &k, s.w(), 0.5).unwrap();
+                    kern.qk_gemv(q.r(), kmat, s32.w(), 0.5).unwrap();
+                    assert_eq!(s.data, s32.data, "qk stored vs f32 {what} {:?}", kern.isa());
+                    check_close("qk_gemv_stored", kern.isa(), &s, &exact_s, &abs_s, d)
+                        .map_err(|e| format!("{e} {what}"))
+                        .unwrap();
+                    let mut o = Buf {
+                        data: o0.data.clone(),
+                        ..o0
+                    };
+                    let mut o32 = Buf {
+                        data: o0.data.clone(),
+                        ..o0
+                    };
+                    kern.pv_gemv_stored(p.r(), &v, o.w()).unwrap();
+                    kern.pv_gemv(p.r(), vmat, o32.w()).unwrap();
+                    assert_eq!(o.data, o32.data, "pv stored vs f32 {what} {:?}", kern.isa());
+                    check_close("pv_gemv_stored", kern.isa(), &o, &exact_o, &abs_o, n + 1)
+                        .map_err(|e| format!("{e} {what}"))
+                        .unwrap();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "half")]
+#[test]
+fn stored_bf16_gemvs_match_f32_on_widened_rows_and_the_oracle() {
+    run_stored::<half::bf16>(11);
+}
+
+#[cfg(feature = "half")]
+#[test]
+fn stored_f16_gemvs_match_f32_on_widened_rows_and_the_oracle() {
+    run_stored::<half::f16>(12);
+}
+
+#[test]
+fn stored_gemvs_reject_bad_lengths() {
+    let k = Kernels::active();
+    let q = [1.0f32; 8];
+    let keys = [0.5f32; 12];
+    let mut s = [0f32; 6];
+    let qm = MatRef::contiguous(&q, 2, 4).unwrap();
+    // 3 keys of 4 = 12 elements: fine; 11 elements: a typed error.
+    k.qk_gemv_stored(qm, &keys, MatMut::contiguous(&mut s, 2, 3).unwrap(), 1.0)
+        .unwrap();
+    assert_eq!(s, [2.0; 6]);
+    assert!(
+        k.qk_gemv_stored(
+            qm,
+            &keys[..11],
+            MatMut::contiguous(&mut s, 2, 3).unwrap(),
+            1.0
+        )
+        .is_err()
+    );
+    assert!(
+        k.qk_gemv_stored(qm, &keys, MatMut::contiguous(&mut s, 1, 3).unwrap(), 1.0)
+            .is_err()
+    );
+    let p = [1.0f32; 6];
+    let mut o = [0f32; 8];
+    let pm = MatRef::contiguous(&p, 2, 3).unwrap();
+    k.pv_gemv_stored(pm, &keys, MatMut::contiguous(&mut o, 2, 4).unwrap())
+        .unwrap();
+    assert_eq!(o, [1.5; 8]);
+    assert!(
+        k.pv_gemv_stored(pm, &keys[..8], MatMut::contiguous(&mut o, 2, 4).unwrap())
+            .is_err()
+    );
+}

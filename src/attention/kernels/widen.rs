@@ -60,6 +60,36 @@ fn bits<S: Element>(src: &[S]) -> &[u16] {
     unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<u16>(), src.len()) }
 }
 
+/// A slice of stored keys or values, by storage format (bf16 / f16 as bit patterns),
+/// for the decode GEMVs that widen in registers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stored<'a> {
+    F32(&'a [f32]),
+    #[cfg_attr(not(feature = "half"), allow(dead_code))]
+    Bf16(&'a [u16]),
+    #[cfg_attr(not(feature = "half"), allow(dead_code))]
+    F16(&'a [u16]),
+}
+
+impl Stored<'_> {
+    /// Elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Stored::F32(x) => x.len(),
+            Stored::Bf16(x) | Stored::F16(x) => x.len(),
+        }
+    }
+}
+
+/// `src` by storage format.
+pub(crate) fn stored<S: Element>(src: &[S]) -> Stored<'_> {
+    match format::<S>() {
+        Format::F32 => Stored::F32(as_f32(src).expect("f32 storage")),
+        Format::Bf16 => Stored::Bf16(bits(src)),
+        Format::F16 => Stored::F16(bits(src)),
+    }
+}
+
 /// Which vector path this process widens with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
