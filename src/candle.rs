@@ -40,7 +40,9 @@
 //! fused qkv projection). The kernels widen each tile to f32 as they load it (exact),
 //! compute in f32 (angles in f64) and round once when they store into the output, which
 //! is allocated once (fallibly) in the inputs' dtype, contiguous `(B, H, T, D)`: no f32
-//! copy of a bf16/f16 tensor is made. A bf16/f16 result is therefore within one
+//! copy of a bf16/f16 tensor is made (the kernels' own f32 scratch, such as the rotated
+//! keys of each position-map piece, is the same for every dtype; tests/candle_alloc.rs
+//! checks a bf16 call allocates less than the f32 one). A bf16/f16 result is within one
 //! rounding, `|o| * 2^-8` (bf16) or `|o| * 2^-11` (f16)
 //! ([`crate::Element::UNIT_ROUNDOFF`]), of the f32 result on the same (widened) inputs.
 //! The rotation works the same way, one head vector at a time through an f32 buffer of
