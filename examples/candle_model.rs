@@ -7,13 +7,16 @@
 //! with `ropex::candle::attention` on the unrotated q, k, v. The outputs must agree to
 //! f32 rounding. Then the same blocks run with ReRoPE at 4x their "training" length:
 //! every relative position the model sees stays inside the window, and ropex's tiled
-//! kernel agrees with its f64 reference kernel through the candle path.
+//! kernel agrees with its f64 reference kernel through the candle path. Last, the model
+//! runs in bf16 (weights, activations, q, k, v): ropex reads the bf16 tensors in place
+//! and rounds its output once, while candle's ops round every intermediate; both are
+//! compared with the f32 model.
 //!
 //! ```text
 //! cargo run --release --features candle --example candle_model
 //! ```
 
-use candle_core::{D, Device, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::Linear;
 use ropex::attention::Kernel;
 use ropex::{Attention, Frequencies, Layout, PositionMap, RopeConfig};
@@ -72,6 +75,19 @@ impl Block {
         })
     }
 
+    /// The block with its weights in `dtype`.
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let cast = |l: &Linear| {
+            Ok::<_, candle_core::Error>(Linear::new(l.weight().to_dtype(dtype)?, None))
+        };
+        Ok(Block {
+            wq: cast(&self.wq)?,
+            wk: cast(&self.wk)?,
+            wv: cast(&self.wv)?,
+            wo: cast(&self.wo)?,
+        })
+    }
+
     /// `x + W_o attn(x)` for `x: (B, T, HIDDEN)`.
     fn forward(&self, x: &Tensor, freqs: &Frequencies, path: Path) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -93,10 +109,12 @@ impl Block {
     }
 }
 
-/// candle-nn's rope on q and k, then causal softmax attention with repeat_kv.
+/// candle-nn's rope on q and k, then causal softmax attention with repeat_kv, every op
+/// in q's dtype.
 fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, freqs: &Frequencies) -> Result<Tensor> {
     let (b, _, t, _) = q.dims4()?;
     let (cos, sin) = cos_sin(freqs, t)?;
+    let (cos, sin) = (cos.to_dtype(q.dtype())?, sin.to_dtype(q.dtype())?);
     let q = candle_nn::rotary_emb::rope(&q.contiguous()?, &cos, &sin)?;
     let k = candle_nn::rotary_emb::rope(&k.contiguous()?, &cos, &sin)?;
     let repeat = |x: &Tensor| {
@@ -109,7 +127,8 @@ fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, freqs: &Frequencies) -> 
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    let scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, t), &Device::Cpu)?)?;
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?.to_dtype(q.dtype())?;
+    let scores = scores.broadcast_add(&mask)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
 }
 
@@ -136,7 +155,7 @@ fn run(blocks: &[Block], x: &Tensor, freqs: &Frequencies, path: Path) -> Result<
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a - b)?
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
         .abs()?
         .flatten_all()?
         .max(D::Minus1)?
@@ -188,6 +207,27 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     )?;
     println!("ReRoPE vs RoPE: first {WINDOW} tokens {e_head:.2e}, the rest {e_tail:.2e}");
     assert!(e_head < 1e-5 && e_tail > 1e-3);
+
+    // 3. The model in bf16, with candle's attention and with ropex's (bf16 read natively).
+    let half: Vec<Block> = blocks
+        .iter()
+        .map(|b| b.to_dtype(DType::BF16))
+        .collect::<Result<_>>()?;
+    let x = embed(TRAIN_LEN, 7)?.to_dtype(DType::BF16)?;
+    let candle_bf16 = run(&half, &x, &freqs, Path::Candle)?;
+    let ropex_bf16 = run(&half, &x, &freqs, Path::Ropex(&rope, Kernel::default()))?;
+    assert_eq!(ropex_bf16.dtype(), DType::BF16);
+    let (e_ropex, e_candle) = (
+        max_diff(&ropex_bf16, &by_candle)?,
+        max_diff(&candle_bf16, &by_candle)?,
+    );
+    println!(
+        "T = {TRAIN_LEN}, bf16 model: max |ropex bf16 - candle f32| = {e_ropex:.2e}, max |candle bf16 - candle f32| = {e_candle:.2e}, max |ropex bf16 - candle bf16| = {:.2e}",
+        max_diff(&ropex_bf16, &candle_bf16)?
+    );
+    // both are bf16 models (weights and activations rounded to 8 bits): within a few
+    // bf16 roundings of the f32 outputs
+    assert!(e_ropex < 0.05 * scale && e_candle < 0.05 * scale);
 
     Ok(())
 }

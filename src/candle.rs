@@ -33,13 +33,20 @@
 //! for a batch whose sequences start at different offsets.
 //!
 //! ## Memory and element types
-//! f32 inputs are read in place from candle's CPU storage, with whatever strides the
-//! tensor has (a `transpose(1, 2)` of `(B, T, H, D)` needs no `contiguous()`), through a
-//! candle `CustomOp3`: candle holds the storage locks, so q, k and v may share one
-//! storage (narrowed from a fused qkv projection). bf16 and f16 inputs are widened to
-//! f32 on the way in (exact) and the output is rounded once on the way out, so a
-//! bf16/f16 result is within one rounding, `|o| * 2^-8` (bf16) or `|o| * 2^-11` (f16)
-//! ([`crate::Element::UNIT_ROUNDOFF`]), of the f32 result on the same rounded inputs.
+//! q, k, v and `x` are read in place from candle's CPU storage in their own dtype (f32,
+//! bf16 or f16), with whatever strides the tensor has (a `transpose(1, 2)` of
+//! `(B, T, H, D)` or a `narrow` needs no `contiguous()`), through candle `CustomOp`s:
+//! candle holds the storage locks, so q, k and v may share one storage (narrowed from a
+//! fused qkv projection). The kernels widen each tile to f32 as they load it (exact),
+//! compute in f32 (angles in f64) and round once when they store into the output, which
+//! is allocated once (fallibly) in the inputs' dtype, contiguous `(B, H, T, D)`: no f32
+//! copy of a bf16/f16 tensor is made (the kernels' own f32 scratch, such as the rotated
+//! keys of each position-map piece, is the same for every dtype; tests/candle_alloc.rs
+//! checks a bf16 call allocates less than the f32 one). A bf16/f16 result is within one
+//! rounding, `|o| * 2^-8` (bf16) or `|o| * 2^-11` (f16)
+//! ([`crate::Element::UNIT_ROUNDOFF`]), of the f32 result on the same (widened) inputs.
+//! The rotation works the same way, one head vector at a time through an f32 buffer of
+//! `D` elements.
 //!
 //! ## Errors
 //! Every failure is a [`CandleError`]: wrong dtype or device, a tensor that is not rank
@@ -69,15 +76,15 @@
 use std::cell::Cell;
 
 pub use candle_core;
-use candle_core::{CpuStorage, CustomOp3, DType, DeviceLocation, Shape, Tensor};
-use ndarray::ArrayView3;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, DeviceLocation, Shape, Tensor};
 use thiserror::Error;
 
 use crate::attention::{Attention, Kernel};
 use crate::error::{RopeError, try_vec};
 use crate::frequencies::Frequencies;
 use crate::rotary::{Layout, RotaryTable};
-use crate::tensor::{View3, View3Mut};
+use crate::tensor::{Element, View3, View3Mut};
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, CandleError>;
@@ -147,20 +154,32 @@ pub fn rope(
 
 /// Rotates `x: (B, H, T, D)` by the rows `rows` of `table` (`T` rows shared, or `B * T`
 /// per item), as [`RotaryTable::rotate`] does for `[tokens, heads, dim]` arrays. A row
-/// past the table is [`RopeError::PositionOutOfTable`].
+/// past the table is [`RopeError::PositionOutOfTable`]. `x` is read in place with its
+/// strides (a candle `CustomOp1`); each head vector is widened to f32, rotated with the
+/// table's f32 cos/sin and rounded once into the output, which has `x`'s dtype and a
+/// contiguous `(B, H, T, D)` layout.
 pub fn rope_with_table(x: &Tensor, table: &RotaryTable<f32>, rows: &[usize]) -> Result<Tensor> {
-    let dtype = check_input(x, "x", None)?;
-    let [b, h, t, d] = dims4(x, "x (B, H, T, D)")?;
+    check_input(x, "x", None)?;
+    let [b, _, t, d] = dims4(x, "x (B, H, T, D)")?;
     check_positions("rows", rows.len(), b, t)?;
-    let mut data = widen(x)?.flatten_all()?.to_vec1::<f32>()?;
-    let item = h * t * d; // the elements exist, so the product fits
-    if item > 0 {
-        for (bi, lanes) in data.chunks_exact_mut(item).enumerate() {
-            let view = View3Mut::heads_tokens_dim(lanes, h, t, d)?.into_ndarray();
-            table.rotate(view, item_positions(rows, bi, t))?;
-        }
+    if let Some(&max) = rows.iter().max() {
+        table.cos_row(max)?; // PositionOutOfTable past the table
     }
-    narrow(Tensor::from_vec(data, (b, h, t, d), x.device())?, dtype)
+    if d < table.rotary_dim() {
+        return Err(RopeError::shape(
+            "head_dim of the rotated tensor",
+            format!(">= rotary_dim ({})", table.rotary_dim()),
+            d,
+        )
+        .into());
+    }
+    let op = RopeOp {
+        table,
+        rows,
+        error: Cell::new(None),
+    };
+    x.apply_op1_no_bwd(&op)
+        .map_err(|e| op.error.take().unwrap_or(CandleError::Candle(e)))
 }
 
 /// [`attention_with`] the default kernel ([`Kernel::Tiled`] with 64 x 64 tiles).
@@ -213,28 +232,8 @@ pub fn attention_with(
         k_pos,
         error: Cell::new(None),
     };
-    let out = widen(q)?
-        .apply_op3_no_bwd(&widen(k)?, &widen(v)?, &op)
-        .map_err(|e| {
-            op.error
-                .take()
-                .map_or(CandleError::Candle(e), CandleError::Rope)
-        })?;
-    narrow(out, dtype)
-}
-
-// The element-type path, in one place. Today's kernels read f32, so bf16/f16 tensors are
-// widened here (exact) and results rounded back once in `narrow`; with kernels generic
-// over `crate::Element`, these two become the identity and the op reads the native dtype.
-
-/// `x` as f32 (the same tensor when it already is).
-fn widen(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.to_dtype(DType::F32)
-}
-
-/// An f32 result rounded to `dtype` (to nearest even).
-fn narrow(x: Tensor, dtype: DType) -> Result<Tensor> {
-    Ok(x.to_dtype(dtype)?)
+    q.apply_op3_no_bwd(k, v, &op)
+        .map_err(|e| op.error.take().unwrap_or(CandleError::Candle(e)))
 }
 
 /// Checks that `x` is on the CPU with a float dtype ropex takes, equal to `same` when
@@ -299,15 +298,113 @@ fn item_positions(pos: &[usize], b: usize, tokens: usize) -> &[usize] {
     }
 }
 
+/// Runs `f` on the typed storage of one op, turning its error into candle's while
+/// keeping the typed one in `slot` for the caller.
+fn keep_error<R>(
+    slot: &Cell<Option<CandleError>>,
+    f: impl FnOnce() -> Result<R>,
+) -> candle_core::Result<R> {
+    f().map_err(|e| {
+        let wrapped = candle_core::Error::Msg(e.to_string());
+        slot.set(Some(e));
+        wrapped
+    })
+}
+
+/// The dtype error of a storage the ops cannot read.
+fn storage_dtype(what: &'static str, s: &CpuStorage) -> CandleError {
+    CandleError::DType {
+        what,
+        got: s.dtype(),
+        allowed: "F32, BF16 or F16".into(),
+    }
+}
+
+/// The rotation of one [`rope_with_table`] call as a candle `CustomOp1` (rows and head
+/// dim already checked against the table).
+struct RopeOp<'a> {
+    table: &'a RotaryTable<f32>,
+    rows: &'a [usize],
+    error: Cell<Option<CandleError>>,
+}
+
+impl CustomOp1 for RopeOp<'_> {
+    fn name(&self) -> &'static str {
+        "ropex-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        keep_error(&self.error, || {
+            let shape = Shape::from(l.dims());
+            let out = match s {
+                CpuStorage::F32(x) => CpuStorage::F32(self.rotate(x, l)?),
+                CpuStorage::BF16(x) => CpuStorage::BF16(self.rotate(x, l)?),
+                CpuStorage::F16(x) => CpuStorage::F16(self.rotate(x, l)?),
+                other => return Err(storage_dtype("x", other)),
+            };
+            Ok((out, shape))
+        })
+    }
+}
+
+impl RopeOp<'_> {
+    /// The rotated `(B, H, T, D)` tensor, row-major, in the input's element type.
+    fn rotate<T: Element>(&self, x: &[T], l: &candle_core::Layout) -> Result<Vec<T>> {
+        let [b, h, t, d] = layout_dims(l, "x")?;
+        let [_, sh, st, sd] = layout_strides(l, "x")?;
+        let lanes = b
+            .checked_mul(h)
+            .and_then(|x| x.checked_mul(t))
+            .ok_or_else(|| RopeError::shape("x (B, H, T, D)", "a size that fits", b))?;
+        let mut out = try_vec::<T>("candle rope output (B * H * T x D)", lanes, d)?;
+        out.resize(lanes * d, T::default());
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let mut buf = try_vec::<f32>("rope lane (1 x D)", 1, d)?;
+        buf.resize(d, 0.0);
+        let mut lanes_out = out.chunks_exact_mut(d);
+        for bi in 0..b {
+            // checks every index of this item against the storage, once
+            let item = item_view(x, l, bi, "x")?;
+            let base = item_base(l, bi);
+            let rows = item_positions(self.rows, bi, t);
+            for hi in 0..h {
+                for (ti, &row) in rows.iter().enumerate() {
+                    if sd == 1 {
+                        // inside the checked view: `get` never fails
+                        let start = base + hi * sh + ti * st;
+                        let src = x.get(start..start + d).unwrap_or(&[]);
+                        T::load_slice(src, &mut buf);
+                    } else {
+                        for (i, w) in buf.iter_mut().enumerate() {
+                            *w = item.get(ti, hi, i).unwrap_or_default().to_f32();
+                        }
+                    }
+                    self.table.rotate_lane(&mut buf, row);
+                    if let Some(lane) = lanes_out.next() {
+                        T::store_slice(&buf, lane);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The attention of one [`attention_with`] call as a candle `CustomOp3`: candle passes
-/// the three CPU storages with their layouts, read in place. A ropex error is kept in
-/// `error` so the caller gets it typed.
+/// the three CPU storages with their layouts, read in place in their own dtype. A ropex
+/// error is kept in `error` so the caller gets it typed.
 struct AttentionOp<'a> {
     attn: &'a Attention,
     kernel: Kernel,
     q_pos: &'a [usize],
     k_pos: &'a [usize],
-    error: Cell<Option<RopeError>>,
+    error: Cell<Option<CandleError>>,
 }
 
 impl CustomOp3 for AttentionOp<'_> {
@@ -324,20 +421,44 @@ impl CustomOp3 for AttentionOp<'_> {
         s3: &CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run([(s1, l1), (s2, l2), (s3, l3)]).map_err(|e| {
-            let wrapped = candle_core::Error::wrap(e.clone());
-            self.error.set(Some(e));
-            wrapped
+        use CpuStorage::{BF16, F16, F32};
+        keep_error(&self.error, || {
+            let l = [l1, l2, l3];
+            match (s1, s2, s3) {
+                (F32(q), F32(k), F32(v)) => self.run([q, k, v], l).map(|(o, s)| (F32(o), s)),
+                (BF16(q), BF16(k), BF16(v)) => self.run([q, k, v], l).map(|(o, s)| (BF16(o), s)),
+                (F16(q), F16(k), F16(v)) => self.run([q, k, v], l).map(|(o, s)| (F16(o), s)),
+                _ => {
+                    // the public functions check this first; kept for direct op use
+                    let want = s1.dtype();
+                    let (what, got) = if s2.dtype() != want {
+                        ("k", s2.dtype())
+                    } else {
+                        ("v", s3.dtype())
+                    };
+                    if !matches!(want, DType::F32 | DType::BF16 | DType::F16) {
+                        return Err(storage_dtype("q", s1));
+                    }
+                    Err(CandleError::DType {
+                        what,
+                        got,
+                        allowed: format!("{want:?}, the dtype of q (q, k and v share one dtype)"),
+                    })
+                }
+            }
         })
     }
 }
 
 impl AttentionOp<'_> {
-    fn run(
+    /// The `(B, H_q, T_q, D_v)` output, row-major, in the inputs' element type: each
+    /// batch item is one [`Attention::run_into`] on in-place views of q, k, v, writing
+    /// its slice of the output.
+    fn run<T: Element>(
         &self,
-        [(qs, ql), (ks, kl), (vs, vl)]: [(&CpuStorage, &candle_core::Layout); 3],
-    ) -> std::result::Result<(CpuStorage, Shape), RopeError> {
-        let (q, k, v) = (f32_data(qs, "q")?, f32_data(ks, "k")?, f32_data(vs, "v")?);
+        [q, k, v]: [&[T]; 3],
+        [ql, kl, vl]: [&candle_core::Layout; 3],
+    ) -> Result<(Vec<T>, Shape)> {
         let [b, hq, tq, _] = layout_dims(ql, "q")?;
         let [_, _, tk, dv] = layout_dims(vl, "v")?;
         let fail = || {
@@ -352,40 +473,26 @@ impl AttentionOp<'_> {
             .checked_mul(tq)
             .and_then(|x| x.checked_mul(dv))
             .ok_or_else(fail)?;
-        let mut out = try_vec::<f32>(
+        let mut out = try_vec::<T>(
             "candle attention output (B * H_q x T_q * D_v)",
             rows,
             tq * dv,
         )?;
-        out.resize(b * item, 0.0);
+        out.resize(b * item, T::default());
         if item > 0 {
             for (bi, o_item) in out.chunks_exact_mut(item).enumerate() {
-                let (o, _) = self.attn.run(
+                self.attn.run_into(
                     self.kernel,
                     item_view(q, ql, bi, "q")?,
                     item_view(k, kl, bi, "k")?,
                     item_view(v, vl, bi, "v")?,
                     item_positions(self.q_pos, bi, tq),
                     item_positions(self.k_pos, bi, tk),
+                    View3Mut::heads_tokens_dim(o_item, hq, tq, dv)?,
                 )?;
-                View3Mut::heads_tokens_dim(o_item, hq, tq, dv)?
-                    .into_ndarray()
-                    .assign(&o);
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, hq, tq, dv))))
-    }
-}
-
-/// The f32 elements of a CPU storage (the op only sees widened tensors).
-fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> std::result::Result<&'a [f32], RopeError> {
-    match s {
-        CpuStorage::F32(v) => Ok(v),
-        _ => Err(RopeError::invalid(
-            format!("{what} storage"),
-            "not F32",
-            "F32 (the inputs are widened before the op)",
-        )),
+        Ok((out, Shape::from((b, hq, tq, dv))))
     }
 }
 
@@ -399,26 +506,38 @@ fn layout_dims(l: &candle_core::Layout, what: &str) -> std::result::Result<[usiz
     })
 }
 
-/// Batch item `b` of a `(B, H, T, D)` storage with candle layout `l`, as the kernels'
-/// `[T, H, D]` view, in place (strides from the layout; checked against the storage).
-fn item_view<'a>(
-    data: &'a [f32],
+fn layout_strides(
     l: &candle_core::Layout,
-    b: usize,
     what: &str,
-) -> std::result::Result<ArrayView3<'a, f32>, RopeError> {
-    let [_, h, t, d] = layout_dims(l, what)?;
-    let [sb, sh, st, sd] = <[usize; 4]>::try_from(l.stride()).map_err(|_| {
+) -> std::result::Result<[usize; 4], RopeError> {
+    <[usize; 4]>::try_from(l.stride()).map_err(|_| {
         RopeError::shape(
             format!("{what} strides"),
             "rank 4",
             format!("{:?}", l.stride()),
         )
-    })?;
-    let start = b
-        .checked_mul(sb)
+    })
+}
+
+/// The storage offset of batch item `b` (saturating: an offset past the storage is an
+/// error of [`item_view`]).
+fn item_base(l: &candle_core::Layout, b: usize) -> usize {
+    let sb = l.stride().first().copied().unwrap_or(0);
+    b.checked_mul(sb)
         .and_then(|x| x.checked_add(l.start_offset()))
-        .unwrap_or(usize::MAX);
-    let rest = data.get(start..).unwrap_or(&[]);
-    Ok(View3::new(rest, [t, h, d], [st, sh, sd])?.as_ndarray())
+        .unwrap_or(usize::MAX)
+}
+
+/// Batch item `b` of a `(B, H, T, D)` storage with candle layout `l`, as the kernels'
+/// `[T, H, D]` view, in place (strides from the layout; checked against the storage).
+fn item_view<'a, T>(
+    data: &'a [T],
+    l: &candle_core::Layout,
+    b: usize,
+    what: &str,
+) -> std::result::Result<View3<'a, T>, RopeError> {
+    let [_, h, t, d] = layout_dims(l, what)?;
+    let [_, sh, st, sd] = layout_strides(l, what)?;
+    let rest = data.get(item_base(l, b)..).unwrap_or(&[]);
+    View3::new(rest, [t, h, d], [st, sh, sd])
 }

@@ -484,3 +484,205 @@ fn empty_tensors_give_empty_results() {
     assert_eq!(out.dims(), &[1, 2, 3, 8]);
     assert_eq!(max_diff(&out, &out.zeros_like().unwrap()), 0.0);
 }
+
+/// candle-nn's rotation in `x`'s dtype (cos/sin rounded to it, as a bf16 model keeps them).
+fn candle_rope_in(x: &Tensor, freqs: &Frequencies, layout: Layout, positions: &[usize]) -> Tensor {
+    let (c, s) = cos_sin(freqs, positions);
+    let (c, s) = (
+        c.to_dtype(x.dtype()).unwrap(),
+        s.to_dtype(x.dtype()).unwrap(),
+    );
+    let x = x.contiguous().unwrap();
+    match layout {
+        Layout::Half => candle_nn::rotary_emb::rope(&x, &c, &s).unwrap(),
+        Layout::Interleaved => candle_nn::rotary_emb::rope_i(&x, &c, &s).unwrap(),
+    }
+}
+
+/// Largest `|x|` of a tensor, widened to f32.
+fn max_abs(x: &Tensor) -> f64 {
+    let v: Vec<f32> = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.iter().fold(0f64, |m, x| m.max(x.abs() as f64))
+}
+
+#[test]
+fn half_precision_rotation_agrees_with_candle_nn_in_that_dtype() {
+    let f = yarn(64);
+    let m = f.attention_factor();
+    let pos: Vec<usize> = (3_000..3_029).collect();
+    for (dtype, u) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
+        let x = rand4((2, 3, 29, 64), 20).to_dtype(dtype).unwrap();
+        for layout in [Layout::Half, Layout::Interleaved] {
+            let ours = rope(&x, &f, layout, &pos).unwrap();
+            assert_eq!(ours.dtype(), dtype);
+            // (a) the f32 rotation of the widened inputs, rounded once
+            let wide = rope(&x.to_dtype(DType::F32).unwrap(), &f, layout, &pos).unwrap();
+            within_one_rounding(&ours, &wide, u, 1e-7);
+            // (b) candle-nn in the same dtype rounds cos/sin (u m each) and its products
+            // and sum (about 3 u |x|): |x' - ours| <= (2 m + 4) u max|x| per element
+            let theirs = candle_rope_in(&x, &f, layout, &pos);
+            assert_eq!(theirs.dtype(), dtype);
+            let e = max_diff(&ours, &theirs) as f64;
+            let bound = (2.0 * m + 4.0) * u * max_abs(&x);
+            assert!(e <= bound, "{dtype:?} {layout:?}: {e} > {bound}");
+        }
+    }
+}
+
+#[test]
+fn half_precision_attention_agrees_with_the_f32_path_and_candle_ops() {
+    let d = 32;
+    let pos: Vec<usize> = (0..70).collect();
+    let attn = Attention::new(plain(d), Layout::Half, PositionMap::Rope);
+    for (dtype, u) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
+        let cast = |x: Tensor| x.to_dtype(dtype).unwrap();
+        // GQA: 4 query heads on 2 kv heads, no repeat_kv
+        let (q, k, v) = (
+            cast(rand4((2, 4, 70, d), 21)),
+            cast(rand4((2, 2, 70, d), 22)),
+            cast(rand4((2, 2, 70, 16), 23)),
+        );
+        let ours = attention(&attn, &q, &k, &v, &pos, &pos).unwrap();
+        assert_eq!((ours.dtype(), ours.dims()), (dtype, &[2, 4, 70, 16][..]));
+        // (a) the f32 path on the widened inputs: one rounding of the output apart
+        let w = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let wide = attention(&attn, &w(&q), &w(&k), &w(&v), &pos, &pos).unwrap();
+        within_one_rounding(&ours, &wide, u, 1e-6);
+        // ... and that rounding is the f32 result's own (at most one ulp, 2 u |o|)
+        let rounded = wide.to_dtype(dtype).unwrap();
+        within_one_rounding(&ours, &w(&rounded), 2.0 * u, 1e-7);
+        // (b) candle ops in the same dtype: rope, matmul, softmax all round to it. Their
+        // error against the f32 result is many roundings (scores of size |q||k|/sqrt(d),
+        // weights, the value sum); ours is one, and the two stay within 4 u max|v|.
+        let theirs = candle_attention_in(
+            &candle_rope_in(&q, &plain(d), Layout::Half, &pos),
+            &candle_rope_in(&k, &plain(d), Layout::Half, &pos),
+            &v,
+            &pos,
+            1.0 / (d as f64).sqrt(),
+        );
+        assert_eq!(theirs.dtype(), dtype);
+        let scale = max_abs(&v);
+        let e_theirs = max_diff(&theirs, &wide) as f64;
+        let e_ours = max_diff(&ours, &wide) as f64;
+        let e = max_diff(&ours, &theirs) as f64;
+        assert!(
+            e <= 4.0 * u * scale && e_ours <= e_theirs,
+            "{dtype:?}: |ours - candle| {e}, |ours - f32| {e_ours}, |candle - f32| {e_theirs}"
+        );
+    }
+}
+
+/// [`candle_attention`] with every op in `q`'s dtype (the mask cast to it).
+fn candle_attention_in(q: &Tensor, k: &Tensor, v: &Tensor, pos: &[usize], scale: f64) -> Tensor {
+    let (b, hq, t, d) = q.dims4().unwrap();
+    let (_, hkv, _, dv) = v.dims4().unwrap();
+    let g = hq / hkv;
+    let repeat = |x: &Tensor, w: usize| {
+        x.unsqueeze(2)
+            .unwrap()
+            .broadcast_as((b, hkv, g, t, w))
+            .unwrap()
+            .reshape((b, hq, t, w))
+            .unwrap()
+    };
+    let (k, v) = (repeat(k, d), repeat(v, dv));
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+    let mask: Vec<f32> = pos
+        .iter()
+        .flat_map(|&i| {
+            pos.iter()
+                .map(move |&j| if j <= i { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)
+        .unwrap()
+        .to_dtype(q.dtype())
+        .unwrap();
+    let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+    p.matmul(&v).unwrap()
+}
+
+#[test]
+fn bf16_transposed_and_narrowed_inputs_are_read_in_place() {
+    let d = 32;
+    // a fused bf16 projection (B, T, 3 H, D): q, k, v narrowed out of it and transposed
+    let fused = rand4((2, 41, 6, d), 24).to_dtype(DType::BF16).unwrap();
+    let part = |i: usize| fused.narrow(2, 2 * i, 2).unwrap().transpose(1, 2).unwrap();
+    let (q, k, v) = (part(0), part(1), part(2));
+    assert!(!q.is_contiguous() && q.dtype() == DType::BF16);
+    let c = |x: &Tensor| x.contiguous().unwrap();
+    let pos: Vec<usize> = (0..41).collect();
+    let attn = Attention::new(
+        plain(d),
+        Layout::Half,
+        PositionMap::leaky_rerope(8, 4.0).unwrap(),
+    );
+    let strided = attention(&attn, &q, &k, &v, &pos, &pos).unwrap();
+    let copied = attention(&attn, &c(&q), &c(&k), &c(&v), &pos, &pos).unwrap();
+    assert_eq!(strided.dtype(), DType::BF16);
+    assert_eq!(max_diff(&strided, &copied), 0.0);
+    assert!(max_abs(&strided) > 0.05); // not trivially zero
+    // a strided value dim: the second half of each head (narrowed on the last axis)
+    let v_half = v.narrow(D::Minus1, 16, 16).unwrap();
+    let o = attention(&attn, &q, &k, &v_half, &pos, &pos).unwrap();
+    let o_c = attention(&attn, &c(&q), &c(&k), &c(&v_half), &pos, &pos).unwrap();
+    assert_eq!(max_diff(&o, &o_c), 0.0);
+    // rotation of the strided bf16 view and of its contiguous copy, and a narrowed-token
+    // view (a decode-like tail of 5 tokens)
+    for layout in [Layout::Half, Layout::Interleaved] {
+        let f = plain(d);
+        assert_eq!(
+            max_diff(
+                &rope(&q, &f, layout, &pos).unwrap(),
+                &rope(&c(&q), &f, layout, &pos).unwrap()
+            ),
+            0.0
+        );
+        let tail = q.narrow(2, 36, 5).unwrap();
+        assert_eq!(
+            max_diff(
+                &rope(&tail, &f, layout, &pos[36..]).unwrap(),
+                &rope(&c(&q), &f, layout, &pos)
+                    .unwrap()
+                    .narrow(2, 36, 5)
+                    .unwrap()
+            ),
+            0.0
+        );
+    }
+}
+
+#[test]
+fn the_op_refuses_mismatched_dtypes_itself() {
+    // the public functions check dtypes before the op; a rope on an f64 tensor and an
+    // attention with f16 values under bf16 q/k are typed errors either way
+    let f = plain(16);
+    let attn = Attention::new(f.clone(), Layout::Half, PositionMap::Rope);
+    let x = rand4((1, 2, 5, 16), 25);
+    let pos = [0, 1, 2, 3, 4];
+    let bf = x.to_dtype(DType::BF16).unwrap();
+    let hf = x.to_dtype(DType::F16).unwrap();
+    assert!(matches!(
+        attention(&attn, &bf, &bf, &hf, &pos, &pos),
+        Err(CandleError::DType {
+            what: "v",
+            got: DType::F16,
+            ..
+        })
+    ));
+    assert!(matches!(
+        rope(&x.to_dtype(DType::F64).unwrap(), &f, Layout::Half, &pos),
+        Err(CandleError::DType {
+            what: "x",
+            got: DType::F64,
+            ..
+        })
+    ));
+}
