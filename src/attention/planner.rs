@@ -49,6 +49,13 @@
 //!    and `block_k` never exceeds `n_k` rounded up to the 32-key panel (the tiles of a
 //!    short call are the whole call).
 //!
+//! The figures above predate two kernel changes (the tiled kernel's module docs,
+//! "Tile size"): the values are copied contiguous once per call when `H_kv > 1`, and
+//! straddling tiles run the second product only on the sub-blocks at the band edge.
+//! With both, on the Zen 5 core, 128 x 64 tiles at n = 4096 reach 168-169 GFLOP/s at
+//! d = 128 8/8 (58-59% of a 290 GFLOP/s peak), rerope / rope 1.05-1.06; the tile choice
+//! was not re-tuned.
+//!
 //! The head counts and the map kind are inputs so that a rule can use them; today
 //! they do not change the choice (GQA shapes measured like their query-head count; band
 //! maps were measured above and share the plain map's tile).

@@ -43,7 +43,14 @@
 //! Per tile: `Q K^T` with the SIMD tile GEMM (one per piece the tile needs, so
 //! `near + far + 2 straddling + extra_pieces` products, counted in
 //! [`TileStats::qk_products`]); the piece select and the visibility mask only in the
-//! tiles that need them (straddling tiles; diagonal, mask-edge and sink-edge tiles); row max and `exp(s - m)` with its sum vectorised
+//! tiles that need them (straddling tiles; diagonal, mask-edge and sink-edge tiles).
+//! A straddling tile is classified again per sub-block of 8 query rows by one 32-key
+//! panel (the same conservative region cover): a sub-block that needs one piece gets that
+//! piece's product written straight into the result, only a mixed sub-block (the band
+//! edge runs through it) computes each of its pieces and selects entry by entry, so the
+//! second product covers roughly the band edge's strip instead of the whole tile (each
+//! piece of a straddling tile still counts once in [`TileStats::qk_products`]; every
+//! entry's score is bit-identical to the whole-tile product). Row max and `exp(s - m)` with its sum vectorised
 //! ([`Kernels::row_max`](super::kernels::Kernels::row_max),
 //! [`Kernels::exp_sub_sum`](super::kernels::Kernels::exp_sub_sum)); `P V` with the tile
 //! GEMM ([`TileStats::pv_products`], one per computed tile). In diagonal tiles each row
@@ -63,6 +70,20 @@
 //! pin it); `TileConfig::square(128)` is about 10% faster in absolute time for both
 //! maps on this machine.
 //!
+//! Values: a standard-layout `[n_k, H_kv, d_v]` input has its value rows `H_kv d_v` f32
+//! apart (4 KiB at 8 kv heads of 128), so the `block_k` rows a P V register block
+//! streams all fall in one L1 set. The kernel therefore copies the values once per call
+//! into `[H_kv][n_k][d_v]` when `H_kv > 1`. Zen 5 (EPYC family 26), 1 thread, planner's
+//! 128 x 64 tiles, n = 4096, interleaved `bench_report` runs, rope_tiled before / after:
+//! d = 128 8/8 133.8, 131.4 / 150.0, 156.7 GFLOP/s (+15%); d = 64 32/8 130.1, 127.4 /
+//! 142.4, 143.5 (+11%); d = 64 9/3 (rows 768 B apart, no set conflict) unchanged
+//! (152.0, 147.4 / 142.7, 148.6). Sub-block classification of straddling tiles (same
+//! machine, two interleaved runs, before / after): rerope / rope at n = 4096, d = 128
+//! 1.070, 1.082 / 1.053, 1.060; leaky / rope 1.065, 1.082 / 1.056, 1.059; at n = 1024
+//! rerope 1.325, 1.336 / 1.291, 1.252 and leaky 1.544, 1.512 / 1.487, 1.433 (there the
+//! per-call query and key rotation of the far piece and the remaining per-entry select
+//! dominate the extra cost).
+//!
 //! ## Parallelism and memory
 //! Work is split into one task per query block (all query heads), run in parallel with
 //! rayon (feature `rayon`, on by default) or serially. Parallel tasks are handed out
@@ -72,7 +93,8 @@
 //! any thread count. Memory beyond the inputs and the output: each key function's packed
 //! keys (`O(n_k H_kv d)`) and trigonometry tables (`O(n d)`), and per task its rotated
 //! query rows (`pieces x H_q x block_q x d`) and one `block_q x min(block_k, n_k)` score
-//! tile per piece;
+//! tile per piece; with `H_kv > 1` kv heads in standard layout, one contiguous copy of
+//! the values (`O(n_k H_kv d_v)`, see "Tile size");
 //! never an `n_q x n_k` buffer (tests/alloc.rs checks this with a counting allocator).
 
 use ndarray::{Array3, ArrayViewMut3, Axis};
@@ -158,8 +180,9 @@ pub struct TileStats {
     /// Third and later pieces of straddling tiles (DCA tiles that span three chunk
     /// distances); 0 for two-piece maps.
     pub extra_pieces: usize,
-    /// Tile score products `Q K^T` actually run (GEMM calls): must equal
-    /// [`TileStats::dot_products`].
+    /// Tile score products `Q K^T` actually run, one per piece a computed tile uses
+    /// (a straddling tile runs each piece's product only on the sub-blocks that need it,
+    /// but it counts once): must equal [`TileStats::dot_products`].
     pub qk_products: usize,
     /// Tile value products `P V` actually run (one per computed tile; a diagonal tile's
     /// product may be split into row groups but counts once): must equal
@@ -396,6 +419,9 @@ struct Plan<'a> {
     /// Key columns of the widest key block (`min(block_k, n_k)`).
     block_k: usize,
     kern: Kernels,
+    /// The values, `[H_kv][n_k][d_v]` contiguous, when `prep.v` borrows a standard-layout
+    /// input whose rows are `H_kv d_v` apart (see [`Plan::values`]).
+    v_rows: Option<Vec<f32>>,
 }
 
 /// Per-task scratch: one score tile per piece, the visibility of each entry of a masked
@@ -442,6 +468,10 @@ impl Work {
     }
 }
 
+/// Query rows per sub-block of a straddling tile's score product (one AVX-512 register
+/// block of the Q K^T kernel).
+const SUB_ROWS: usize = 8;
+
 /// Rows per group in the P V product of a diagonal tile: one register block.
 const PV_GROUP: usize = 8;
 
@@ -454,6 +484,18 @@ fn mat_mut(data: &mut [f32], rows: usize, cols: usize, stride: usize) -> MatMut<
 }
 
 impl Plan<'_> {
+    /// Value rows `rows` of kv head `g`, contiguous (stride `d_v`) when a copy was made.
+    fn values(&self, g: usize, rows: std::ops::Range<usize>) -> MatRef<'_> {
+        match &self.v_rows {
+            Some(v) => {
+                let (n_k, dv) = (self.prep.dims.n_k, self.prep.dims.value_dim);
+                let at = (g * n_k + rows.start) * dv;
+                mat(&v[at..at + rows.len() * dv], rows.len(), dv, dv)
+            }
+            None => self.prep.v.mat(g, rows),
+        }
+    }
+
     fn bounds(qb: &Block, kb: &Block) -> TileBounds {
         TileBounds {
             q_min: qb.min,
@@ -533,7 +575,7 @@ impl Plan<'_> {
                 } else {
                     Mask::None
                 };
-                let v = self.prep.v.mat(g, kb.start..kb.end);
+                let v = self.values(g, kb.start..kb.end);
                 state.update(self.kern, s, bk, mask, visible, seen, v);
                 stats.pv_products += 1;
             }
@@ -557,42 +599,114 @@ impl Plan<'_> {
         scratch: &mut Scratch,
         stats: &mut TileStats,
     ) -> usize {
-        let d = self.prep.dims.head_dim;
         let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
         let (bq, bk) = (rows.len(), cols.len());
-        // The pieces of the bit set, in order (no allocation per tile).
-        let used = (0..self.prep.key_of.len()).filter(|p| pieces & (1 << p) != 0);
-        for piece in used {
-            let keys = &self.prep.keys[self.prep.key_of[piece]];
-            let a = mat(q_head(piece), bq, d, d);
-            let s = mat_mut(&mut scratch.scores[piece][..bq * bk], bq, bk, bk);
-            match &keys.k {
-                // Keys packed once per call (key blocks start at panel multiples).
-                None => self
-                    .kern
-                    .qk_tile_packed(a, &keys.packed[g], kb.start, s, 1.0),
-                Some(k) => self.kern.qk_tile(a, k.mat(g, cols.clone()), s, 1.0),
-            }
-            .expect("tile shapes are consistent");
-            stats.qk_products += 1;
-        }
         let first = pieces.trailing_zeros() as usize;
-        if pieces.count_ones() > 1 {
-            let (head, rest) = scratch.scores.split_at_mut(first + 1);
-            let s = &mut head[first][..bq * bk];
-            let k_pos = &self.k_pos[cols];
-            for (a, (srow, &qp)) in s.chunks_mut(bk).zip(&self.q_pos[rows]).enumerate() {
-                for (c, (x, &kp)) in srow.iter_mut().zip(k_pos).enumerate() {
-                    match self.prep.pieces.index(qp, kp) {
-                        Some(p) if p > first && pieces & (1 << p) != 0 => {
-                            *x = rest[p - first - 1][a * bk + c];
+        if pieces.count_ones() == 1 {
+            self.piece_scores(
+                first,
+                q_head,
+                g,
+                (0..bq, 0..bk),
+                kb,
+                &mut scratch.scores[first],
+            );
+            stats.qk_products += 1;
+            return first;
+        }
+        // A straddling tile: each piece's product counts once, but is run only on the
+        // sub-blocks of `SUB_ROWS` rows by one 32-key panel whose own region cover needs
+        // it; a sub-block with one piece writes it straight into the result, only a mixed
+        // one computes several and selects entry by entry.
+        stats.qk_products += pieces.count_ones() as usize;
+        let causal = self.att.causal();
+        let region = self.prep.pieces.region();
+        let (q_pos, k_pos) = (&self.q_pos[rows], &self.k_pos[cols]);
+        for a0 in (0..bq).step_by(SUB_ROWS) {
+            let a1 = (a0 + SUB_ROWS).min(bq);
+            let qs = &q_pos[a0..a1];
+            for c0 in (0..bk).step_by(PackedKeys::PANEL) {
+                let c1 = (c0 + PackedKeys::PANEL).min(bk);
+                let ks = &k_pos[c0..c1];
+                let bounds = TileBounds {
+                    q_min: qs.iter().copied().min().unwrap_or(0),
+                    q_max: qs.iter().copied().max().unwrap_or(0),
+                    k_min: ks.iter().copied().min().unwrap_or(0),
+                    k_max: ks.iter().copied().max().unwrap_or(0),
+                };
+                // Conservative like the tile's cover; a sub-block that needs nothing
+                // (wholly hidden, so masked later) takes the tile's pieces.
+                let mut sub = region.cover(&bounds, causal).pieces & pieces;
+                if sub == 0 {
+                    sub = pieces;
+                }
+                let span = (a0..a1, c0..c1);
+                if sub.count_ones() == 1 {
+                    let p = sub.trailing_zeros() as usize;
+                    self.piece_scores(p, q_head, g, span, kb, &mut scratch.scores[first]);
+                    continue;
+                }
+                for p in (0..self.prep.key_of.len()).filter(|p| sub & (1 << p) != 0) {
+                    self.piece_scores(p, q_head, g, span.clone(), kb, &mut scratch.scores[p]);
+                }
+                let sub_first = sub.trailing_zeros() as usize;
+                let (head, rest) = scratch.scores.split_at_mut(first + 1);
+                let s = &mut head[first];
+                for (a, &qp) in (a0..a1).zip(qs) {
+                    for (c, &kp) in (c0..c1).zip(ks) {
+                        let at = a * bk + c;
+                        match self.prep.pieces.index(qp, kp) {
+                            Some(p) if p > first && sub & (1 << p) != 0 => {
+                                s[at] = rest[p - first - 1][at];
+                            }
+                            // `first` itself when computed here; otherwise (first not
+                            // in `sub`: hidden entries, masked later) `sub`'s first
+                            // piece, so no stale score is left.
+                            _ if sub_first > first => s[at] = rest[sub_first - first - 1][at],
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
             }
         }
         first
+    }
+
+    /// Scores of piece `piece` for the rows `span.0` and columns `span.1` of tile
+    /// `(rows, kb)`, query head `h`'s kv head `g`, written into `out` (`[rows, cols]` of the
+    /// tile, row stride the tile's width).
+    fn piece_scores<'q>(
+        &self,
+        piece: usize,
+        q_head: &impl Fn(usize) -> &'q [f32],
+        g: usize,
+        (rows, cols): (std::ops::Range<usize>, std::ops::Range<usize>),
+        kb: Block,
+        out: &mut [f32],
+    ) {
+        let d = self.prep.dims.head_dim;
+        let bk = kb.end - kb.start;
+        let keys = &self.prep.keys[self.prep.key_of[piece]];
+        let a = mat(
+            &q_head(piece)[rows.start * d..rows.end * d],
+            rows.len(),
+            d,
+            d,
+        );
+        let s = mat_mut(
+            &mut out[rows.start * bk + cols.start..],
+            rows.len(),
+            cols.len(),
+            bk,
+        );
+        let k0 = kb.start + cols.start;
+        match &keys.k {
+            // Keys packed once per call (key blocks and sub-blocks start at panel
+            // multiples).
+            None => self.kern.qk_tile_packed(a, &keys.packed[g], k0, s, 1.0),
+            Some(k) => self.kern.qk_tile(a, k.mat(g, k0..k0 + cols.len()), s, 1.0),
+        }
+        .expect("tile shapes are consistent");
     }
 
     /// Sets the scores of entries the causal diagonal, the mask or the map hides to
@@ -895,6 +1009,7 @@ impl Attention {
             .map(|p| used & (1 << p) != 0)
             .collect();
         let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, &needed)?;
+        let v_rows = contiguous_values(&prep)?;
         let plan = Plan {
             att: self,
             prep,
@@ -905,6 +1020,7 @@ impl Attention {
             // Scratch is sized by the problem, not by the requested tile.
             block_k: tiles.block_k.min(k_pos.len()),
             kern,
+            v_rows,
         };
         // One task per query block (all heads), writing its own output rows.
         let mut out = out.as_ndarray();
@@ -939,6 +1055,33 @@ impl Attention {
             .map(|b| task(&mut work, b))
             .fold(TileStats::default(), TileStats::add))
     }
+}
+
+/// A contiguous `[H_kv][n_k][d_v]` copy of the values when `prep.v` borrows the input
+/// with rows `H_kv d_v` apart (`None` when they are already `d_v` apart).
+///
+/// The P V tile product streams `block_k` value rows per register block; borrowed in
+/// place, consecutive rows of one head are `H_kv d_v` f32 apart (4 KiB for 8 kv heads of
+/// 128), so every row of a tile falls in the same L1 set and the tile does not stay in
+/// L1. One copy per call, `O(n_k H_kv d_v)` like the packed keys, fixes that (measured
+/// in the module docs, "Tile size").
+fn contiguous_values(prep: &TiledPrep<'_>) -> Result<Option<Vec<f32>>> {
+    let dims = prep.dims;
+    let (n_k, dv, heads) = (dims.n_k, dims.value_dim, dims.heads_kv);
+    if heads <= 1 || n_k == 0 || dv == 0 || prep.v.mat(0, 0..n_k).stride() == dv {
+        return Ok(None);
+    }
+    let rows = heads
+        .checked_mul(n_k)
+        .ok_or_else(|| RopeError::invalid("values", n_k, "kv heads x keys overflows usize"))?;
+    let mut out = crate::error::try_vec::<f32>("values made contiguous", rows, dv)?;
+    for g in 0..heads {
+        let m = prep.v.mat(g, 0..n_k);
+        for t in 0..n_k {
+            out.extend_from_slice(m.row(t));
+        }
+    }
+    Ok(Some(out))
 }
 
 /// Runs `fill` on the f32 rows `[rows, H_q, d_v]` of `out`: `out`'s own memory when it
