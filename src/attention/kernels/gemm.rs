@@ -46,7 +46,7 @@ macro_rules! by_rows {
 /// `S = scale * A B^T` with an `MR x (NV * LANES)` register block (`MR <= 8`,
 /// `NV * LANES` dividing [`PANEL`]); B is packed one panel at a time on the stack.
 #[inline(always)]
-pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize, const U: usize>(
     s: S,
     a: MatRef<'_>,
     b: MatRef<'_>,
@@ -77,7 +77,7 @@ pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize>(
             // SAFETY: the panel's first `kc * PANEL` f32 were just written; the column
             // range `j0 .. j0 + ncols` and head dims `k0 .. k0 + kc` are in bounds.
             unsafe {
-                qk_panel::<S, MR, NV>(
+                qk_panel::<S, MR, NV, U>(
                     s,
                     &a,
                     &mut c,
@@ -115,7 +115,7 @@ pub(crate) fn pack_keys<S: Simd>(s: S, k: MatRef<'_>, out: &mut [f32]) {
 /// `S = scale * A K^T` for the keys of packed panels `panels` (`d x PANEL` each, the
 /// first one holding key column 0 of `c`).
 #[inline(always)]
-pub(crate) fn qk_packed<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn qk_packed<S: Simd, const MR: usize, const NV: usize, const U: usize>(
     s: S,
     a: MatRef<'_>,
     panels: &[f32],
@@ -136,7 +136,7 @@ pub(crate) fn qk_packed<S: Simd, const MR: usize, const NV: usize>(
         // SAFETY: panel `j0 / PANEL` (`d * PANEL` f32) is inside `panels` (asserted);
         // columns `j0 .. j0 + ncols <= n` and all `d` head dims are in bounds.
         unsafe {
-            qk_panel::<S, MR, NV>(
+            qk_panel::<S, MR, NV, U>(
                 s,
                 &a,
                 &mut c,
@@ -161,7 +161,7 @@ fn zero_rows(c: &mut MatMut<'_>) {
 /// `panel` readable for `kc * PANEL` f32; `k0 + kc <= a.cols()`,
 /// `j0 + ncols <= c.cols()`, `ncols <= PANEL`.
 #[inline(always)]
-unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
+unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize, const U: usize>(
     s: S,
     a: &MatRef<'_>,
     c: &mut MatMut<'_>,
@@ -189,20 +189,42 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
             // `masks`, i.e. to `j0 + ncols`) are in bounds; the panel columns
             // `sub .. sub + nr <= PANEL` of its `kc` rows are readable (caller).
             unsafe {
-                by_rows!(
-                    rows,
-                    qk_micro::<S, _, NV>(
-                        s,
-                        ap.add(i0 * lda + k0),
-                        lda,
-                        panel.add(sub),
-                        kc,
-                        cp.add(i0 * ldc + j0 + sub),
-                        ldc,
-                        (&masks, active),
-                        mode,
+                let args = (
+                    ap.add(i0 * lda + k0),
+                    panel.add(sub),
+                    cp.add(i0 * ldc + j0 + sub),
+                );
+                if ncols - sub >= nr {
+                    by_rows!(
+                        rows,
+                        qk_micro::<S, _, NV, U, true>(
+                            s,
+                            args.0,
+                            lda,
+                            args.1,
+                            kc,
+                            args.2,
+                            ldc,
+                            (&masks, active),
+                            mode,
+                        )
                     )
-                )
+                } else {
+                    by_rows!(
+                        rows,
+                        qk_micro::<S, _, NV, U, false>(
+                            s,
+                            args.0,
+                            lda,
+                            args.1,
+                            kc,
+                            args.2,
+                            ldc,
+                            (&masks, active),
+                            mode,
+                        )
+                    )
+                }
             };
         }
     }
@@ -217,7 +239,7 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize>(
 /// the others are skipped, so no pointer past C's columns is formed.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
+unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize, const U: usize, const FULL: bool>(
     s: S,
     a: *const f32,
     lda: usize,
@@ -231,30 +253,68 @@ unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize>(
     let mut acc = [[s.zero(); NV]; R];
     // SAFETY: every pointer offset stays inside the ranges the caller guarantees.
     unsafe {
-        for k in 0..kc {
-            let bk = panel.add(k * PANEL);
-            let mut bv = [s.zero(); NV];
-            for (u, b) in bv.iter_mut().enumerate() {
-                *b = s.load(bk.add(u * S::LANES));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = s.splat(*a.add(i * lda + k));
-                for (x, b) in row.iter_mut().zip(bv) {
-                    *x = s.fma(ai, b, *x);
+        if U == 1 {
+            for k in 0..kc {
+                let bk = panel.add(k * PANEL);
+                let mut bv = [s.zero(); NV];
+                for (u, b) in bv.iter_mut().enumerate() {
+                    *b = s.load(bk.add(u * S::LANES));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = s.splat(*a.add(i * lda + k));
+                    for (x, b) in row.iter_mut().zip(bv) {
+                        *x = s.fma(ai, b, *x);
+                    }
                 }
             }
+        } else {
+            let rows: [*const f32; R] = std::array::from_fn(|i| a.add(i * lda));
+            let step = |acc: &mut [[S::V; NV]; R], k: usize| {
+                let bk = panel.add(k * PANEL);
+                let mut bv = [s.zero(); NV];
+                for (u, b) in bv.iter_mut().enumerate() {
+                    *b = s.load(bk.add(u * S::LANES));
+                }
+                for (row, ai) in acc.iter_mut().zip(rows) {
+                    let ai = s.splat(*ai.add(k));
+                    for (x, b) in row.iter_mut().zip(bv) {
+                        *x = s.fma(ai, b, *x);
+                    }
+                }
+            };
+            let mut k = 0;
+            // Unrolled by `U`: fewer loop and address updates per FMA (AVX2, where
+            // the 16-register file leaves no room for a larger block).
+            while k + U <= kc {
+                for j in 0..U {
+                    step(&mut acc, k + j);
+                }
+                k += U;
+            }
+            while k < kc {
+                step(&mut acc, k);
+                k += 1;
+            }
         }
+        // A constant for whole blocks, so they store with plain (unmasked) moves: a
+        // masked store is one instruction on AVX-512 but microcoded on AVX2 (AMD Zen 3:
+        // `vmaskmovps` to memory is many times slower than `vmovups`).
+        let active = if FULL { NV } else { active };
         for (i, row) in acc.iter().enumerate() {
             for (u, (&x, &m)) in row.iter().zip(masks).enumerate().take(active) {
                 let p = c.add(i * ldc + u * S::LANES);
                 let mut y = x;
                 if accumulate {
-                    y = s.add(y, s.load_masked(p, m));
+                    y = s.add(y, if FULL { s.load(p) } else { s.load_masked(p, m) });
                 }
                 if let Some(sc) = scale {
                     y = s.mul(y, s.splat(sc));
                 }
-                s.store_masked(p, y, m);
+                if FULL {
+                    s.store(p, y);
+                } else {
+                    s.store_masked(p, y, m);
+                }
             }
         }
     }
@@ -265,7 +325,7 @@ const PV_KC: usize = 256;
 
 /// `O += P V` with an `MR x (NV * LANES)` register block (`MR <= 8`).
 #[inline(always)]
-pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize, const PREFETCH: bool>(
     s: S,
     p: MatRef<'_>,
     v: MatRef<'_>,
@@ -284,6 +344,12 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize>(
         let kc = PV_KC.min(kd - k0);
         for j0 in (0..n).step_by(nr) {
             let ncols = nr.min(n - j0);
+            if PREFETCH && j0 + nr < n {
+                // The next strip of V's rows, while this one runs over every row block.
+                for k in 0..kc {
+                    s.prefetch(vp.wrapping_add((k0 + k) * ldv + j0 + nr).cast());
+                }
+            }
             let mut masks = [s.mask(0); NV];
             for (u, mk) in masks.iter_mut().enumerate() {
                 *mk = s.mask(ncols.saturating_sub(u * S::LANES));
