@@ -15,7 +15,12 @@
 //!
 //! 1. **Instruction set.** The portable and AVX2 paths keep 64 x 64: no measurement
 //!    says otherwise, and 64 is a multiple of the 32-key panel of the packed-key GEMM
-//!    (so keys are packed once per call).
+//!    (so keys are packed once per call). On an AMD EPYC family 25 model 1 (Zen 3,
+//!    AVX2, FMA-loop peak 108 GFLOP/s), `bench_report --tune` at n = 4096 (one run,
+//!    rope / rerope GFLOP/s, run-to-run noise about 15% on that host): d = 128 8/8
+//!    64 x 64 and 128 x 64 within noise of each other (35-36); d = 64 9/3 32 x 32 27.9 /
+//!    33.4, 64 x 64 35.6 / 38.2, 128 x 64 43.6 / 40.5, 64 x 128 36.6 / 33.0; d = 128
+//!    32/8 32 x 64 37.0, 64 x 64 37.2, 128 x 64 39.2 / 44.2. No tile wins clearly.
 //! 2. **AVX-512: 128 x 64.** A taller tile amortises the per-row softmax calls and the
 //!    per-call GEMM overhead over more rows; a wider one costs band maps a second
 //!    product over a wider strip at the band edge, and did not help the plain map on
