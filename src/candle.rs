@@ -320,6 +320,21 @@ fn storage_dtype(what: &'static str, s: &CpuStorage) -> CandleError {
     }
 }
 
+/// Matches CPU storages of one shared dtype the ops read (F32, BF16 or F16): `$body`
+/// runs with each `$x` bound to the typed slice of its storage `$s` and gives a
+/// `Result<(Vec<T>, Shape)>`, whose `Vec` goes back into a storage of that dtype; any
+/// other combination of dtypes gives `$other`.
+macro_rules! per_dtype {
+    (($($s:expr => $x:ident),+) => $body:expr, _ => $other:expr $(,)?) => {
+        match ($($s,)+) {
+            ($(CpuStorage::F32($x),)+) => $body.map(|(o, shape)| (CpuStorage::F32(o), shape)),
+            ($(CpuStorage::BF16($x),)+) => $body.map(|(o, shape)| (CpuStorage::BF16(o), shape)),
+            ($(CpuStorage::F16($x),)+) => $body.map(|(o, shape)| (CpuStorage::F16(o), shape)),
+            _ => $other,
+        }
+    };
+}
+
 /// The rotation of one [`rope_with_table`] call as a candle `CustomOp1` (rows and head
 /// dim already checked against the table).
 struct RopeOp<'a> {
@@ -339,14 +354,10 @@ impl CustomOp1 for RopeOp<'_> {
         l: &candle_core::Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         keep_error(&self.error, || {
-            let shape = Shape::from(l.dims());
-            let out = match s {
-                CpuStorage::F32(x) => CpuStorage::F32(self.rotate(x, l)?),
-                CpuStorage::BF16(x) => CpuStorage::BF16(self.rotate(x, l)?),
-                CpuStorage::F16(x) => CpuStorage::F16(self.rotate(x, l)?),
-                other => return Err(storage_dtype("x", other)),
-            };
-            Ok((out, shape))
+            per_dtype!(
+                (s => x) => self.rotate(x, l).map(|o| (o, Shape::from(l.dims()))),
+                _ => Err(storage_dtype("x", s)),
+            )
         })
     }
 }
@@ -421,13 +432,9 @@ impl CustomOp3 for AttentionOp<'_> {
         s3: &CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use CpuStorage::{BF16, F16, F32};
         keep_error(&self.error, || {
-            let l = [l1, l2, l3];
-            match (s1, s2, s3) {
-                (F32(q), F32(k), F32(v)) => self.run([q, k, v], l).map(|(o, s)| (F32(o), s)),
-                (BF16(q), BF16(k), BF16(v)) => self.run([q, k, v], l).map(|(o, s)| (BF16(o), s)),
-                (F16(q), F16(k), F16(v)) => self.run([q, k, v], l).map(|(o, s)| (F16(o), s)),
+            per_dtype!(
+                (s1 => q, s2 => k, s3 => v) => self.run([q, k, v], [l1, l2, l3]),
                 _ => {
                     // the public functions check this first; kept for direct op use
                     let want = s1.dtype();
@@ -444,8 +451,8 @@ impl CustomOp3 for AttentionOp<'_> {
                         got,
                         allowed: format!("{want:?}, the dtype of q (q, k and v share one dtype)"),
                     })
-                }
-            }
+                },
+            )
         })
     }
 }

@@ -7,9 +7,7 @@
 //! Every scenario runs under one lock, since the counters are process-wide.
 
 use ropex::CacheShape;
-use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::s;
 use ropex::attention::decode::KvCache;
@@ -18,72 +16,14 @@ use ropex::{Layout, PositionMap, RopeConfig};
 
 mod common;
 use common::rand3;
-
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-static TOTAL: AtomicUsize = AtomicUsize::new(0);
-static CALLS: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// Allocation calls made by this thread (const-initialised, no destructor: safe to
-    /// touch from the allocator).
-    static THREAD_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-fn record_alloc(size: usize) {
-    let _ = THREAD_CALLS.try_with(|c| c.set(c.get() + 1));
-    let live = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-    PEAK.fetch_max(live, Ordering::Relaxed);
-    LARGEST.fetch_max(size, Ordering::Relaxed);
-    TOTAL.fetch_add(size, Ordering::Relaxed);
-    CALLS.fetch_add(1, Ordering::Relaxed);
-}
-
-// SAFETY: forwards to the system allocator; the counters do not affect allocation.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
-        record_alloc(layout.size());
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
-        record_alloc(layout.size());
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        record_alloc(new_size);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{Counting, Usage, measure, thread_calls};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
 static LOCK: Mutex<()> = Mutex::new(());
-
-/// What one measured section allocated.
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    /// Peak live bytes above the level at the start.
-    peak: usize,
-    /// Largest single allocation.
-    largest: usize,
-    /// Bytes allocated in all.
-    total: usize,
-    /// Allocation calls.
-    calls: usize,
-}
 
 /// Runs `f` on a pool of 2 threads (when rayon is on), so per-worker buffers do not
 /// scale with the machine's core count.
@@ -100,22 +40,6 @@ fn on_two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     {
         f()
     }
-}
-
-fn measure<R>(f: impl FnOnce() -> R) -> (R, Usage) {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    LARGEST.store(0, Ordering::Relaxed);
-    TOTAL.store(0, Ordering::Relaxed);
-    CALLS.store(0, Ordering::Relaxed);
-    let r = f();
-    let usage = Usage {
-        peak: PEAK.load(Ordering::Relaxed).saturating_sub(base),
-        largest: LARGEST.load(Ordering::Relaxed),
-        total: TOTAL.load(Ordering::Relaxed),
-        calls: CALLS.load(Ordering::Relaxed),
-    };
-    (r, usage)
 }
 
 const HEADS: usize = 2;
@@ -299,11 +223,11 @@ fn warm_decode_steps_allocate_nothing() {
             step(&mut out); // warm-up
             // Counted on this thread: worker threads of other tests' pools may still be
             // winding down and allocating.
-            let before = THREAD_CALLS.with(|c| c.get());
+            let before = thread_calls();
             for _ in 0..5 {
                 step(&mut out);
             }
-            let calls = THREAD_CALLS.with(|c| c.get()) - before;
+            let calls = thread_calls() - before;
             assert!(out.iter().all(|x| x.is_finite()));
             println!("{} {map:?}: 5 warm steps: {calls} allocations", S::NAME);
             assert_eq!(calls, 0, "{} {map:?}", S::NAME);

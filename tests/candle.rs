@@ -172,6 +172,7 @@ fn half_precision_rotation_is_one_rounding_of_f32() {
 
 /// Softmax attention written with candle ops on already-rotated `q`, `k`: repeat_kv,
 /// `q k^T * scale`, `-inf` where `k_pos[j] > q_pos[i]`, `softmax_last_dim`, times `v`.
+/// Every op runs in `q`'s dtype (the mask is cast to it; a no-op for f32).
 fn candle_attention(
     q: &Tensor,
     k: &Tensor,
@@ -201,7 +202,10 @@ fn candle_attention(
                 .map(move |&j| if j <= i { 0.0 } else { f32::NEG_INFINITY })
         })
         .collect();
-    let mask = Tensor::from_vec(mask, (tq, tk), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (tq, tk), &Device::Cpu)
+        .unwrap()
+        .to_dtype(q.dtype())
+        .unwrap();
     let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
     p.matmul(&v).unwrap()
 }
@@ -560,10 +564,11 @@ fn half_precision_attention_agrees_with_the_f32_path_and_candle_ops() {
         // (b) candle ops in the same dtype: rope, matmul, softmax all round to it. Their
         // error against the f32 result is many roundings (scores of size |q||k|/sqrt(d),
         // weights, the value sum); ours is one, and the two stay within 4 u max|v|.
-        let theirs = candle_attention_in(
+        let theirs = candle_attention(
             &candle_rope_in(&q, &plain(d), Layout::Half, &pos),
             &candle_rope_in(&k, &plain(d), Layout::Half, &pos),
             &v,
+            &pos,
             &pos,
             1.0 / (d as f64).sqrt(),
         );
@@ -577,36 +582,6 @@ fn half_precision_attention_agrees_with_the_f32_path_and_candle_ops() {
             "{dtype:?}: |ours - candle| {e}, |ours - f32| {e_ours}, |candle - f32| {e_theirs}"
         );
     }
-}
-
-/// [`candle_attention`] with every op in `q`'s dtype (the mask cast to it).
-fn candle_attention_in(q: &Tensor, k: &Tensor, v: &Tensor, pos: &[usize], scale: f64) -> Tensor {
-    let (b, hq, t, d) = q.dims4().unwrap();
-    let (_, hkv, _, dv) = v.dims4().unwrap();
-    let g = hq / hkv;
-    let repeat = |x: &Tensor, w: usize| {
-        x.unsqueeze(2)
-            .unwrap()
-            .broadcast_as((b, hkv, g, t, w))
-            .unwrap()
-            .reshape((b, hq, t, w))
-            .unwrap()
-    };
-    let (k, v) = (repeat(k, d), repeat(v, dv));
-    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-    let mask: Vec<f32> = pos
-        .iter()
-        .flat_map(|&i| {
-            pos.iter()
-                .map(move |&j| if j <= i { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)
-        .unwrap()
-        .to_dtype(q.dtype())
-        .unwrap();
-    let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
-    p.matmul(&v).unwrap()
 }
 
 #[test]

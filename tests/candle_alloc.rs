@@ -11,58 +11,15 @@
 //! counters are thread-local, so the other tests of this binary do not disturb them.
 #![cfg(feature = "candle")]
 
-use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
-use std::cell::Cell;
-
 use candle_core::{DType, Device, Tensor};
 use ropex::{Attention, Layout, PositionMap, RopeConfig};
 
-struct Counting;
-
-thread_local! {
-    /// Bytes allocated by this thread, and its largest allocation (const-initialised, no
-    /// destructor: safe to touch from the allocator).
-    static BYTES: Cell<usize> = const { Cell::new(0) };
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn record(size: usize) {
-    let _ = BYTES.try_with(|c| c.set(c.get() + size));
-    let _ = LARGEST.try_with(|c| c.set(c.get().max(size)));
-}
-
-// SAFETY: forwards to the system allocator; the counters do not affect allocation.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
-        record(layout.size());
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
-        record(layout.size());
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
-        record(new_size);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{Counting, measure_thread as measure};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
-
-/// Bytes allocated by `f` on this thread, and the largest single allocation.
-fn measure<R>(f: impl FnOnce() -> R) -> (R, usize, usize) {
-    let (b0, _) = (BYTES.with(Cell::get), LARGEST.with(|c| c.set(0)));
-    let r = f();
-    (r, BYTES.with(Cell::get) - b0, LARGEST.with(Cell::get))
-}
 
 fn bf16_tensor(h: usize, t: usize, d: usize, seed: u64) -> Tensor {
     let data: Vec<f32> = (0..h * t * d)

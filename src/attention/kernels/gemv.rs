@@ -43,6 +43,11 @@ pub(crate) trait Widen: Copy {
     unsafe fn load<S: Simd>(self, s: S, p: *const Self::E) -> S::V;
 
     /// One element as f32 (the tails of rows shorter than a vector).
+    ///
+    /// bf16 and f16 widen with `simd`'s bit-level conversions rather than the `half`
+    /// crate's: `half` is an optional dependency and these kernels are built without it
+    /// (the decode dispatch names every storage format in every build). The kernel tests
+    /// check the conversions against `half` for every 16-bit pattern.
     fn scalar(self, e: Self::E) -> f32;
 }
 
@@ -80,7 +85,7 @@ impl Widen for Bf16 {
     }
     #[inline(always)]
     fn scalar(self, e: u16) -> f32 {
-        f32::from_bits(u32::from(e) << 16)
+        super::simd::bf16_to_f32(e)
     }
 }
 

@@ -301,7 +301,7 @@ impl Simd for Portable {
     unsafe fn load_bf16(self, p: *const u16) -> Self::V {
         // SAFETY: the caller guarantees PL readable u16 at `p`.
         let h = unsafe { p.cast::<[u16; PL]>().read_unaligned() };
-        h.map(|b| f32::from_bits(u32::from(b) << 16))
+        h.map(bf16_to_f32)
     }
     #[inline(always)]
     unsafe fn load_f16(self, p: *const u16) -> Self::V {
@@ -309,6 +309,13 @@ impl Simd for Portable {
         let h = unsafe { p.cast::<[u16; PL]>().read_unaligned() };
         h.map(f16_to_f32)
     }
+}
+
+/// bf16 (bit pattern) to single, exact: the bf16 bits are the top half of the f32's
+/// (a NaN keeps its payload).
+#[inline(always)]
+pub(crate) fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
 }
 
 /// IEEE half (bit pattern) to single, exact: normals re-biased, subnormals as

@@ -890,17 +890,25 @@ proptest! {
 
 // decode: the GEMVs on stored bf16 / f16 keys and values, widened in registers.
 
-/// `f16_to_f32` is IEEE half to single for every pattern (NaN stays NaN).
+/// `f16_to_f32` is IEEE half to single and `bf16_to_f32` bf16 to single, as `half`
+/// converts them, for every pattern (NaN stays NaN).
 #[cfg(feature = "half")]
 #[test]
-fn f16_to_f32_matches_half_for_every_pattern() {
+fn scalar_widening_matches_half_for_every_pattern() {
     for h in 0..=u16::MAX {
-        let want = half::f16::from_bits(h).to_f32();
-        let got = simd::f16_to_f32(h);
-        if want.is_nan() {
-            assert!(got.is_nan(), "{h:#06x}");
-        } else {
-            assert_eq!(want.to_bits(), got.to_bits(), "{h:#06x}");
+        for (what, want, got) in [
+            ("f16", half::f16::from_bits(h).to_f32(), simd::f16_to_f32(h)),
+            (
+                "bf16",
+                half::bf16::from_bits(h).to_f32(),
+                simd::bf16_to_f32(h),
+            ),
+        ] {
+            if want.is_nan() {
+                assert!(got.is_nan(), "{what} {h:#06x}");
+            } else {
+                assert_eq!(want.to_bits(), got.to_bits(), "{what} {h:#06x}");
+            }
         }
     }
 }
