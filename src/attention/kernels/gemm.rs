@@ -43,6 +43,18 @@ macro_rules! by_rows {
     };
 }
 
+/// [`by_rows!`] with one more const argument, `FULL`, set to the run-time `$full`: whole
+/// register blocks (`true`) use plain loads and stores, edge blocks masked ones.
+macro_rules! by_rows_full {
+    ($rows:expr, $full:expr, $f:ident::<$s:ty, _ $(, $c:tt)*>($($arg:expr),* $(,)?)) => {
+        if $full {
+            by_rows!($rows, $f::<$s, _ $(, $c)*, true>($($arg),*))
+        } else {
+            by_rows!($rows, $f::<$s, _ $(, $c)*, false>($($arg),*))
+        }
+    };
+}
+
 /// `S = scale * A B^T` with an `MR x (NV * LANES)` register block (`MR <= 8`,
 /// `NV * LANES` dividing [`PANEL`]); B is packed one panel at a time on the stack.
 #[inline(always)]
@@ -194,37 +206,21 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize, const U: usize>(
                     panel.add(sub),
                     cp.add(i0 * ldc + j0 + sub),
                 );
-                if ncols - sub >= nr {
-                    by_rows!(
-                        rows,
-                        qk_micro::<S, _, NV, U, true>(
-                            s,
-                            args.0,
-                            lda,
-                            args.1,
-                            kc,
-                            args.2,
-                            ldc,
-                            (&masks, active),
-                            mode,
-                        )
+                by_rows_full!(
+                    rows,
+                    ncols - sub >= nr,
+                    qk_micro::<S, _, NV, U>(
+                        s,
+                        args.0,
+                        lda,
+                        args.1,
+                        kc,
+                        args.2,
+                        ldc,
+                        (&masks, active),
+                        mode,
                     )
-                } else {
-                    by_rows!(
-                        rows,
-                        qk_micro::<S, _, NV, U, false>(
-                            s,
-                            args.0,
-                            lda,
-                            args.1,
-                            kc,
-                            args.2,
-                            ldc,
-                            (&masks, active),
-                            mode,
-                        )
-                    )
-                }
+                )
             };
         }
     }
@@ -370,21 +366,11 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize, const PREFETCH: bool
                 // SAFETY: as above; when `ncols < nr` the partial kernel touches only
                 // the `ncols` columns selected by `masks`.
                 unsafe {
-                    if ncols == nr {
-                        by_rows!(
-                            rows,
-                            pv_micro::<S, _, NV, true>(
-                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge
-                            )
-                        )
-                    } else {
-                        by_rows!(
-                            rows,
-                            pv_micro::<S, _, NV, false>(
-                                s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge
-                            )
-                        )
-                    }
+                    by_rows_full!(
+                        rows,
+                        ncols == nr,
+                        pv_micro::<S, _, NV>(s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge)
+                    )
                 }
             }
         }

@@ -317,11 +317,11 @@ fn has_f16c() -> bool {
 /// - `qk_unroll`: head dims per trip of the `qk` loop (1: the plain loop).
 /// - `pv = (MR, NV)`: `pv_tile` block.
 /// - `pv_prefetch`: whether `pv_tile` prefetches the next column strip of V.
+/// - `chains`: FMA chains of `fma_loop`.
 ///
 /// The AVX2 choices (unroll 2, prefetch on) were measured on an AMD EPYC family 25
 /// model 1 (Zen 3) core; the AVX-512 path keeps the plain loop, not yet measured with
 /// either.
-/// - `chains`: FMA chains of `fma_loop`.
 macro_rules! entries {
     (
         $module:ident, $tok:ty, [$(#[$attr:meta])*],
