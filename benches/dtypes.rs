@@ -11,14 +11,16 @@
 //!   2-thread throughput >= 1.7x the 1-thread one. Throughput is useful causal FLOP/s
 //!   (`4 H d n (n + 1) / 2` summed over the sequences).
 //!
-//! `cargo bench --bench dtypes`. Timings on a shared machine are noisy: repeat, and
-//! compare medians of interleaved runs.
+//! `cargo bench --bench dtypes`. Timings on a shared machine are noisy: criterion runs
+//! the cases one after another, so `ROPEX_PREFILL_RATIOS=<rounds>` instead times f32
+//! and bf16 prefill interleaved and prints the median of the per-round ratios.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput};
 use half::bf16;
+use ndarray::Array3;
 use ropex::attention::{Attention, Kernel, VarLen};
 use ropex::{Layout, PositionMap, RopeConfig};
 
@@ -40,36 +42,54 @@ fn flops(n: usize) -> u64 {
     (4 * HEADS * HEAD_DIM * n * (n + 1) / 2) as u64
 }
 
+/// The prefill case of both dtypes: one-thread attention, f32 inputs and their bf16
+/// rounding, positions `0..n`.
+struct PrefillCase {
+    att: Attention,
+    f32: [Array3<f32>; 3],
+    bf16: [Array3<bf16>; 3],
+    pos: Vec<usize>,
+}
+
+impl PrefillCase {
+    fn new(n: usize) -> Self {
+        let f32 = [1, 2, 3].map(|seed| rand3((n, HEADS, HEAD_DIM), seed));
+        let bf16 = [0, 1, 2].map(|i| f32[i].mapv(bf16::from_f32));
+        PrefillCase {
+            att: attention(PositionMap::Rope).with_parallel(false),
+            f32,
+            bf16,
+            pos: (0..n).collect(),
+        }
+    }
+
+    fn run_f32(&self) {
+        let [q, k, v] = &self.f32;
+        let out = self
+            .att
+            .tiled(q.view(), k.view(), v.view(), &self.pos, &self.pos);
+        black_box(out.unwrap());
+    }
+
+    fn run_bf16(&self) {
+        let [q, k, v] = &self.bf16;
+        let out = self
+            .att
+            .tiled(q.view(), k.view(), v.view(), &self.pos, &self.pos);
+        black_box(out.unwrap());
+    }
+}
+
 fn dtype_prefill(c: &mut Criterion) {
     let n = 4096;
-    let att = attention(PositionMap::Rope).with_parallel(false);
-    let (q, k, v) = (
-        rand3((n, HEADS, HEAD_DIM), 1),
-        rand3((n, HEADS, HEAD_DIM), 2),
-        rand3((n, HEADS, HEAD_DIM), 3),
-    );
-    let (qb, kb, vb) = (
-        q.mapv(bf16::from_f32),
-        k.mapv(bf16::from_f32),
-        v.mapv(bf16::from_f32),
-    );
-    let pos: Vec<usize> = (0..n).collect();
+    let case = PrefillCase::new(n);
     let mut g = c.benchmark_group("dtype_prefill_n4096_1thread");
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
         .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Elements(flops(n)));
-    g.bench_function("f32", |b| {
-        b.iter(|| black_box(att.tiled(q.view(), k.view(), v.view(), &pos, &pos).unwrap()))
-    });
-    g.bench_function("bf16", |b| {
-        b.iter(|| {
-            black_box(
-                att.tiled(qb.view(), kb.view(), vb.view(), &pos, &pos)
-                    .unwrap(),
-            )
-        })
-    });
+    g.bench_function("f32", |b| b.iter(|| case.run_f32()));
+    g.bench_function("bf16", |b| b.iter(|| case.run_bf16()));
     g.finish();
 }
 
@@ -113,5 +133,49 @@ fn varlen_threads(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dtype_prefill, varlen_threads);
-criterion_main!(benches);
+/// The bf16 / f32 prefill ratio timed interleaved (`f32, bf16, f32, ..`, one call
+/// each), median of the per-round ratios: criterion's one-case-after-another timings
+/// let a shared machine's drift into the ratio.
+fn prefill_ratio(rounds: usize) {
+    let n = 4096;
+    let case = PrefillCase::new(n);
+    let time = |f: &dyn Fn()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let (mut t32, mut t16, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let a = time(&|| case.run_f32());
+        let b = time(&|| case.run_bf16());
+        t32.push(a);
+        t16.push(b);
+        r.push(b / a);
+    }
+    println!(
+        "interleaved prefill, n = {n}, H = {HEADS}, d = {HEAD_DIM}, 1 thread, {rounds} rounds: \
+         bf16 / f32 median ratio {:.3} (target <= 1.0); medians {:.1} ms / {:.1} ms",
+        median(r),
+        median(t16) * 1e3,
+        median(t32) * 1e3
+    );
+}
+
+fn median(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x[x.len() / 2]
+}
+
+fn main() {
+    if let Some(rounds) = std::env::var("ROPEX_PREFILL_RATIOS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        prefill_ratio(rounds.max(1));
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    dtype_prefill(&mut c);
+    varlen_threads(&mut c);
+    c.final_summary();
+}

@@ -10,9 +10,10 @@
 //! window 512, leak 16), n (prefill length or cache length), repetitions, and for `tiled`
 //! an optional tile size. H = 8, d = 128, one rayon thread.
 
+use ndarray::Array3;
 use ropex::CacheShape;
 use ropex::attention::decode::KvCache;
-use ropex::attention::{Attention, TileConfig};
+use ropex::attention::{Attention, Kernel, TileConfig, TiledScratch};
 use ropex::{Layout, PositionMap, RopeConfig};
 
 #[path = "../tests/common/mod.rs"]
@@ -63,14 +64,26 @@ fn main() {
             let v = rand3((n, h, d), 3);
             let pos: Vec<usize> = (0..n).collect();
             let att = Attention::new(cfg.frequencies(), Layout::Half, map);
+            let kernel = match kernel.as_str() {
+                "two_pass" => Kernel::TwoPass,
+                _ => Kernel::Tiled(tiles),
+            };
+            // As an engine calls it: one output buffer and one scratch for every call.
+            let (mut out, mut scratch) = (Array3::zeros((n, h, d)), TiledScratch::new());
             for _ in 0..reps {
-                let out = if kernel == "two_pass" {
-                    att.two_pass(q.view(), k.view(), v.view(), &pos, &pos)
-                } else {
-                    att.tiled_with(q.view(), k.view(), v.view(), &pos, &pos, &tiles)
-                        .map(|(o, _)| o)
-                };
-                std::hint::black_box(out.expect("attention"));
+                let view = &mut out;
+                let r = att.run_into_reusing(
+                    kernel,
+                    q.view(),
+                    k.view(),
+                    v.view(),
+                    &pos,
+                    &pos,
+                    view,
+                    &mut scratch,
+                );
+                r.expect("attention");
+                std::hint::black_box(&out);
             }
         }
     });

@@ -224,6 +224,25 @@ pub(crate) fn try_vec<T>(what: &str, rows: usize, cols: usize) -> Result<Vec<T>>
     Ok(v)
 }
 
+/// [`try_vec`] in the memory of `spare` (taken, cleared and grown fallibly): an empty
+/// vector with capacity for `rows * cols` values, allocating only when `spare` is
+/// smaller.
+pub(crate) fn reuse_vec<T>(
+    spare: &mut Vec<T>,
+    what: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<T>> {
+    let mut v = std::mem::take(spare);
+    v.clear();
+    let n = rows.checked_mul(cols);
+    if n.is_some_and(|n| n <= v.capacity()) {
+        return Ok(v);
+    }
+    drop(v);
+    try_vec(what, rows, cols)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

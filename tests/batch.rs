@@ -409,3 +409,113 @@ fn caller_thread_pools_give_identical_output() {
         assert_eq!(out, global, "{threads} threads");
     }
 }
+
+/// One `TiledScratch` carried through calls of growing, shrinking and GQA shapes, every
+/// map, f32 and bf16, one thread and the pool: each call equals the fresh `run_into` bit
+/// for bit (a reused buffer never leaks stale keys, values or angles into a later call).
+#[test]
+fn reused_tiled_scratch_equals_fresh_calls() {
+    use ropex::attention::TiledScratch;
+    let maps = [
+        PositionMap::Rope,
+        PositionMap::rerope(24).unwrap(),
+        PositionMap::leaky_rerope(24, 8.0).unwrap(),
+        PositionMap::self_extend(4, 16).unwrap(),
+        PositionMap::dca(40, 8).unwrap(),
+        PositionMap::streaming(2, 20).unwrap(),
+    ];
+    let d = 16;
+    let mut scratch = TiledScratch::new();
+    let mut seed = 100;
+    for (i, &(n, hq, hkv)) in [
+        (150, 4, 2),
+        (37, 2, 2),
+        (200, 6, 3),
+        (64, 4, 1),
+        (150, 4, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (j, map) in maps.iter().enumerate() {
+            seed += 3;
+            let q = rand3((n, hq, d), seed);
+            let k = rand3((n, hkv, d), seed + 1);
+            let v = rand3((n, hkv, d), seed + 2);
+            let pos: Vec<usize> = (0..n).collect();
+            let att = attention(*map).with_parallel((i + j) % 2 == 0);
+            for kernel in [
+                Kernel::default(),
+                Kernel::Tiled(TileConfig::new(16, 32).unwrap()),
+            ] {
+                let mut fresh = Array3::<f32>::zeros((n, hq, d));
+                att.run_into(kernel, q.view(), k.view(), v.view(), &pos, &pos, &mut fresh)
+                    .unwrap();
+                let mut reused = Array3::<f32>::from_elem((n, hq, d), f32::NAN);
+                let (qv, kv, vv) = (q.view(), k.view(), v.view());
+                att.run_into_reusing(kernel, qv, kv, vv, &pos, &pos, &mut reused, &mut scratch)
+                    .unwrap();
+                assert_eq!(fresh, reused, "{map} n={n} {hq}/{hkv} {kernel:?}");
+                // bf16 inputs widen into the same reused buffers
+                #[cfg(feature = "half")]
+                {
+                    let (qb, kb, vb) = (
+                        q.mapv(half::bf16::from_f32),
+                        k.mapv(half::bf16::from_f32),
+                        v.mapv(half::bf16::from_f32),
+                    );
+                    let want = att
+                        .run(kernel, qb.view(), kb.view(), vb.view(), &pos, &pos)
+                        .unwrap()
+                        .0;
+                    let mut got = Array3::from_elem((n, hq, d), half::bf16::NAN);
+                    att.run_into_reusing(
+                        kernel,
+                        qb.view(),
+                        kb.view(),
+                        vb.view(),
+                        &pos,
+                        &pos,
+                        &mut got,
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    assert_eq!(want, got, "bf16 {map} n={n} {hq}/{hkv}");
+                }
+            }
+        }
+    }
+    // a failing call (mismatched dims) leaves the scratch usable
+    let att = attention(PositionMap::Rope);
+    let (q, k) = (rand3((8, 2, d), 1), rand3((9, 2, d), 2));
+    let pos: Vec<usize> = (0..8).collect();
+    let mut out = Array3::<f32>::zeros((8, 2, d));
+    assert!(
+        att.run_into_reusing(
+            Kernel::default(),
+            q.view(),
+            k.view(),
+            k.view(),
+            &pos,
+            &pos,
+            &mut out,
+            &mut scratch
+        )
+        .is_err()
+    );
+    att.run_into_reusing(
+        Kernel::default(),
+        q.view(),
+        q.view(),
+        q.view(),
+        &pos,
+        &pos,
+        &mut out,
+        &mut scratch,
+    )
+    .unwrap();
+    assert_eq!(
+        out,
+        att.tiled(q.view(), q.view(), q.view(), &pos, &pos).unwrap()
+    );
+}

@@ -83,8 +83,8 @@ mod varlen;
 
 pub use mask::{Mask, MaskCover};
 pub use tiled::{
-    TileConfig, TileStats, expected_chunked_computed_tiles, expected_sliding_window_computed_tiles,
-    expected_straddling_tiles, straddling_tiles_square,
+    TileConfig, TileStats, TiledScratch, expected_chunked_computed_tiles,
+    expected_sliding_window_computed_tiles, expected_straddling_tiles, straddling_tiles_square,
 };
 
 pub use crate::position::TileBounds;
@@ -349,14 +349,60 @@ impl Attention {
                 .reference_into(q, k, v, q_pos, k_pos, out)
                 .map(|_| None),
             Kernel::TwoPass => self.two_pass_into(q, k, v, q_pos, k_pos, out).map(|_| None),
+            Kernel::Tiled(_) => {
+                let mut scratch = TiledScratch::new();
+                self.run_into_reusing(kernel, q, k, v, q_pos, k_pos, out, &mut scratch)
+            }
+        }
+    }
+
+    /// [`Attention::run_into`] in the memory of `scratch`: the tiled kernel reuses the
+    /// packed keys, the value copy, the trigonometry tables and (on one thread) the
+    /// per-task buffers of the previous call, so repeated prefills of one size (every
+    /// layer of a model, every chunk of a long prompt) allocate nothing large after the
+    /// first. The output equals [`Attention::run_into`]'s bit for bit; the reference
+    /// and two-pass kernels ignore `scratch`.
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// use ropex::attention::{Attention, Kernel, TiledScratch};
+    /// use ropex::{Layout, PositionMap, RopeConfig};
+    /// let freqs = RopeConfig::new(8, 10_000.0)?.frequencies();
+    /// let att = Attention::new(freqs, Layout::Half, PositionMap::rerope(16)?);
+    /// let n = 64;
+    /// let x = Array3::from_shape_fn((n, 2, 8), |(t, h, i)| ((t + 3 * h + i) % 7) as f32 * 0.1);
+    /// let pos: Vec<usize> = (0..n).collect();
+    /// let (mut out, mut scratch) = (Array3::<f32>::zeros((n, 2, 8)), TiledScratch::new());
+    /// for _layer in 0..2 {
+    ///     let k = Kernel::default();
+    ///     att.run_into_reusing(k, x.view(), x.view(), x.view(), &pos, &pos, &mut out, &mut scratch)?;
+    /// }
+    /// assert!(scratch.capacity_bytes() > 0);
+    /// assert_eq!(out, att.tiled(x.view(), x.view(), x.view(), &pos, &pos)?);
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_into_reusing<'a, 'o, T: Element>(
+        &self,
+        kernel: Kernel,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        out: impl Into<View3Mut<'o, T>>,
+        scratch: &mut TiledScratch,
+    ) -> Result<Option<TileStats>> {
+        match kernel {
             Kernel::Tiled(tiles) => {
                 let (q, k) = (q.into(), k.into());
                 let [nq, hq, d] = q.dims();
                 let [nk, hkv, _] = k.dims();
                 let tiles = planner::resolve(tiles, &self.map, (nq, hq, d), (nk, hkv, d));
-                self.tiled_into(q, k, v, q_pos, k_pos, &tiles, out)
+                self.tiled_into_in(q, k, v, q_pos, k_pos, &tiles, out, scratch)
                     .map(Some)
             }
+            _ => self.run_into(kernel, q, k, v, q_pos, k_pos, out),
         }
     }
 

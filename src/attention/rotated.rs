@@ -26,7 +26,7 @@ use ndarray::ArrayView3;
 
 use super::kernels::{Kernels, MatRef, PackedKeys};
 use super::{Attention, Dims};
-use crate::error::{Result, try_vec};
+use crate::error::{Result, reuse_vec};
 use crate::position::{Pieces, PositionFn};
 use crate::rotary::trig::cos_sin_into;
 use crate::rotary::{Layout, cast, rotate_lane_with};
@@ -106,8 +106,9 @@ pub(crate) struct HeadMajor<'a> {
 
 impl<'a> HeadMajor<'a> {
     /// `x` (`[rows, heads, width]`): borrowed in place when f32 in standard layout,
-    /// else widened to f32 in head-major order (an allocation error is typed).
-    fn from_view<T: Element>(x: &ArrayView3<'a, T>) -> Result<Self> {
+    /// else widened to f32 in head-major order into `spare`'s memory (taken; grown
+    /// fallibly, an allocation error is typed).
+    fn from_view<T: Element>(x: &ArrayView3<'a, T>, spare: &mut Vec<f32>) -> Result<Self> {
         let (rows, heads, width) = x.dim();
         if let Some(src) = x.to_slice().and_then(T::as_f32) {
             return Ok(HeadMajor {
@@ -118,7 +119,7 @@ impl<'a> HeadMajor<'a> {
                 row_stride: heads * width,
             });
         }
-        let mut data = try_vec::<f32>("values widened to f32", rows * heads, width)?;
+        let mut data = reuse_vec(spare, "values widened to f32", rows * heads, width)?;
         let src = Rows::new(*x);
         let mut buf = Vec::new();
         for h in 0..heads {
@@ -208,10 +209,29 @@ struct Trig {
 
 impl Trig {
     fn new(inv: &[f64], pos: PositionFn, positions: &[usize]) -> Self {
+        Self::new_in(inv, pos, positions, Default::default())
+    }
+
+    /// [`Trig::new`] in the buffers `(sin, cos)` of an earlier table (reused, not
+    /// reallocated, when large enough).
+    fn new_in(
+        inv: &[f64],
+        pos: PositionFn,
+        positions: &[usize],
+        (mut sin, mut cos): (Vec<f64>, Vec<f64>),
+    ) -> Self {
         let constant = pos.is_constant();
         let pairs = inv.len();
+        let len = if constant {
+            pairs
+        } else {
+            positions.len() * pairs
+        };
+        for b in [&mut sin, &mut cos] {
+            b.clear();
+            b.resize(len, 0.0);
+        }
         if constant {
-            let (mut sin, mut cos) = (vec![0f64; pairs], vec![0f64; pairs]);
             cos_sin_into(inv, pos.at(0.0), 1.0, &mut cos, &mut sin);
             return Trig {
                 sin,
@@ -220,8 +240,6 @@ impl Trig {
                 constant,
             };
         }
-        let mut sin = vec![0f64; positions.len() * pairs];
-        let mut cos = vec![0f64; positions.len() * pairs];
         let unit = pos.affine().map_or(1.0, |a| a.scale);
         // Angle steps of positions one step apart: `x' * w = x * w + unit * w`.
         let step: Vec<(f64, f64)> = inv.iter().map(|&w| (unit * w).sin_cos()).collect();
@@ -263,6 +281,20 @@ impl Trig {
         let t = if self.constant { 0 } else { t };
         let r = t * self.pairs..(t + 1) * self.pairs;
         (&self.sin[r.clone()], &self.cos[r])
+    }
+
+    /// Entries of each of `sin` and `cos` in the table of `pos` over `positions`.
+    fn len_for(pos: PositionFn, positions: &[usize], pairs: usize) -> usize {
+        if pos.is_constant() {
+            pairs
+        } else {
+            positions.len() * pairs
+        }
+    }
+
+    /// The table's buffers, for [`Trig::new_in`].
+    fn into_buffers(self) -> (Vec<f64>, Vec<f64>) {
+        (self.sin, self.cos)
     }
 
     /// Whether every angle is 0 (the identity rotation, e.g. ReRoPE's far keys).
@@ -422,7 +454,7 @@ impl Attention {
             q: queries,
             k: keys,
             key_of,
-            v: HeadMajor::from_view(&v.as_ndarray())?,
+            v: HeadMajor::from_view(&v.as_ndarray(), &mut Vec::new())?,
         })
     }
 
@@ -443,32 +475,35 @@ impl Attention {
     }
 
     /// The rotated keys of each head, packed: one head at a time through a scratch.
+    /// Each head of `x` rotated into `rotated` (reused, `[rows, width]`) and packed into
+    /// its entry of `packed` (reused; one per head on return).
     fn rotate_packed(
         &self,
         x: &dyn RowSource,
         trig: &Trig,
         factor: &[f64],
         kern: Kernels,
+        rotated: &mut Vec<f32>,
+        mut packed: Vec<PackedKeys>,
     ) -> Vec<PackedKeys> {
         let (rows, heads, width) = x.shape();
         let mut rot = Rotator::new(trig, factor, self.layout());
         let mut buf = Vec::new();
-        let mut scratch = vec![0f32; rows * width];
-        (0..heads)
-            .map(|h| {
-                for t in 0..rows {
-                    rot.token(t);
-                    let src = x.row(t, h, &mut buf);
-                    rot.row(t, src, &mut scratch[t * width..(t + 1) * width]);
-                }
-                let mut packed = PackedKeys::new();
-                kern.pack_keys(
-                    MatRef::new(&scratch, rows, width, width).expect("scratch holds the keys"),
-                    &mut packed,
-                );
-                packed
-            })
-            .collect()
+        rotated.clear();
+        rotated.resize(rows * width, 0.0);
+        packed.resize_with(heads, PackedKeys::new);
+        for (h, out) in packed.iter_mut().enumerate() {
+            for t in 0..rows {
+                rot.token(t);
+                let src = x.row(t, h, &mut buf);
+                rot.row(t, src, &mut rotated[t * width..(t + 1) * width]);
+            }
+            kern.pack_keys(
+                MatRef::new(rotated, rows, width, width).expect("scratch holds the keys"),
+                out,
+            );
+        }
+        packed
     }
 }
 
@@ -506,6 +541,50 @@ pub(crate) struct TiledPrep<'a> {
     layout: Layout,
 }
 
+/// The large buffers of a tiled call, kept between calls by
+/// [`crate::attention::TiledScratch`] so that repeated calls of one size reuse their
+/// memory (and its pages) instead of allocating and faulting it in again.
+#[derive(Debug, Default)]
+pub(crate) struct PrepBuffers {
+    /// Packed rotated keys, per key function and kv head.
+    keys: Vec<Vec<PackedKeys>>,
+    /// One head's rotated keys before packing, `[n_k, d]`.
+    rotated: Vec<f32>,
+    /// Values widened to f32 or made contiguous, `[H_kv][n_k][d_v]`.
+    pub values: Vec<f32>,
+    /// Trigonometry tables `(sin, cos)`.
+    trig: Vec<(Vec<f64>, Vec<f64>)>,
+}
+
+impl PrepBuffers {
+    /// Bytes of memory held.
+    pub fn capacity_bytes(&self) -> usize {
+        let keys: usize = self
+            .keys
+            .iter()
+            .flatten()
+            .map(PackedKeys::capacity_bytes)
+            .sum();
+        let trig: usize = self
+            .trig
+            .iter()
+            .map(|(s, c)| s.capacity() + c.capacity())
+            .sum();
+        keys + 4 * (self.rotated.capacity() + self.values.capacity()) + 8 * trig
+    }
+
+    /// The spare trigonometry buffers best fitting `len` entries: the smallest that
+    /// holds them, else the largest (grown by [`Trig::new_in`]).
+    fn take_trig(&mut self, len: usize) -> (Vec<f64>, Vec<f64>) {
+        let cap = |b: &(Vec<f64>, Vec<f64>)| b.0.capacity().min(b.1.capacity());
+        let fits = (0..self.trig.len())
+            .filter(|&i| cap(&self.trig[i]) >= len)
+            .min_by_key(|&i| cap(&self.trig[i]));
+        let best = fits.or_else(|| (0..self.trig.len()).max_by_key(|&i| cap(&self.trig[i])));
+        best.map(|i| self.trig.swap_remove(i)).unwrap_or_default()
+    }
+}
+
 /// One key function's rotated keys in a [`TiledPrep`].
 pub(crate) struct TiledKeys {
     /// Head-major rotated keys ([`KeyForm::HeadMajor`]).
@@ -515,6 +594,24 @@ pub(crate) struct TiledKeys {
 }
 
 impl TiledPrep<'_> {
+    /// Returns the call's buffers to `bufs` for the next call.
+    pub(crate) fn recycle(self, bufs: &mut PrepBuffers) {
+        bufs.keys
+            .resize_with(self.keys.len().max(bufs.keys.len()), Vec::new);
+        for (slot, keys) in bufs.keys.iter_mut().zip(self.keys) {
+            if !keys.packed.is_empty() {
+                *slot = keys.packed;
+            }
+        }
+        bufs.trig
+            .extend(self.q_trig.into_iter().flatten().map(Trig::into_buffers));
+        if let Cow::Owned(v) = self.v.data
+            && v.capacity() > bufs.values.capacity()
+        {
+            bufs.values = v;
+        }
+    }
+
     /// Rotated, scaled query rows `rows` of every head for piece `p`, written to `out`
     /// as `[H_q][rows.len()][d]`.
     pub(crate) fn rotate_queries(&self, p: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
@@ -538,7 +635,8 @@ impl TiledPrep<'_> {
 impl Attention {
     /// Validates the inputs, packs (or rotates) the keys of every key function some
     /// needed piece uses (`needed[piece]`) once and prepares the needed pieces' query
-    /// trigonometry for [`TiledPrep::rotate_queries`].
+    /// trigonometry for [`TiledPrep::rotate_queries`], in the memory of `bufs`
+    /// ([`TiledPrep::recycle`] gives it back).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare_tiled<'a, T: Element>(
         &self,
@@ -549,6 +647,7 @@ impl Attention {
         k_pos: &[usize],
         keys: KeyForm,
         needed: &[bool],
+        bufs: &mut PrepBuffers,
     ) -> Result<TiledPrep<'a>> {
         let Setup {
             dims,
@@ -561,6 +660,8 @@ impl Attention {
         let inv = self.frequencies().inv_freq();
         let k = Rows::new(k.as_ndarray());
         let is_needed = |p: usize| needed.get(p).copied().unwrap_or(false);
+        bufs.keys
+            .resize_with(key_fns.len().max(bufs.keys.len()), Vec::new);
         let stores = key_fns
             .iter()
             .enumerate()
@@ -572,24 +673,39 @@ impl Attention {
                         packed: Vec::new(),
                     };
                 }
-                let trig = Trig::new(inv, key, k_pos);
-                match keys {
+                let spare = bufs.take_trig(Trig::len_for(key, k_pos, inv.len()));
+                let trig = Trig::new_in(inv, key, k_pos, spare);
+                let stored = match keys {
                     KeyForm::HeadMajor => TiledKeys {
                         k: Some(self.rotate_all(&k, &trig, &ones)),
                         packed: Vec::new(),
                     },
                     KeyForm::Packed(kern) => TiledKeys {
                         k: None,
-                        packed: self.rotate_packed(&k, &trig, &ones, kern),
+                        packed: self.rotate_packed(
+                            &k,
+                            &trig,
+                            &ones,
+                            kern,
+                            &mut bufs.rotated,
+                            std::mem::take(&mut bufs.keys[f]),
+                        ),
                     },
-                }
+                };
+                bufs.trig.push(trig.into_buffers());
+                stored
             })
             .collect();
         let q_trig = pieces
             .list()
             .iter()
             .enumerate()
-            .map(|(p, piece)| is_needed(p).then(|| Trig::new(inv, piece.query, q_pos)))
+            .map(|(p, piece)| {
+                is_needed(p).then(|| {
+                    let spare = bufs.take_trig(Trig::len_for(piece.query, q_pos, inv.len()));
+                    Trig::new_in(inv, piece.query, q_pos, spare)
+                })
+            })
             .collect();
         Ok(TiledPrep {
             dims,
@@ -597,7 +713,7 @@ impl Attention {
             q_trig,
             key_of,
             keys: stores,
-            v: HeadMajor::from_view(&v.as_ndarray())?,
+            v: HeadMajor::from_view(&v.as_ndarray(), &mut bufs.values)?,
             q: Box::new(Rows::new(q.as_ndarray())),
             q_factor,
             layout: self.layout(),

@@ -100,7 +100,7 @@
 use ndarray::{Array3, ArrayViewMut3, Axis};
 
 use super::kernels::{Kernels, MatMut, MatRef, PackedKeys};
-use super::rotated::{KeyForm, TiledPrep, axpy};
+use super::rotated::{KeyForm, PrepBuffers, TiledPrep, axpy};
 use super::{Attention, MaskCover, check_output};
 use crate::error::{Result, RopeError};
 use crate::position::{Pieces, TileBounds};
@@ -981,6 +981,24 @@ impl Attention {
         tiles: &TileConfig,
         out: impl Into<View3Mut<'o, T>>,
     ) -> Result<TileStats> {
+        let mut scratch = TiledScratch::new();
+        self.tiled_into_in(q, k, v, q_pos, k_pos, tiles, out, &mut scratch)
+    }
+
+    /// [`Attention::tiled_into`] in the memory of `scratch` (see
+    /// [`Attention::run_into_reusing`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tiled_into_in<'a, 'o, T: Element>(
+        &self,
+        q: impl Into<View3<'a, T>>,
+        k: impl Into<View3<'a, T>>,
+        v: impl Into<View3<'a, T>>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        tiles: &TileConfig,
+        out: impl Into<View3Mut<'o, T>>,
+        scratch: &mut TiledScratch,
+    ) -> Result<TileStats> {
         let (q, k, v) = (q.into(), k.into(), v.into());
         let mut out = out.into();
         tiles.validate()?;
@@ -1008,8 +1026,15 @@ impl Attention {
         let needed: Vec<bool> = (0..pieces.list().len())
             .map(|p| used & (1 << p) != 0)
             .collect();
-        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, &needed)?;
-        let v_rows = contiguous_values(&prep)?;
+        let bufs = &mut scratch.prep;
+        let prep = self.prepare_tiled(q, k, v, q_pos, k_pos, keys, &needed, bufs)?;
+        let v_rows = match contiguous_values(&prep, &mut bufs.values) {
+            Ok(v) => v,
+            Err(e) => {
+                prep.recycle(bufs);
+                return Err(e);
+            }
+        };
         let plan = Plan {
             att: self,
             prep,
@@ -1039,21 +1064,72 @@ impl Attention {
             // the cheapest blocks instead of idling behind one expensive tail block.
             let mut tasks: Vec<_> = blocks_out.zip(cost).collect();
             tasks.sort_by_key(|t| std::cmp::Reverse(t.1));
-            return Ok(tasks
+            let stats = tasks
                 .into_iter()
                 .map(|t| t.0)
                 .collect::<Vec<_>>()
                 .into_par_iter()
                 .with_max_len(1)
                 .map_init(init, task)
-                .reduce(TileStats::default, TileStats::add));
+                .reduce(TileStats::default, TileStats::add);
+            plan.recycle(&mut scratch.prep);
+            return Ok(stats);
         }
-        // One thread: the order does not matter.
+        // One thread: the order does not matter, and one task's buffers serve them all.
         let _ = cost;
-        let mut work = init();
-        Ok(blocks_out
+        let mut work = scratch.work.take().unwrap_or_else(init);
+        let stats = blocks_out
             .map(|b| task(&mut work, b))
-            .fold(TileStats::default(), TileStats::add))
+            .fold(TileStats::default(), TileStats::add);
+        scratch.work = Some(work);
+        plan.recycle(&mut scratch.prep);
+        Ok(stats)
+    }
+}
+
+impl Plan<'_> {
+    /// Returns the call's buffers to `bufs`.
+    fn recycle(self, bufs: &mut PrepBuffers) {
+        let Plan { prep, v_rows, .. } = self;
+        prep.recycle(bufs);
+        if let Some(v) = v_rows
+            && v.capacity() > bufs.values.capacity()
+        {
+            bufs.values = v;
+        }
+    }
+}
+
+/// Reusable memory of the tiled kernel ([`Attention::run_into_reusing`]): the packed
+/// rotated keys, the contiguous (or widened) values, the trigonometry tables and one
+/// task's tile buffers of the last call. Keeping one across calls of one size spares
+/// each call its large allocations, and the page faults of memory the allocator gave
+/// back to the system in between (which cost ReRoPE and Leaky ReRoPE at n = 1024 up to
+/// 15% over RoPE, measured in the README's Zen 3 section). It carries no state besides
+/// capacity; hold one per thread that calls the kernel.
+#[derive(Default)]
+pub struct TiledScratch {
+    prep: PrepBuffers,
+    work: Option<(Work, Vec<f32>)>,
+}
+
+impl TiledScratch {
+    /// An empty scratch (grows on first use).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes held by the reusable prefill buffers (packed keys, values, trigonometry).
+    pub fn capacity_bytes(&self) -> usize {
+        self.prep.capacity_bytes()
+    }
+}
+
+impl std::fmt::Debug for TiledScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TiledScratch")
+            .field("capacity_bytes", &self.capacity_bytes())
+            .finish_non_exhaustive()
     }
 }
 
@@ -1065,7 +1141,9 @@ impl Attention {
 /// 128), so every row of a tile falls in the same L1 set and the tile does not stay in
 /// L1. One copy per call, `O(n_k H_kv d_v)` like the packed keys, fixes that (measured
 /// in the module docs, "Tile size").
-fn contiguous_values(prep: &TiledPrep<'_>) -> Result<Option<Vec<f32>>> {
+///
+/// The copy is written into `spare`'s memory (taken, grown fallibly).
+fn contiguous_values(prep: &TiledPrep<'_>, spare: &mut Vec<f32>) -> Result<Option<Vec<f32>>> {
     let dims = prep.dims;
     let (n_k, dv, heads) = (dims.n_k, dims.value_dim, dims.heads_kv);
     if heads <= 1 || n_k == 0 || dv == 0 || prep.v.mat(0, 0..n_k).stride() == dv {
@@ -1074,7 +1152,7 @@ fn contiguous_values(prep: &TiledPrep<'_>) -> Result<Option<Vec<f32>>> {
     let rows = heads
         .checked_mul(n_k)
         .ok_or_else(|| RopeError::invalid("values", n_k, "kv heads x keys overflows usize"))?;
-    let mut out = crate::error::try_vec::<f32>("values made contiguous", rows, dv)?;
+    let mut out = crate::error::reuse_vec(spare, "values made contiguous", rows, dv)?;
     for g in 0..heads {
         let m = prep.v.mat(g, 0..n_k);
         for t in 0..n_k {

@@ -914,6 +914,11 @@ impl PackedKeys {
     /// Keys per panel (the same on every instruction set).
     pub const PANEL: usize = gemm::PANEL;
 
+    /// Bytes of memory held (capacity, not length).
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.data.capacity() * std::mem::size_of::<Line>()
+    }
+
     /// An empty buffer, to be filled by [`Kernels::pack_keys`].
     pub fn new() -> Self {
         Self::default()
