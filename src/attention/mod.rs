@@ -43,7 +43,9 @@
 //!
 //! Every kernel has an `_into` form writing into a caller's [`View3Mut`]
 //! ([`Attention::run_into`], [`Attention::tiled_into`], ...); the allocating form calls
-//! it. [`Attention::varlen`] runs a batch of variable-length sequences packed along the
+//! it. [`Attention::run_into_reusing`] also keeps the tiled kernel's large buffers in a
+//! caller's [`TiledScratch`] across calls (every layer, every prompt chunk), so repeated
+//! prefills do not allocate, and fault in, the same memory again. [`Attention::varlen`] runs a batch of variable-length sequences packed along the
 //! token axis ([`VarLen`], flash-attention's `cu_seqlens`) in one call.
 //!
 //! Parallel kernels use the rayon pool they are called from: the global pool, or a
