@@ -22,7 +22,7 @@ use criterion::{Criterion, SamplingMode, Throughput};
 use half::bf16;
 use ndarray::Array3;
 use ropex::attention::{Attention, Kernel, VarLen};
-use ropex::{Layout, PositionMap, RopeConfig};
+use ropex::{Element, Layout, PositionMap, RopeConfig};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -63,16 +63,8 @@ impl PrefillCase {
         }
     }
 
-    fn run_f32(&self) {
-        let [q, k, v] = &self.f32;
-        let out = self
-            .att
-            .tiled(q.view(), k.view(), v.view(), &self.pos, &self.pos);
-        black_box(out.unwrap());
-    }
-
-    fn run_bf16(&self) {
-        let [q, k, v] = &self.bf16;
+    /// One prefill of the inputs `[q, k, v]` (either dtype).
+    fn run<T: Element>(&self, [q, k, v]: &[Array3<T>; 3]) {
         let out = self
             .att
             .tiled(q.view(), k.view(), v.view(), &self.pos, &self.pos);
@@ -88,8 +80,8 @@ fn dtype_prefill(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Elements(flops(n)));
-    g.bench_function("f32", |b| b.iter(|| case.run_f32()));
-    g.bench_function("bf16", |b| b.iter(|| case.run_bf16()));
+    g.bench_function("f32", |b| b.iter(|| case.run(&case.f32)));
+    g.bench_function("bf16", |b| b.iter(|| case.run(&case.bf16)));
     g.finish();
 }
 
@@ -146,8 +138,8 @@ fn prefill_ratio(rounds: usize) {
     };
     let (mut t32, mut t16, mut r) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let a = time(&|| case.run_f32());
-        let b = time(&|| case.run_bf16());
+        let a = time(&|| case.run(&case.f32));
+        let b = time(&|| case.run(&case.bf16));
         t32.push(a);
         t16.push(b);
         r.push(b / a);
