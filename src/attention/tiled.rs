@@ -50,10 +50,13 @@
 //! edge runs through it) computes each of its pieces and selects entry by entry, so the
 //! second product covers roughly the band edge's strip instead of the whole tile (each
 //! piece of a straddling tile still counts once in [`TileStats::qk_products`]; every
-//! entry's score is bit-identical to the whole-tile product). Row max and `exp(s - m)` with its sum vectorised
-//! ([`Kernels::row_max`](super::kernels::Kernels::row_max),
-//! [`Kernels::exp_sub_sum`](super::kernels::Kernels::exp_sub_sum)); `P V` with the tile
-//! GEMM ([`TileStats::pv_products`], one per computed tile). In diagonal tiles each row
+//! entry's score is bit-identical to the whole-tile product). The visibility of a
+//! per-entry tile depends on positions and the mask, not on the head, so it is worked
+//! out once per block row and applied to every head's scores. The online-softmax update
+//! of a tile is one call ([`softmax::fold_rows`](super::kernels)): row maxima and sums
+//! reduced `LANES` rows at a time by one shuffle tree, `e^(s - m)` by the exponential
+//! for non-positive arguments (no overflow or NaN blends), no call per row; `P V` with
+//! the tile GEMM ([`TileStats::pv_products`], one per computed tile). In diagonal tiles each row
 //! sees a prefix of the columns, so `P V` runs on groups of 8 rows over their common
 //! prefix plus each row's short remainder, and masked values are never read.
 //!
@@ -99,7 +102,7 @@
 
 use ndarray::{Array3, ArrayViewMut3, Axis};
 
-use super::kernels::{Kernels, MatMut, MatRef, PackedKeys};
+use super::kernels::{Kernels, MatMut, MatRef, PackedKeys, RowsMut};
 use super::rotated::{KeyForm, PrepBuffers, TiledPrep, axpy};
 use super::{Attention, MaskCover, check_output};
 use crate::error::{Result, RopeError};
@@ -424,18 +427,56 @@ struct Plan<'a> {
     v_rows: Option<Vec<f32>>,
 }
 
-/// Per-task scratch: one score tile per piece, the visibility of each entry of a masked
-/// tile, and each row's number of visible keys.
+/// Per-task scratch: one score tile per piece, and the visibility of the entries of
+/// each per-entry tile of the block row.
 struct Scratch {
     scores: Vec<Vec<f32>>,
+    masks: Vec<TileMask>,
+}
+
+/// The visibility of a per-entry tile's entries, worked out once per block row and
+/// applied to every head's scores (it depends on positions and the mask, not on the
+/// head).
+#[derive(Default)]
+struct TileMask {
+    kind: Mask,
+    /// Whether entry `(a, c)` is visible, at `a * bk + c`.
     seen: Vec<bool>,
+    /// Visible entries per row.
     visible: Vec<usize>,
 }
 
+impl TileMask {
+    /// Sets the hidden entries of one head's scores `s` (`[rows, bk]`) to `-inf`.
+    fn hide(&self, s: &mut [f32], bk: usize) {
+        if bk == 0 {
+            return;
+        }
+        for ((row, &vis), seen) in s
+            .chunks_mut(bk)
+            .zip(&self.visible)
+            .zip(self.seen.chunks(bk))
+        {
+            match self.kind {
+                Mask::None => {}
+                Mask::Prefix => row[vis..].fill(f32::NEG_INFINITY),
+                Mask::Entries => {
+                    for (x, &seen) in row.iter_mut().zip(seen) {
+                        if !seen {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Which entries of a computed tile a row may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Mask {
     /// Every entry is visible.
+    #[default]
     None,
     /// Row `a` sees exactly its first `visible[a]` columns (the causal diagonal with
     /// sorted key positions).
@@ -460,8 +501,7 @@ impl Work {
             state: RowState::new(0, 0),
             scratch: Scratch {
                 scores: Vec::new(),
-                seen: Vec::new(),
-                visible: Vec::new(),
+                masks: Vec::new(),
             },
             tiles: Vec::new(),
         }
@@ -544,9 +584,19 @@ impl Plan<'_> {
                 buf.resize(bq * self.block_k, 0.0);
             }
         }
-        scratch.seen.resize(bq * self.block_k, false);
-        scratch.visible.resize(bq, 0);
         let q_pos = &self.q_pos[qb.start..qb.end];
+        // The masks of per-entry tiles, once for every head.
+        scratch.masks.resize_with(tiles.len(), TileMask::default);
+        for ((&kb, work), tm) in self
+            .k_blocks
+            .iter()
+            .zip(tiles.iter())
+            .zip(&mut scratch.masks)
+        {
+            if work.pieces != 0 && work.per_entry {
+                self.tile_mask(q_pos, &self.k_pos[kb.start..kb.end], tm);
+            }
+        }
         for h in 0..heads {
             let g = h / dims.group();
             state.reset(bq, dv);
@@ -555,25 +605,22 @@ impl Plan<'_> {
                 let at = (p * heads + h) * bq * d;
                 &q_rot[at..at + bq * d]
             };
-            for (&kb, work) in self.k_blocks.iter().zip(tiles.iter()) {
+            for (t, (&kb, work)) in self.k_blocks.iter().zip(tiles.iter()).enumerate() {
                 stats.record(work);
                 if work.pieces == 0 {
                     continue;
                 }
                 let bk = kb.end - kb.start;
-                let k_pos = &self.k_pos[kb.start..kb.end];
                 let first = self.tile_scores(work.pieces, &q_head, g, qb, kb, scratch, &mut stats);
-                let Scratch {
-                    scores,
-                    seen,
-                    visible,
-                } = &mut *scratch;
+                let Scratch { scores, masks } = &mut *scratch;
                 let s = &mut scores[first][..bq * bk];
-                let mask = if work.per_entry {
+                let (mask, seen, visible) = if work.per_entry {
                     stats.masked += 1;
-                    self.apply_mask(s, bk, q_pos, k_pos, seen, visible)
+                    let tm = &masks[t];
+                    tm.hide(s, bk);
+                    (tm.kind, &tm.seen[..], &tm.visible[..])
                 } else {
-                    Mask::None
+                    (Mask::None, &[][..], &[][..])
                 };
                 let v = self.values(g, kb.start..kb.end);
                 state.update(self.kern, s, bk, mask, visible, seen, v);
@@ -709,41 +756,35 @@ impl Plan<'_> {
         .expect("tile shapes are consistent");
     }
 
-    /// Sets the scores of entries the causal diagonal, the mask or the map hides to
-    /// `-inf`, records each entry's visibility in `seen` and counts each row's visible
-    /// keys into `visible`; returns [`Mask::Prefix`] when every row sees a prefix of the
-    /// columns, else [`Mask::Entries`].
-    fn apply_mask(
-        &self,
-        s: &mut [f32],
-        bk: usize,
-        q_pos: &[usize],
-        k_pos: &[usize],
-        seen: &mut [bool],
-        visible: &mut [usize],
-    ) -> Mask {
+    /// The visibility of the entries of tile `(q_pos, k_pos)` under the causal
+    /// diagonal, the mask and the map, into `tm`: each entry's flag, each row's count,
+    /// and [`Mask::Prefix`] when every row sees a prefix of the columns, else
+    /// [`Mask::Entries`]. [`TileMask::hide`] then applies it to each head's scores.
+    fn tile_mask(&self, q_pos: &[usize], k_pos: &[usize], tm: &mut TileMask) {
+        let bk = k_pos.len();
+        tm.seen.clear();
+        tm.seen.resize(q_pos.len() * bk, false);
+        tm.visible.clear();
+        tm.visible.resize(q_pos.len(), 0);
         let mut prefix = true;
-        for (((row, &qp), vis), seen) in s
-            .chunks_mut(bk)
-            .zip(q_pos)
-            .zip(visible.iter_mut())
-            .zip(seen.chunks_mut(bk))
+        for ((&qp, vis), seen) in q_pos
+            .iter()
+            .zip(tm.visible.iter_mut())
+            .zip(tm.seen.chunks_mut(bk.max(1)))
         {
             let mut count = 0;
             let mut end = 0;
-            for (c, ((x, &kp), seen)) in row.iter_mut().zip(k_pos).zip(seen).enumerate() {
+            for (c, (&kp, seen)) in k_pos.iter().zip(seen).enumerate() {
                 *seen = self.att.entry(&self.prep.pieces, qp, kp).is_some();
                 if *seen {
                     count += 1;
                     end = c + 1;
-                } else {
-                    *x = f32::NEG_INFINITY;
                 }
             }
             *vis = count;
             prefix &= end == count;
         }
-        if prefix { Mask::Prefix } else { Mask::Entries }
+        tm.kind = if prefix { Mask::Prefix } else { Mask::Entries };
     }
 }
 
@@ -789,29 +830,18 @@ impl RowState {
     ) {
         let dv = self.dv;
         let rows = s.len() / bk.max(1);
-        for (a, srow) in s.chunks_mut(bk).enumerate() {
-            if mask != Mask::None && visible[a] == 0 {
-                continue;
-            }
-            self.seen[a] = true;
-            // NaN-ignoring max over the visible entries (masked ones are -inf); a NaN
-            // still poisons l and acc through exp.
-            let m_new = self.m[a].max(kern.row_max(srow));
-            // All visible scores -inf (only from infinite inputs): use 0 as the base so
-            // no -inf - -inf appears.
-            let base = if m_new == f32::NEG_INFINITY {
-                0.0
-            } else {
-                m_new
-            };
-            let corr = (self.m[a] - base).exp();
-            self.m[a] = m_new;
-            if corr != 1.0 {
-                kern.scale(&mut self.acc[a * dv..(a + 1) * dv], corr);
-                self.l[a] *= corr;
-            }
-            self.l[a] += kern.exp_sub_sum(srow, base);
-        }
+        kern.fold_rows(
+            s,
+            bk,
+            (mask != Mask::None).then_some(visible),
+            RowsMut {
+                m: &mut self.m,
+                l: &mut self.l,
+                seen: &mut self.seen,
+                acc: &mut self.acc,
+                dv,
+            },
+        );
         if dv == 0 || rows == 0 {
             return;
         }
@@ -1153,10 +1183,13 @@ fn contiguous_values(prep: &TiledPrep<'_>, spare: &mut Vec<f32>) -> Result<Optio
         .checked_mul(n_k)
         .ok_or_else(|| RopeError::invalid("values", n_k, "kv heads x keys overflows usize"))?;
     let mut out = crate::error::reuse_vec(spare, "values made contiguous", rows, dv)?;
-    for g in 0..heads {
-        let m = prep.v.mat(g, 0..n_k);
-        for t in 0..n_k {
-            out.extend_from_slice(m.row(t));
+    out.resize(rows * dv, 0.0);
+    // Token by token, every head in turn: the input is read in its own order (one
+    // head's rows are `H_kv d_v` apart, a page each at 8 heads of 128).
+    for t in 0..n_k {
+        for g in 0..heads {
+            let at = (g * n_k + t) * dv;
+            out[at..at + dv].copy_from_slice(prep.v.row(g, t));
         }
     }
     Ok(Some(out))

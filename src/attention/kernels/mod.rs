@@ -77,6 +77,7 @@ mod simd;
 mod softmax;
 mod widen;
 
+pub(crate) use softmax::RowsMut;
 pub(crate) use widen::widen;
 use widen::{Stored, stored};
 
@@ -383,6 +384,17 @@ macro_rules! entries {
             }
 
             $(#[$attr])*
+            pub(super) fn fold_rows(
+                t: $tok,
+                scores: &mut [f32],
+                bk: usize,
+                visible: Option<&[usize]>,
+                state: softmax::RowsMut<'_>,
+            ) {
+                softmax::fold_rows(t, scores, bk, visible, state)
+            }
+
+            $(#[$attr])*
             pub(super) fn fma_loop(t: $tok, iters: u64) -> f32 {
                 peak::fma_loop::<$tok, $chains>(t, iters)
             }
@@ -558,12 +570,20 @@ impl Kernels {
     /// against slices of them with no per-tile packing; the layout is the same on every
     /// instruction set. [`PackedKeys::append`] grows a packed buffer key by key.
     pub fn pack_keys(&self, k: MatRef<'_>, out: &mut PackedKeys) {
-        let len = k.rows.div_ceil(PackedKeys::PANEL) * PackedKeys::PANEL * k.cols;
-        out.data.clear();
-        out.data.resize(len / LINE, Line([0.0; LINE]));
-        out.n = k.rows;
-        out.d = k.cols;
-        dispatch!(self, pack_keys(k, out.as_mut_slice()));
+        out.reset(k.rows, k.cols);
+        self.pack_keys_at(k, out, 0);
+    }
+
+    /// Packs `k: [m, d]` as keys `first .. first + m` of `out`, which
+    /// [`PackedKeys::reset`] sized for at least that many keys of head dim `d`; `first`
+    /// is a multiple of [`PackedKeys::PANEL`]. Packing a long key list a chunk of rows
+    /// at a time gives what [`Kernels::pack_keys`] gives for all of it.
+    pub(crate) fn pack_keys_at(&self, k: MatRef<'_>, out: &mut PackedKeys, first: usize) {
+        let (p, d) = (PackedKeys::PANEL, out.d);
+        debug_assert!(first.is_multiple_of(p) && first + k.rows <= out.n && k.cols == d);
+        let len = k.rows.div_ceil(p) * p * d;
+        let panels = &mut out.as_mut_slice()[first * d..first * d + len];
+        dispatch!(self, pack_keys(k, panels));
     }
 
     /// [`Kernels::qk_tile`] against packed keys: `S = scale * A K^T` for keys
@@ -775,7 +795,8 @@ impl Kernels {
     /// The softmax numerator of one row, in place: `x[i] = e^(x[i] - max)`, returning
     /// `sum_i x[i]` (the new values). `max` is normally [`Kernels::row_max`] of the row;
     /// `max = -inf` (every entry masked) is treated as `0`, giving zeros rather than
-    /// NaN. Accuracy as [`Kernels::exp`].
+    /// NaN. Accuracy as [`Kernels::exp`]. `max` must be at least every entry (as the
+    /// row max is): the exponent is computed for `x - max <= 0` only.
     pub fn exp_sub_sum(&self, x: &mut [f32], max: f32) -> f32 {
         dispatch!(self, exp_sub_sum(x, max))
     }
@@ -788,6 +809,19 @@ impl Kernels {
     /// `x[i] *= alpha` (rescaling an output row when the running max grows).
     pub fn scale(&self, x: &mut [f32], alpha: f32) {
         dispatch!(self, scale(x, alpha))
+    }
+
+    /// The online-softmax update of one tile's rows ([`softmax::fold_rows`]): per row
+    /// with a visible entry, the new max, the rescale of its output and sum, and the
+    /// probabilities `e^(s - m')` written over the scores; one call per tile.
+    pub(crate) fn fold_rows(
+        &self,
+        scores: &mut [f32],
+        bk: usize,
+        visible: Option<&[usize]>,
+        state: RowsMut<'_>,
+    ) {
+        dispatch!(self, fold_rows(scores, bk, visible, state))
     }
 
     /// Runs independent chains of fused multiply-adds (`x = x * a + b`) for `iters`
@@ -950,6 +984,17 @@ impl PackedKeys {
         unsafe {
             std::slice::from_raw_parts_mut(self.data.as_mut_ptr().cast(), self.data.len() * LINE)
         }
+    }
+
+    /// Sizes the buffer for `n` keys of head dim `d`, reusing the allocation, for
+    /// [`Kernels::pack_keys_at`]: lines already there keep stale values (only new ones
+    /// are zeroed), so every panel must then be packed.
+    pub(crate) fn reset(&mut self, n: usize, d: usize) {
+        let len = n.div_ceil(Self::PANEL) * Self::PANEL * d;
+        self.data.truncate(len / LINE);
+        self.data.resize(len / LINE, Line([0.0; LINE]));
+        self.n = n;
+        self.d = d;
     }
 
     /// Removes every key (keeps the allocation and the head dim).

@@ -71,6 +71,13 @@ pub(crate) trait Simd: Copy {
     fn hmax(self, v: Self::V) -> f32;
     /// Lane-wise `e^x`.
     fn exp(self, x: Self::V) -> Self::V;
+    /// Lane-wise `e^x` for `x <= 0` or NaN (a softmax numerator `e^(s - max)`): equal
+    /// to [`Simd::exp`] there (NaN stays a NaN, perhaps with another payload), without
+    /// its overflow and NaN blends. Positive lanes are not allowed.
+    #[inline(always)]
+    fn exp_nonpos(self, x: Self::V) -> Self::V {
+        self.exp(x)
+    }
 
     /// Lane `t` of the result is the sum of the lanes of `v[t]` (`v.len() == LANES`):
     /// `LANES` horizontal sums at once.
@@ -83,6 +90,19 @@ pub(crate) trait Simd: Copy {
         }
         // SAFETY: `sums` holds 16 >= LANES f32.
         unsafe { self.load(sums.as_ptr()) }
+    }
+
+    /// Lane `t` of the result is the largest lane of `v[t]` (`v.len() == LANES`, no NaN
+    /// lanes): `LANES` horizontal maxima at once.
+    #[inline(always)]
+    fn transpose_max(self, v: &[Self::V]) -> Self::V {
+        debug_assert_eq!(v.len(), Self::LANES);
+        let mut maxima = [0f32; 16];
+        for (x, &vt) in maxima.iter_mut().zip(v) {
+            *x = self.hmax(vt);
+        }
+        // SAFETY: `maxima` holds 16 >= LANES f32.
+        unsafe { self.load(maxima.as_ptr()) }
     }
 
     /// Packs `rows <= nr` rows of a row-major block, transposed: for `kk < kc`,
@@ -345,6 +365,137 @@ mod x86 {
     use super::{Simd, expc};
     use core::arch::x86_64::*;
 
+    /// `LANES` horizontal folds by `$op` (`_mm256_add_ps`, `_mm256_max_ps`) of 8 vectors
+    /// at once: lane `t` of the result folds the lanes of `$v[t]`. A tree of pairwise
+    /// folds; the final lane order is fixed by feeding vector `4 (s % 2) + s / 2` into
+    /// slot `s`. Needs AVX.
+    macro_rules! transpose_fold_256 {
+        ($v:expr, $op:ident) => {{
+            let v: &[__m256] = $v;
+            debug_assert_eq!(v.len(), 8);
+            let x: [__m256; 8] = [v[0], v[4], v[1], v[5], v[2], v[6], v[3], v[7]];
+            let mut w = [_mm256_setzero_ps(); 4];
+            for (i, wi) in w.iter_mut().enumerate() {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                *wi = $op(
+                    _mm256_permute2f128_ps::<0x20>(a, b),
+                    _mm256_permute2f128_ps::<0x31>(a, b),
+                );
+            }
+            let mut y = [_mm256_setzero_ps(); 2];
+            for (i, yi) in y.iter_mut().enumerate() {
+                let (a, b) = (w[2 * i], w[2 * i + 1]);
+                *yi = $op(
+                    _mm256_shuffle_ps::<0x44>(a, b),
+                    _mm256_shuffle_ps::<0xEE>(a, b),
+                );
+            }
+            $op(
+                _mm256_shuffle_ps::<0x88>(y[0], y[1]),
+                _mm256_shuffle_ps::<0xDD>(y[0], y[1]),
+            )
+        }};
+    }
+
+    /// [`transpose_fold_256!`] for 16 vectors of 16 lanes (`_mm512_add_ps`,
+    /// `_mm512_max_ps`). A tree of pairwise folds (128-bit lanes twice, then elements
+    /// twice) leaves the fold of slot `4e + j` at lane `4j + e`: feed slot `4e + j` with
+    /// vector `4j + e` so lane `t` folds `v[t]`. Needs AVX-512F.
+    macro_rules! transpose_fold_512 {
+        ($v:expr, $op:ident) => {{
+            let v: &[__m512] = $v;
+            debug_assert_eq!(v.len(), 16);
+            #[rustfmt::skip]
+            let x: [__m512; 16] = [
+                v[0], v[4], v[8], v[12], v[1], v[5], v[9], v[13],
+                v[2], v[6], v[10], v[14], v[3], v[7], v[11], v[15],
+                                    ];
+            let mut w = [_mm512_setzero_ps(); 8];
+            for (i, wi) in w.iter_mut().enumerate() {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                *wi = $op(
+                    _mm512_shuffle_f32x4::<0x44>(a, b),
+                    _mm512_shuffle_f32x4::<0xEE>(a, b),
+                );
+            }
+            let mut y = [_mm512_setzero_ps(); 4];
+            for (i, yi) in y.iter_mut().enumerate() {
+                let (a, b) = (w[2 * i], w[2 * i + 1]);
+                *yi = $op(
+                    _mm512_shuffle_f32x4::<0x88>(a, b),
+                    _mm512_shuffle_f32x4::<0xDD>(a, b),
+                );
+            }
+            let mut z = [_mm512_setzero_ps(); 2];
+            for (i, zi) in z.iter_mut().enumerate() {
+                let (a, b) = (y[2 * i], y[2 * i + 1]);
+                *zi = $op(
+                    _mm512_shuffle_ps::<0x44>(a, b),
+                    _mm512_shuffle_ps::<0xEE>(a, b),
+                );
+            }
+            $op(
+                _mm512_shuffle_ps::<0x88>(z[0], z[1]),
+                _mm512_shuffle_ps::<0xDD>(z[0], z[1]),
+            )
+        }};
+    }
+
+    /// `e^xc` for `xc` already clamped to `[LO, HI]` (or NaN): `n = round(xc log2 e)`,
+    /// `r = xc - n ln 2` (in two parts), `e^r` by the degree-7 polynomial of
+    /// [`expc`], times `2^n` as two normal factors (`n` in `[-126, 128]`). Needs AVX2
+    /// and FMA.
+    #[inline(always)]
+    unsafe fn exp_clamped_256(xc: __m256) -> __m256 {
+        use expc::*;
+        // SAFETY: the caller runs with AVX2 + FMA; pure register arithmetic.
+        unsafe {
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+            let mut p = _mm256_set1_ps(P0);
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P4));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P5));
+            let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+            let y = _mm256_add_ps(y, _mm256_set1_ps(1.0));
+            let ni = _mm256_cvtps_epi32(n);
+            let na = _mm256_srai_epi32::<1>(ni);
+            let nb = _mm256_sub_epi32(ni, na);
+            let bias = _mm256_set1_epi32(127);
+            let pa = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(na, bias)));
+            let pb = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(nb, bias)));
+            _mm256_mul_ps(_mm256_mul_ps(y, pa), pb)
+        }
+    }
+
+    /// [`exp_clamped_256`]'s `(e^r, n)` in 16 lanes, for `_mm512_scalef_ps(e^r, n)`.
+    /// Needs AVX-512F.
+    #[inline(always)]
+    unsafe fn exp_clamped_512(xc: __m512) -> (__m512, __m512) {
+        use expc::*;
+        // SAFETY: the caller runs with AVX-512F; pure register arithmetic.
+        unsafe {
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(xc, _mm512_set1_ps(LOG2E)),
+            );
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+            let mut p = _mm512_set1_ps(P0);
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P1));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P2));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P4));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
+            let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+            (_mm512_add_ps(y, _mm512_set1_ps(1.0)), n)
+        }
+    }
+
     /// AVX2 + FMA token (8 lanes). Constructed only when the CPU has both.
     #[derive(Debug, Clone, Copy)]
     pub(crate) struct Avx2(());
@@ -474,27 +625,7 @@ mod x86 {
             // SAFETY: token => AVX2 + FMA available; pure register arithmetic.
             unsafe {
                 let xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
-                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
-                );
-                let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
-                let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-                let mut p = _mm256_set1_ps(P0);
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P4));
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P5));
-                let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
-                let y = _mm256_add_ps(y, _mm256_set1_ps(1.0));
-                // 2^n as two normal factors (n in [-126, 128]).
-                let ni = _mm256_cvtps_epi32(n);
-                let na = _mm256_srai_epi32::<1>(ni);
-                let nb = _mm256_sub_epi32(ni, na);
-                let bias = _mm256_set1_epi32(127);
-                let pa = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(na, bias)));
-                let pb = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(nb, bias)));
-                let e = _mm256_mul_ps(_mm256_mul_ps(y, pa), pb);
+                let e = exp_clamped_256(xc);
                 let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(LO));
                 let over = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(HI));
                 let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
@@ -505,34 +636,28 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn transpose_sum(self, v: &[__m256]) -> __m256 {
-            debug_assert_eq!(v.len(), 8);
-            // A tree of pairwise folds; the final lane order is fixed by feeding vector
-            // `4 (s % 2) + s / 2` into slot `s`.
-            let x: [__m256; 8] = [v[0], v[4], v[1], v[5], v[2], v[6], v[3], v[7]];
-            // SAFETY: token => AVX available.
+        fn exp_nonpos(self, x: __m256) -> __m256 {
+            use expc::*;
+            // SAFETY: token => AVX2 + FMA available; pure register arithmetic.
             unsafe {
-                let mut w = [_mm256_setzero_ps(); 4];
-                for (i, wi) in w.iter_mut().enumerate() {
-                    let (a, b) = (x[2 * i], x[2 * i + 1]);
-                    *wi = _mm256_add_ps(
-                        _mm256_permute2f128_ps::<0x20>(a, b),
-                        _mm256_permute2f128_ps::<0x31>(a, b),
-                    );
-                }
-                let mut y = [_mm256_setzero_ps(); 2];
-                for (i, yi) in y.iter_mut().enumerate() {
-                    let (a, b) = (w[2 * i], w[2 * i + 1]);
-                    *yi = _mm256_add_ps(
-                        _mm256_shuffle_ps::<0x44>(a, b),
-                        _mm256_shuffle_ps::<0xEE>(a, b),
-                    );
-                }
-                _mm256_add_ps(
-                    _mm256_shuffle_ps::<0x88>(y[0], y[1]),
-                    _mm256_shuffle_ps::<0xDD>(y[0], y[1]),
-                )
+                // `exp` for x <= 0: no upper clamp or overflow blend, and a NaN flows
+                // through the arithmetic (the max keeps its NaN second operand).
+                let e = exp_clamped_256(_mm256_max_ps(_mm256_set1_ps(LO), x));
+                let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(LO));
+                _mm256_andnot_ps(under, e)
             }
+        }
+
+        #[inline(always)]
+        fn transpose_sum(self, v: &[__m256]) -> __m256 {
+            // SAFETY: token => AVX available.
+            unsafe { transpose_fold_256!(v, _mm256_add_ps) }
+        }
+
+        #[inline(always)]
+        fn transpose_max(self, v: &[__m256]) -> __m256 {
+            // SAFETY: token => AVX available.
+            unsafe { transpose_fold_256!(v, _mm256_max_ps) }
         }
 
         #[inline(always)]
@@ -729,19 +854,7 @@ mod x86 {
             // SAFETY: token => AVX-512F available; pure register arithmetic.
             unsafe {
                 let xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(LO)), _mm512_set1_ps(HI));
-                let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm512_mul_ps(xc, _mm512_set1_ps(LOG2E)),
-                );
-                let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
-                let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-                let mut p = _mm512_set1_ps(P0);
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P1));
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P2));
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P4));
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
-                let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-                let y = _mm512_add_ps(y, _mm512_set1_ps(1.0));
+                let (y, n) = exp_clamped_512(xc);
                 // y * 2^n, exact, with correct overflow (n <= 128).
                 let e = _mm512_scalef_ps(y, n);
                 let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(LO));
@@ -754,47 +867,28 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn transpose_sum(self, v: &[__m512]) -> __m512 {
-            debug_assert_eq!(v.len(), 16);
-            // A tree of pairwise folds (128-bit lanes twice, then elements twice) leaves
-            // the sum of slot `4e + j` at lane `4j + e`: feed slot `4e + j` with vector
-            // `4j + e` so lane `t` holds the sum of `v[t]`.
-            #[rustfmt::skip]
-            let x: [__m512; 16] = [
-                v[0], v[4], v[8], v[12], v[1], v[5], v[9], v[13],
-                v[2], v[6], v[10], v[14], v[3], v[7], v[11], v[15],
-            ];
-            // SAFETY: token => AVX-512F available.
+        fn exp_nonpos(self, x: __m512) -> __m512 {
+            use expc::*;
+            // SAFETY: token => AVX-512F available; pure register arithmetic.
             unsafe {
-                let mut w = [_mm512_setzero_ps(); 8];
-                for (i, wi) in w.iter_mut().enumerate() {
-                    let (a, b) = (x[2 * i], x[2 * i + 1]);
-                    *wi = _mm512_add_ps(
-                        _mm512_shuffle_f32x4::<0x44>(a, b),
-                        _mm512_shuffle_f32x4::<0xEE>(a, b),
-                    );
-                }
-                let mut y = [_mm512_setzero_ps(); 4];
-                for (i, yi) in y.iter_mut().enumerate() {
-                    let (a, b) = (w[2 * i], w[2 * i + 1]);
-                    *yi = _mm512_add_ps(
-                        _mm512_shuffle_f32x4::<0x88>(a, b),
-                        _mm512_shuffle_f32x4::<0xDD>(a, b),
-                    );
-                }
-                let mut z = [_mm512_setzero_ps(); 2];
-                for (i, zi) in z.iter_mut().enumerate() {
-                    let (a, b) = (y[2 * i], y[2 * i + 1]);
-                    *zi = _mm512_add_ps(
-                        _mm512_shuffle_ps::<0x44>(a, b),
-                        _mm512_shuffle_ps::<0xEE>(a, b),
-                    );
-                }
-                _mm512_add_ps(
-                    _mm512_shuffle_ps::<0x88>(z[0], z[1]),
-                    _mm512_shuffle_ps::<0xDD>(z[0], z[1]),
-                )
+                // `exp` for x <= 0: no upper clamp or overflow blend, and a NaN flows
+                // through the arithmetic (the max keeps its NaN second operand).
+                let (y, n) = exp_clamped_512(_mm512_max_ps(_mm512_set1_ps(LO), x));
+                let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(LO));
+                _mm512_maskz_scalef_ps(!under, y, n)
             }
+        }
+
+        #[inline(always)]
+        fn transpose_sum(self, v: &[__m512]) -> __m512 {
+            // SAFETY: token => AVX-512F available.
+            unsafe { transpose_fold_512!(v, _mm512_add_ps) }
+        }
+
+        #[inline(always)]
+        fn transpose_max(self, v: &[__m512]) -> __m512 {
+            // SAFETY: token => AVX-512F available.
+            unsafe { transpose_fold_512!(v, _mm512_max_ps) }
         }
 
         #[inline(always)]

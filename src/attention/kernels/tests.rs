@@ -782,6 +782,162 @@ fn masked_rows_nan_and_infinities() {
 }
 
 #[test]
+fn exp_sub_sum_at_max_zero_is_exp_bit_for_bit() {
+    // `exp_sub_sum` takes the x <= 0 exponential: it must agree with `exp` on every
+    // non-positive input, the clamps and -inf included (NaN stays NaN).
+    let mut xs: Vec<f32> = Vec::new();
+    let mut bits = (-104.0f32).to_bits();
+    while f32::from_bits(bits) < 0.0 {
+        xs.push(f32::from_bits(bits));
+        bits -= GRID_STEP * 3;
+    }
+    xs.extend([
+        0.0,
+        -0.0,
+        expc::LO,
+        f32::from_bits(expc::LO.to_bits() + 1),
+        f32::from_bits(expc::LO.to_bits() - 1),
+        -1e30,
+        f32::MIN,
+        f32::NEG_INFINITY,
+        -f32::MIN_POSITIVE,
+        f32::NAN,
+    ]);
+    for k in Kernels::all_supported() {
+        let mut want = xs.clone();
+        k.exp(&mut want);
+        let mut got = xs.clone();
+        k.exp_sub_sum(&mut got, 0.0);
+        for ((&x, &w), &g) in xs.iter().zip(&want).zip(&got) {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{:?}: exp({x}) = {w}, exp_sub_sum gave {g}",
+                k.isa()
+            );
+        }
+    }
+}
+
+/// The online-softmax state of `rows` rows, filled with values a fold meets midway.
+fn midway_state(
+    rng: &mut Rng,
+    rows: usize,
+    dv: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<bool>, Vec<f32>) {
+    let m = (0..rows)
+        .map(|a| match a % 4 {
+            0 => f32::NEG_INFINITY,
+            1 => 40.0,
+            _ => rng.next() * 10.0,
+        })
+        .collect();
+    let l = (0..rows)
+        .map(|a| {
+            if a % 4 == 0 {
+                0.0
+            } else {
+                1.0 + rng.next().abs()
+            }
+        })
+        .collect();
+    let seen = (0..rows).map(|a| a % 4 != 0).collect();
+    (m, l, seen, rng.vec(rows * dv))
+}
+
+#[test]
+fn fold_rows_equals_the_row_by_row_update() {
+    let mut rng = Rng(2024);
+    for k in Kernels::all_supported() {
+        for (rows, bk, dv) in [
+            (1, 1, 1),
+            (7, 17, 3),
+            (16, 64, 128),
+            (33, 64, 64),
+            (64, 31, 5),
+            (20, 0, 4),
+        ] {
+            let scores: Vec<f32> = (0..rows * bk)
+                .map(|i| match i % 11 {
+                    3 => f32::NEG_INFINITY,
+                    _ => rng.next() * 30.0,
+                })
+                .collect();
+            // Every third row sees nothing; one row all -inf.
+            let visible: Vec<usize> = (0..rows).map(|a| if a % 3 == 2 { 0 } else { bk }).collect();
+            let mut scores = scores;
+            if rows > 4 && bk > 0 {
+                scores[4 * bk..5 * bk].fill(f32::NEG_INFINITY);
+            }
+            for vis in [None, Some(&visible[..])] {
+                let (m0, l0, seen0, acc0) = midway_state(&mut rng, rows, dv);
+                // Reference: the primitives row by row.
+                let (mut m1, mut l1, mut seen1, mut acc1, mut s1) = (
+                    m0.clone(),
+                    l0.clone(),
+                    seen0.clone(),
+                    acc0.clone(),
+                    scores.clone(),
+                );
+                for a in 0..rows {
+                    if bk == 0 || vis.is_some_and(|v| v[a] == 0) {
+                        continue;
+                    }
+                    let row = &mut s1[a * bk..(a + 1) * bk];
+                    seen1[a] = true;
+                    let m_new = m1[a].max(k.row_max(row));
+                    let base = if m_new == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        m_new
+                    };
+                    let corr = (m1[a] - base).exp();
+                    m1[a] = m_new;
+                    if corr != 1.0 {
+                        k.scale(&mut acc1[a * dv..(a + 1) * dv], corr);
+                        l1[a] *= corr;
+                    }
+                    l1[a] += k.exp_sub_sum(row, base);
+                }
+                let (mut m2, mut l2, mut seen2, mut acc2, mut s2) = (
+                    m0.clone(),
+                    l0.clone(),
+                    seen0.clone(),
+                    acc0.clone(),
+                    scores.clone(),
+                );
+                let state = RowsMut {
+                    m: &mut m2,
+                    l: &mut l2,
+                    seen: &mut seen2,
+                    acc: &mut acc2,
+                    dv,
+                };
+                k.fold_rows(&mut s2, bk, vis, state);
+                let what = format!(
+                    "{:?} rows {rows} bk {bk} dv {dv} visible {}",
+                    k.isa(),
+                    vis.is_some()
+                );
+                assert_eq!(m1, m2, "{what}");
+                assert_eq!(seen1, seen2, "{what}");
+                assert_eq!(acc1, acc2, "{what}");
+                assert!(
+                    s1.iter().zip(&s2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}"
+                );
+                // Only the order of a row's additions differs.
+                for (a, (&x, &y)) in l1.iter().zip(&l2).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                        "{what} row {a}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn scale_rows() {
     for k in Kernels::all_supported() {
         for len in [0, 1, 5, 16, 17, 100] {
