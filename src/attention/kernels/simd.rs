@@ -405,11 +405,10 @@ mod x86 {
         ($v:expr, $op:ident) => {{
             let v: &[__m512] = $v;
             debug_assert_eq!(v.len(), 16);
-            #[rustfmt::skip]
             let x: [__m512; 16] = [
-                v[0], v[4], v[8], v[12], v[1], v[5], v[9], v[13],
-                v[2], v[6], v[10], v[14], v[3], v[7], v[11], v[15],
-                                    ];
+                v[0], v[4], v[8], v[12], v[1], v[5], v[9], v[13], v[2], v[6], v[10], v[14], v[3],
+                v[7], v[11], v[15],
+            ];
             let mut w = [_mm512_setzero_ps(); 8];
             for (i, wi) in w.iter_mut().enumerate() {
                 let (a, b) = (x[2 * i], x[2 * i + 1]);
