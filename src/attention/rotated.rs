@@ -492,8 +492,9 @@ impl Attention {
         // A chunk of tokens at a time, every head of a token in turn: the input is read
         // in its own order (one head's rows are `heads * width` apart, a page each at 8
         // heads of 128), each token's cos/sin is prepared once, and the scratch holds
-        // `heads x chunk` rows, not a whole head.
-        let chunk = ROTATE_CHUNK.min(rows.div_ceil(PackedKeys::PANEL) * PackedKeys::PANEL);
+        // `heads x chunk` rows, never more than the input. Chunks start at multiples of
+        // ROTATE_CHUNK (a multiple of the panel), or there is one chunk at 0.
+        let chunk = ROTATE_CHUNK.min(rows);
         rotated.clear();
         rotated.resize(heads * chunk * width, 0.0);
         packed.resize_with(heads, PackedKeys::new);
