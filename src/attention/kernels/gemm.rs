@@ -6,11 +6,34 @@
 //!   accumulates `A[i, k] * panel[k, :]` (A broadcast from memory, panel loaded).
 //! - `pv`: `O += P V`. V rows are already "k-major", so V is read in place; an
 //!   `MR x NV` block of O is loaded, accumulated over `k` and stored.
+//!
+//! Both are generic over their multiply-accumulate step ([`Mac`]): [`Fma`] for f32
+//! operands, or the bf16 dot product of `bf16dot.rs`, whose operands are pairs of bf16
+//! in the bits of one f32 slot (a "pair matrix": its columns are pairs along the summed
+//! axis), so the same loops, packing and register blocks serve both.
 
 use std::mem::MaybeUninit;
 
 use super::simd::Simd;
 use super::{MatMut, MatRef};
+
+/// The multiply-accumulate step of the tile GEMMs: `acc + a b` for `a`, one operand
+/// element splatted to every lane, and `b`, a vector of the other operand.
+pub(crate) trait Mac<S: Simd>: Copy {
+    /// `acc + a b`, lane by lane, in the step's own arithmetic.
+    fn mac(self, s: S, a: S::V, b: S::V, acc: S::V) -> S::V;
+}
+
+/// f32 operands: one fused multiply-add per lane.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fma;
+
+impl<S: Simd> Mac<S> for Fma {
+    #[inline(always)]
+    fn mac(self, s: S, a: S::V, b: S::V, acc: S::V) -> S::V {
+        s.fma(a, b, acc)
+    }
+}
 
 /// Keys per packed panel, on every instruction set (so packed keys are portable
 /// between them): a panel is `kc x PANEL` f32, key `jj` of head dim `kk` at
@@ -26,18 +49,19 @@ const PANEL_KC: usize = PANEL_FLOATS / PANEL;
 #[repr(C, align(64))]
 struct Panel(MaybeUninit<[f32; PANEL_FLOATS]>);
 
-/// Calls `$f::<S, R, ...>` with the run-time row count `$rows` (1..=8) as the const `R`.
+/// Calls `$f::<S, M, R, ...>` with the run-time row count `$rows` (1..=8) as the const
+/// `R`.
 macro_rules! by_rows {
-    ($rows:expr, $f:ident::<$s:ty, _ $(, $c:tt)*>($($arg:expr),* $(,)?)) => {
+    ($rows:expr, $f:ident::<$s:ty, $m:ty, _ $(, $c:tt)*>($($arg:expr),* $(,)?)) => {
         match $rows {
-            1 => $f::<$s, 1 $(, $c)*>($($arg),*),
-            2 => $f::<$s, 2 $(, $c)*>($($arg),*),
-            3 => $f::<$s, 3 $(, $c)*>($($arg),*),
-            4 => $f::<$s, 4 $(, $c)*>($($arg),*),
-            5 => $f::<$s, 5 $(, $c)*>($($arg),*),
-            6 => $f::<$s, 6 $(, $c)*>($($arg),*),
-            7 => $f::<$s, 7 $(, $c)*>($($arg),*),
-            8 => $f::<$s, 8 $(, $c)*>($($arg),*),
+            1 => $f::<$s, $m, 1 $(, $c)*>($($arg),*),
+            2 => $f::<$s, $m, 2 $(, $c)*>($($arg),*),
+            3 => $f::<$s, $m, 3 $(, $c)*>($($arg),*),
+            4 => $f::<$s, $m, 4 $(, $c)*>($($arg),*),
+            5 => $f::<$s, $m, 5 $(, $c)*>($($arg),*),
+            6 => $f::<$s, $m, 6 $(, $c)*>($($arg),*),
+            7 => $f::<$s, $m, 7 $(, $c)*>($($arg),*),
+            8 => $f::<$s, $m, 8 $(, $c)*>($($arg),*),
             _ => unreachable!("register blocks have 1 to 8 rows"),
         }
     };
@@ -46,11 +70,11 @@ macro_rules! by_rows {
 /// [`by_rows!`] with one more const argument, `FULL`, set to the run-time `$full`: whole
 /// register blocks (`true`) use plain loads and stores, edge blocks masked ones.
 macro_rules! by_rows_full {
-    ($rows:expr, $full:expr, $f:ident::<$s:ty, _ $(, $c:tt)*>($($arg:expr),* $(,)?)) => {
+    ($rows:expr, $full:expr, $f:ident::<$s:ty, $m:ty, _ $(, $c:tt)*>($($arg:expr),* $(,)?)) => {
         if $full {
-            by_rows!($rows, $f::<$s, _ $(, $c)*, true>($($arg),*))
+            by_rows!($rows, $f::<$s, $m, _ $(, $c)*, true>($($arg),*))
         } else {
-            by_rows!($rows, $f::<$s, _ $(, $c)*, false>($($arg),*))
+            by_rows!($rows, $f::<$s, $m, _ $(, $c)*, false>($($arg),*))
         }
     };
 }
@@ -58,8 +82,9 @@ macro_rules! by_rows_full {
 /// `S = scale * A B^T` with an `MR x (NV * LANES)` register block (`MR <= 8`,
 /// `NV * LANES` dividing [`PANEL`]); B is packed one panel at a time on the stack.
 #[inline(always)]
-pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize, const U: usize>(
+pub(crate) fn qk<S: Simd, M: Mac<S>, const MR: usize, const NV: usize, const U: usize>(
     s: S,
+    mac: M,
     a: MatRef<'_>,
     b: MatRef<'_>,
     mut c: MatMut<'_>,
@@ -89,8 +114,8 @@ pub(crate) fn qk<S: Simd, const MR: usize, const NV: usize, const U: usize>(
             // SAFETY: the panel's first `kc * PANEL` f32 were just written; the column
             // range `j0 .. j0 + ncols` and head dims `k0 .. k0 + kc` are in bounds.
             unsafe {
-                qk_panel::<S, MR, NV, U>(
-                    s,
+                qk_panel::<S, M, MR, NV, U>(
+                    (s, mac),
                     &a,
                     &mut c,
                     pp.cast_const(),
@@ -127,8 +152,9 @@ pub(crate) fn pack_keys<S: Simd>(s: S, k: MatRef<'_>, out: &mut [f32]) {
 /// `S = scale * A K^T` for the keys of packed panels `panels` (`d x PANEL` each, the
 /// first one holding key column 0 of `c`).
 #[inline(always)]
-pub(crate) fn qk_packed<S: Simd, const MR: usize, const NV: usize, const U: usize>(
+pub(crate) fn qk_packed<S: Simd, M: Mac<S>, const MR: usize, const NV: usize, const U: usize>(
     s: S,
+    mac: M,
     a: MatRef<'_>,
     panels: &[f32],
     mut c: MatMut<'_>,
@@ -148,8 +174,8 @@ pub(crate) fn qk_packed<S: Simd, const MR: usize, const NV: usize, const U: usiz
         // SAFETY: panel `j0 / PANEL` (`d * PANEL` f32) is inside `panels` (asserted);
         // columns `j0 .. j0 + ncols <= n` and all `d` head dims are in bounds.
         unsafe {
-            qk_panel::<S, MR, NV, U>(
-                s,
+            qk_panel::<S, M, MR, NV, U>(
+                (s, mac),
                 &a,
                 &mut c,
                 panels.as_ptr().add(j0 * d),
@@ -173,8 +199,8 @@ fn zero_rows(c: &mut MatMut<'_>) {
 /// `panel` readable for `kc * PANEL` f32; `k0 + kc <= a.cols()`,
 /// `j0 + ncols <= c.cols()`, `ncols <= PANEL`.
 #[inline(always)]
-unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize, const U: usize>(
-    s: S,
+unsafe fn qk_panel<S: Simd, M: Mac<S>, const MR: usize, const NV: usize, const U: usize>(
+    (s, mac): (S, M),
     a: &MatRef<'_>,
     c: &mut MatMut<'_>,
     panel: *const f32,
@@ -209,8 +235,9 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize, const U: usize>(
                 by_rows_full!(
                     rows,
                     ncols - sub >= nr,
-                    qk_micro::<S, _, NV, U>(
+                    qk_micro::<S, M, _, NV, U>(
                         s,
+                        mac,
                         args.0,
                         lda,
                         args.1,
@@ -235,8 +262,16 @@ unsafe fn qk_panel<S: Simd, const MR: usize, const NV: usize, const U: usize>(
 /// the others are skipped, so no pointer past C's columns is formed.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize, const U: usize, const FULL: bool>(
+unsafe fn qk_micro<
+    S: Simd,
+    M: Mac<S>,
+    const R: usize,
+    const NV: usize,
+    const U: usize,
+    const FULL: bool,
+>(
     s: S,
+    mac: M,
     a: *const f32,
     lda: usize,
     panel: *const f32,
@@ -259,7 +294,7 @@ unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize, const U: usize, con
                 for (i, row) in acc.iter_mut().enumerate() {
                     let ai = s.splat(*a.add(i * lda + k));
                     for (x, b) in row.iter_mut().zip(bv) {
-                        *x = s.fma(ai, b, *x);
+                        *x = mac.mac(s, ai, b, *x);
                     }
                 }
             }
@@ -274,7 +309,7 @@ unsafe fn qk_micro<S: Simd, const R: usize, const NV: usize, const U: usize, con
                 for (row, ai) in acc.iter_mut().zip(rows) {
                     let ai = s.splat(*ai.add(k));
                     for (x, b) in row.iter_mut().zip(bv) {
-                        *x = s.fma(ai, b, *x);
+                        *x = mac.mac(s, ai, b, *x);
                     }
                 }
             };
@@ -321,8 +356,9 @@ const PV_KC: usize = 256;
 
 /// `O += P V` with an `MR x (NV * LANES)` register block (`MR <= 8`).
 #[inline(always)]
-pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize, const PREFETCH: bool>(
+pub(crate) fn pv<S: Simd, M: Mac<S>, const MR: usize, const NV: usize, const PREFETCH: bool>(
     s: S,
+    mac: M,
     p: MatRef<'_>,
     v: MatRef<'_>,
     mut o: MatMut<'_>,
@@ -369,7 +405,9 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize, const PREFETCH: bool
                     by_rows_full!(
                         rows,
                         ncols == nr,
-                        pv_micro::<S, _, NV>(s, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge)
+                        pv_micro::<S, M, _, NV>(
+                            s, mac, args.0, ldp, args.1, ldv, kc, args.2, ldo, edge
+                        )
                     )
                 }
             }
@@ -387,8 +425,9 @@ pub(crate) fn pv<S: Simd, const MR: usize, const NV: usize, const PREFETCH: bool
 /// hold any lane: the others are skipped, so no pointer past the columns is formed.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
+unsafe fn pv_micro<S: Simd, M: Mac<S>, const R: usize, const NV: usize, const FULL: bool>(
     s: S,
+    mac: M,
     p: *const f32,
     ldp: usize,
     v: *const f32,
@@ -426,7 +465,7 @@ unsafe fn pv_micro<S: Simd, const R: usize, const NV: usize, const FULL: bool>(
             for (i, row) in acc.iter_mut().enumerate() {
                 let pi = s.splat(*p.add(i * ldp + k));
                 for (x, b) in row.iter_mut().zip(bv) {
-                    *x = s.fma(pi, b, *x);
+                    *x = mac.mac(s, pi, b, *x);
                 }
             }
         }

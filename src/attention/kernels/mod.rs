@@ -34,6 +34,7 @@
 //! | [`Kernels::pv_gemv`] | `O += P V`, few queries | decode / GQA group: streams V once |
 //! | [`Kernels::exp`], [`Kernels::exp_sub_sum`], [`Kernels::row_max`], [`Kernels::scale`] | softmax pieces on one row | |
 //! | [`Kernels::fma_loop`] | independent FMA chains | the machine's f32 peak, for reports |
+//! | [`Bf16Kernels`] ([`Kernels::bf16`]) | the tile GEMMs on bf16 pairs (`vdpbf16ps`) | AVX512_BF16 CPUs; see [`Kernels::bf16_products_pay`] |
 //! | [`thread_cpu_time`], [`time_on_cpu`] | on-CPU time of this thread | the clock of the reports and of [`Kernels::fma_peak_gflops`] |
 //!
 //! # In a flash-attention loop
@@ -70,6 +71,7 @@
 //! ragged edge that hold no column, so no pointer past a slice is ever formed. Under
 //! Miri only the portable path exists, so its tests check that arithmetic there.
 
+mod bf16dot;
 mod gemm;
 mod gemv;
 mod peak;
@@ -341,7 +343,7 @@ macro_rules! entries {
 
             $(#[$attr])*
             pub(super) fn qk_tile(t: $tok, a: MatRef<'_>, b: MatRef<'_>, c: MatMut<'_>, sc: f32) {
-                gemm::qk::<$tok, $qmr, $qnv, $qu>(t, a, b, c, sc)
+                gemm::qk::<$tok, _, $qmr, $qnv, $qu>(t, gemm::Fma, a, b, c, sc)
             }
 
             $(#[$attr])*
@@ -352,7 +354,7 @@ macro_rules! entries {
                 c: MatMut<'_>,
                 sc: f32,
             ) {
-                gemm::qk_packed::<$tok, $qmr, $qnv, $qu>(t, a, panels, c, sc)
+                gemm::qk_packed::<$tok, _, $qmr, $qnv, $qu>(t, gemm::Fma, a, panels, c, sc)
             }
 
             $(#[$attr])*
@@ -362,7 +364,7 @@ macro_rules! entries {
 
             $(#[$attr])*
             pub(super) fn pv_tile(t: $tok, p: MatRef<'_>, v: MatRef<'_>, o: MatMut<'_>) {
-                gemm::pv::<$tok, $pmr, $pnv, $pf>(t, p, v, o)
+                gemm::pv::<$tok, _, $pmr, $pnv, $pf>(t, gemm::Fma, p, v, o)
             }
 
             $(#[$attr])*
@@ -609,26 +611,7 @@ impl Kernels {
         s: MatMut<'_>,
         scale: f32,
     ) -> Result<()> {
-        if !key_start.is_multiple_of(PackedKeys::PANEL) {
-            return Err(RopeError::invalid(
-                "qk_tile_packed key_start",
-                key_start,
-                format!("must be a multiple of {}", PackedKeys::PANEL),
-            ));
-        }
-        check_dims(
-            "qk_tile_packed keys [n, d]",
-            (keys.n, a.cols),
-            (keys.n, keys.d),
-        )?;
-        if s.rows != a.rows || key_start.saturating_add(s.cols) > keys.n {
-            return Err(shape_err(
-                "qk_tile_packed S [m, n]",
-                format!("{} rows, key_start + cols <= {}", a.rows, keys.n),
-                format!("[{}, {}] from key {key_start}", s.rows, s.cols),
-            ));
-        }
-        let panels = &keys.as_slice()[key_start * keys.d..];
+        let panels = keys.panels_from("qk_tile_packed", &a, key_start, &s)?;
         dispatch!(self, qk_packed(a, panels, s, scale));
         Ok(())
     }
@@ -881,6 +864,225 @@ impl Kernels {
     }
 }
 
+/// The tile GEMMs on bf16 operands with f32 accumulation: `vdpbf16ps` (AVX512_BF16)
+/// as the multiply-accumulate of the AVX-512 `qk` and `pv` loops.
+///
+/// Operands are *pair matrices* (`bf16dot.rs`): f32 memory in which each slot holds two
+/// bf16, the lower half the even element of a pair that the product sums together
+/// (along the head dim for `Q K^T`, along the keys for `P V`). [`Bf16Kernels::round_pairs`]
+/// turns an f32 row into one in place, [`Bf16Kernels::pair_rows`] interleaves two value
+/// rows; keys are packed from pair rows by [`Kernels::pack_keys`] like any f32 keys
+/// (the packing moves bits only).
+///
+/// Each product of two bf16 is exact in f32, and the pairs' sums accumulate in f32, so
+/// the only new error against the f32 GEMMs is rounding the operands to bf16 (unit
+/// roundoff `2^-8`). The instruction flushes subnormal operands to zero.
+///
+/// ```
+/// # #[cfg(feature = "bench-internals")] {
+/// use ropex::attention::kernels::{Kernels, MatMut, MatRef, PackedKeys};
+/// let Some(bf) = Kernels::active().bf16() else { return Ok(()) }; // no AVX512_BF16 here
+/// // One query of head dim 4 against two keys, all exact in bf16.
+/// let mut q = [1.0f32, 2.0, 0.5, -1.0];
+/// let mut k = [1.0f32, 0.0, 2.0, 4.0, 0.25, 1.0, 1.0, 0.0];
+/// bf.round_pairs(&mut q, 4)?; // q[..2] now holds the pairs
+/// for row in k.chunks_mut(4) {
+///     bf.round_pairs(row, 4)?;
+/// }
+/// let mut packed = PackedKeys::new();
+/// Kernels::active().pack_keys(MatRef::new(&k, 2, 2, 4)?, &mut packed);
+/// let mut s = [0.0f32; 2];
+/// bf.qk_tile_packed(MatRef::new(&q, 1, 2, 4)?, &packed, 0, MatMut::new(&mut s, 1, 2, 2)?, 1.0)?;
+/// assert_eq!(s, [1.0 + 1.0 - 4.0, 0.25 + 2.0 + 0.5]);
+/// # }
+/// # Ok::<(), ropex::RopeError>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16Kernels {
+    tok: bf16dot::Bf16Dot,
+}
+
+/// How much faster (in flops per second) `vdpbf16ps` must run than `vfmadd231ps` for
+/// [`Kernels::bf16_products_pay`]: the two cores measured are far on either side (2.0 and
+/// 0.5), and the bf16 tile loop also spends time outside the products.
+const BF16_PAYS: f64 = 1.3;
+
+impl Kernels {
+    /// The bf16 tile products, if this handle is the AVX-512 one and the CPU has
+    /// AVX512_BF16 (and AVX-512BW).
+    pub fn bf16(&self) -> Option<Bf16Kernels> {
+        if self.isa() != Isa::Avx512 || cfg!(miri) {
+            return None;
+        }
+        bf16dot::Bf16Dot::new().map(|tok| Bf16Kernels { tok })
+    }
+
+    /// Whether bf16 tile products are worth using on this core: [`Kernels::bf16`] exists
+    /// and a register-only loop of `vdpbf16ps` runs at least 1.3x the flop rate of the
+    /// f32 FMA loop ([`Kernels::fma_loop`]). Measured once per process (about 1 ms, five
+    /// interleaved rounds of each, best on-CPU rate).
+    ///
+    /// The instruction's speed differs by vendor: 2.0x the FMA rate on an AMD Zen 4 core
+    /// (it runs at the full 512-bit width there, while an FMA is split in two 256-bit
+    /// halves), 0.5x on an Intel Xeon family 6 model 167.
+    pub fn bf16_products_pay() -> bool {
+        static PAY: OnceLock<bool> = OnceLock::new();
+        *PAY.get_or_init(|| {
+            let Some(f) = Kernels::with_isa(Isa::Avx512) else {
+                return false;
+            };
+            let Some(b) = f.bf16() else {
+                return false;
+            };
+            let iters = 20_000;
+            let (mut fma, mut dot) = (0f64, 0f64);
+            for _ in 0..5 {
+                let t = time_on_cpu(&mut || {
+                    std::hint::black_box(f.fma_loop(std::hint::black_box(iters)));
+                });
+                fma = fma.max(f.fma_loop_flops(iters) as f64 / t.as_secs_f64().max(1e-9));
+                let t = time_on_cpu(&mut || {
+                    std::hint::black_box(b.dot_loop(std::hint::black_box(iters)));
+                });
+                dot = dot.max(b.dot_loop_flops(iters) as f64 / t.as_secs_f64().max(1e-9));
+            }
+            dot >= BF16_PAYS * fma
+        })
+    }
+}
+
+impl Bf16Kernels {
+    /// Rounds `x[..n]` to bf16, in place, into a pair-matrix row: slot `s < ceil(n / 2)`
+    /// then holds `(x[2s], x[2s + 1])` (a zero bf16 past `n`); later slots are left as
+    /// they were.
+    ///
+    /// # Errors
+    /// [`RopeError::ShapeMismatch`] if `n > x.len()`.
+    pub fn round_pairs(&self, x: &mut [f32], n: usize) -> Result<()> {
+        if n > x.len() {
+            return Err(shape_err(
+                "round_pairs row",
+                format!(">= {n} values"),
+                x.len().to_string(),
+            ));
+        }
+        self.round_pairs_unchecked(x, n);
+        Ok(())
+    }
+
+    /// [`Bf16Kernels::round_pairs`] for `n <= x.len()`, checked by the caller.
+    pub(crate) fn round_pairs_unchecked(&self, x: &mut [f32], n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the token proves the CPU has the entry point's features.
+        unsafe {
+            bf16dot::round_pairs(self.tok, x, n)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        match self.tok {}
+    }
+
+    /// The pair-matrix row of two rows of values: `out[c] = (r0[c], r1[c])` rounded to
+    /// bf16 for `c < out.len()`; with `r1 = None` the second element is zero (an odd
+    /// last key).
+    ///
+    /// # Errors
+    /// [`RopeError::ShapeMismatch`] if `r0` or `r1` is shorter than `out`.
+    pub fn pair_rows(&self, r0: &[f32], r1: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+        let short = r0.len().min(r1.map_or(usize::MAX, <[f32]>::len));
+        if short < out.len() {
+            return Err(shape_err(
+                "pair_rows rows",
+                format!(">= {} values", out.len()),
+                short.to_string(),
+            ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the token proves the CPU has the entry point's features.
+        unsafe {
+            bf16dot::pair_rows(self.tok, r0, r1, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        match self.tok {}
+        Ok(())
+    }
+
+    /// [`Kernels::qk_tile_packed`] on pair matrices: `S = scale * A K^T`, `A: [m,
+    /// ceil(d/2)]` pairs of rotated queries, `keys` packed from pair rows of the keys
+    /// (so its head dim counts pairs too).
+    ///
+    /// # Errors
+    /// As [`Kernels::qk_tile_packed`].
+    pub fn qk_tile_packed(
+        &self,
+        a: MatRef<'_>,
+        keys: &PackedKeys,
+        key_start: usize,
+        s: MatMut<'_>,
+        scale: f32,
+    ) -> Result<()> {
+        let panels = keys.panels_from("bf16 qk_tile_packed", &a, key_start, &s)?;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the token proves the CPU has the entry point's features.
+        unsafe {
+            bf16dot::qk_packed(self.tok, a, panels, s, scale)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (panels, scale);
+            match self.tok {}
+        }
+        Ok(())
+    }
+
+    /// [`Kernels::pv_tile`] on pair matrices: `O += P V`, `P: [m, ceil(k/2)]` pairs of
+    /// probabilities, `V: [ceil(k/2), dv]` from [`Bf16Kernels::pair_rows`], `O: [m, dv]`
+    /// f32.
+    ///
+    /// # Errors
+    /// [`RopeError::ShapeMismatch`] if the shapes do not agree.
+    pub fn pv_tile(&self, p: MatRef<'_>, v: MatRef<'_>, o: MatMut<'_>) -> Result<()> {
+        check_dims("bf16 pv_tile V [k, dv]", (p.cols, v.cols), (v.rows, v.cols))?;
+        check_dims("bf16 pv_tile O [m, dv]", (p.rows, v.cols), (o.rows, o.cols))?;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the token proves the CPU has the entry point's features.
+        unsafe {
+            bf16dot::pv(self.tok, p, v, o)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        match self.tok {}
+        Ok(())
+    }
+
+    /// Independent chains of `vdpbf16ps` for `iters` rounds ([`Bf16Kernels::dot_loop_flops`]
+    /// flops); returns a value that depends on every chain.
+    pub fn dot_loop(&self, iters: u64) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the token proves the CPU has the entry point's features.
+        unsafe {
+            bf16dot::dot_loop(self.tok, iters)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = iters;
+            match self.tok {}
+        }
+    }
+
+    /// Flops of [`Bf16Kernels::dot_loop`]`(iters)`: two products and two sums per lane
+    /// per instruction.
+    pub fn dot_loop_flops(&self, iters: u64) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            iters * (bf16dot::DOT_CHAINS * 16 * 4) as u64
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = iters;
+            match self.tok {}
+        }
+    }
+}
+
 /// Time the calling thread has spent on a CPU (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`
 /// on 64-bit Linux; `None` elsewhere). Unlike wall-clock time it does not count the time
 /// other jobs on a shared machine hold the core: the clock of ropex's benchmark reports.
@@ -986,6 +1188,40 @@ impl PackedKeys {
         unsafe {
             std::slice::from_raw_parts_mut(self.data.as_mut_ptr().cast(), self.data.len() * LINE)
         }
+    }
+
+    /// The panels from key `key_start` on, after checking a packed-key product's
+    /// operands: `a` has the keys' head dim, `s` has `a`'s rows and its columns are keys
+    /// of this buffer, `key_start` is a multiple of the panel.
+    fn panels_from(
+        &self,
+        what: &str,
+        a: &MatRef<'_>,
+        key_start: usize,
+        s: &MatMut<'_>,
+    ) -> Result<&[f32]> {
+        if !key_start.is_multiple_of(Self::PANEL) {
+            return Err(RopeError::invalid(
+                format!("{what} key_start"),
+                key_start,
+                format!("must be a multiple of {}", Self::PANEL),
+            ));
+        }
+        if a.cols != self.d {
+            return Err(shape_err(
+                &format!("{what} keys [n, d]"),
+                format!("[{}, {}]", self.n, a.cols),
+                format!("[{}, {}]", self.n, self.d),
+            ));
+        }
+        if s.rows != a.rows || key_start.saturating_add(s.cols) > self.n {
+            return Err(shape_err(
+                &format!("{what} S [m, n]"),
+                format!("{} rows, key_start + cols <= {}", a.rows, self.n),
+                format!("[{}, {}] from key {key_start}", s.rows, s.cols),
+            ));
+        }
+        Ok(&self.as_slice()[key_start * self.d..])
     }
 
     /// Sizes the buffer for `n` keys of head dim `d`, reusing the allocation, for

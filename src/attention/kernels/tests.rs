@@ -1256,3 +1256,229 @@ fn stored_gemvs_reject_bad_lengths() {
             .is_err()
     );
 }
+
+// bf16 tile products (`bf16dot.rs`), on CPUs with AVX512_BF16; elsewhere these tests
+// check only that the handle is absent where the instructions are.
+
+/// A value rounded to bf16, as f64.
+fn bf16_value(x: f32) -> f64 {
+    simd::bf16_to_f32(bf16dot::f32_to_bf16(x)) as f64
+}
+
+#[cfg(feature = "half")]
+#[test]
+fn scalar_bf16_rounding_matches_half() {
+    let mut bits = 0u32;
+    loop {
+        let x = f32::from_bits(bits);
+        let got = bf16dot::f32_to_bf16(x);
+        let want = half::bf16::from_f32(x).to_bits();
+        if x.is_nan() {
+            assert!(half::bf16::from_bits(got).is_nan(), "{bits:#010x}");
+        } else {
+            assert_eq!(got, want, "{bits:#010x}");
+        }
+        match bits.checked_add(GRID_STEP * 13 + 1) {
+            Some(b) => bits = b,
+            None => break,
+        }
+    }
+    // Ties go to even, both ways.
+    assert_eq!(bf16dot::f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+    assert_eq!(bf16dot::f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+}
+
+#[test]
+fn bf16_handle_exists_only_on_avx512_with_bf16() {
+    for kern in Kernels::all_supported() {
+        let has = kern.bf16().is_some();
+        if kern.isa() != Isa::Avx512 {
+            assert!(!has, "{:?}", kern.isa());
+        }
+    }
+    if Kernels::with_isa(Isa::Avx512)
+        .and_then(|k| k.bf16())
+        .is_none()
+    {
+        assert!(!Kernels::bf16_products_pay());
+    }
+}
+
+#[test]
+fn round_pairs_and_pair_rows_round_to_nearest_even() {
+    let Some(bf) = Kernels::with_isa(Isa::Avx512).and_then(|k| k.bf16()) else {
+        return;
+    };
+    let mut rng = Rng(77);
+    for n in [0usize, 1, 2, 3, 31, 32, 33, 63, 64, 65, 100, 129] {
+        let mut x: Vec<f32> = rng.vec(n + 5);
+        // Exact ties and values that carry into the exponent.
+        if n > 3 {
+            x[1] = f32::from_bits(0x3f80_8000);
+            x[2] = f32::from_bits(0x3f81_8000);
+            x[3] = f32::from_bits(0x3fff_ffff);
+        }
+        let orig = x.clone();
+        bf.round_pairs(&mut x, n).unwrap();
+        for s in 0..n.div_ceil(2) {
+            let lo = bf16dot::f32_to_bf16(orig[2 * s]);
+            let hi = if 2 * s + 1 < n {
+                bf16dot::f32_to_bf16(orig[2 * s + 1])
+            } else {
+                0
+            };
+            assert_eq!(
+                x[s].to_bits(),
+                bf16dot::pair(lo, hi).to_bits(),
+                "n {n} slot {s}"
+            );
+        }
+        // Slots past the pairs keep their values.
+        assert_eq!(x[n.div_ceil(2)..n], orig[n.div_ceil(2)..n], "n {n}");
+        assert_eq!(x[n..], orig[n..], "n {n}");
+        // Two rows interleaved.
+        let (r0, r1) = (rng.vec(n), rng.vec(n));
+        for second in [true, false] {
+            let mut out = vec![GUARD; n];
+            bf.pair_rows(&r0, second.then_some(&r1[..]), &mut out)
+                .unwrap();
+            for c in 0..n {
+                let hi = if second {
+                    bf16dot::f32_to_bf16(r1[c])
+                } else {
+                    0
+                };
+                let want = bf16dot::pair(bf16dot::f32_to_bf16(r0[c]), hi);
+                assert_eq!(out[c].to_bits(), want.to_bits(), "n {n} col {c}");
+            }
+        }
+    }
+    let mut short = [0f32; 3];
+    assert!(bf.round_pairs(&mut short, 4).is_err());
+    assert!(bf.pair_rows(&[0.0; 2], None, &mut short).is_err());
+    assert!(
+        bf.pair_rows(&[0.0; 3], Some(&[0.0; 2]), &mut short)
+            .is_err()
+    );
+}
+
+/// Rows of `b` rounded into pair rows: `[rows, ceil(cols / 2)]` at stride `cols`.
+fn pair_matrix(bf: &Bf16Kernels, b: &Buf) -> Vec<f32> {
+    let mut out = vec![0f32; b.rows * b.cols.max(1)];
+    for i in 0..b.rows {
+        let row = &mut out[i * b.cols..(i + 1) * b.cols];
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = b.at(i, j);
+        }
+        bf.round_pairs(row, b.cols).unwrap();
+    }
+    out
+}
+
+#[test]
+fn bf16_tile_products_match_the_oracle_on_rounded_operands() {
+    let Some(bf) = Kernels::with_isa(Isa::Avx512).and_then(|k| k.bf16()) else {
+        return;
+    };
+    let kern = Kernels::with_isa(Isa::Avx512).unwrap();
+    let mut rng = Rng(91);
+    for (m, n, d) in [
+        (1, 1, 1),
+        (3, 17, 3),
+        (8, 32, 64),
+        (17, 63, 17),
+        (64, 64, 128),
+        (65, 96, 127),
+        (129, 33, 128),
+    ] {
+        let a = Buf::new(&mut rng, m, d, 0);
+        let b = Buf::new(&mut rng, n + 32, d, 0);
+        let d2 = d.div_ceil(2);
+        let (ap, bp) = (pair_matrix(&bf, &a), pair_matrix(&bf, &b));
+        let mut packed = PackedKeys::new();
+        kern.pack_keys(MatRef::new(&bp, n + 32, d2, d).unwrap(), &mut packed);
+        // Keys 32 .. 32 + n: a key range that starts at the second panel.
+        let mut s = Buf::new(&mut rng, m, n, 3);
+        let scale = 0.375;
+        bf.qk_tile_packed(
+            MatRef::new(&ap, m, d2, d).unwrap(),
+            &packed,
+            32,
+            s.w(),
+            scale,
+        )
+        .unwrap();
+        let mut exact = vec![0f64; m * n];
+        let mut sum_abs = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for k in 0..d {
+                    let p = bf16_value(a.at(i, k)) * bf16_value(b.at(j + 32, k));
+                    exact[i * n + j] += p * scale as f64;
+                    sum_abs[i * n + j] += (p * scale as f64).abs();
+                }
+            }
+        }
+        check_close("bf16 qk_tile_packed", Isa::Avx512, &s, &exact, &sum_abs, d2)
+            .map_err(|e| format!("{e} (m {m}, n {n}, d {d})"))
+            .unwrap();
+
+        // P V with P [m, n] and V [n, d] (a tile's probabilities and values).
+        let p = Buf::new(&mut rng, m, n, 0);
+        let v = Buf::new(&mut rng, n, d, 0);
+        let pp = pair_matrix(&bf, &p);
+        let n2 = n.div_ceil(2);
+        let mut vp = vec![0f32; n2 * d];
+        for r in 0..n2 {
+            let row = |t: usize| -> Vec<f32> { (0..d).map(|c| v.at(t, c)).collect() };
+            let second = (2 * r + 1 < n).then(|| row(2 * r + 1));
+            bf.pair_rows(&row(2 * r), second.as_deref(), &mut vp[r * d..(r + 1) * d])
+                .unwrap();
+        }
+        let mut o = Buf::new(&mut rng, m, d, 5);
+        let mut exact = vec![0f64; m * d];
+        let mut sum_abs = vec![0f64; m * d];
+        for i in 0..m {
+            for c in 0..d {
+                exact[i * d + c] = o.at(i, c) as f64;
+                sum_abs[i * d + c] = (o.at(i, c) as f64).abs();
+                for t in 0..n {
+                    let x = bf16_value(p.at(i, t)) * bf16_value(v.at(t, c));
+                    exact[i * d + c] += x;
+                    sum_abs[i * d + c] += x.abs();
+                }
+            }
+        }
+        bf.pv_tile(
+            MatRef::new(&pp, m, n2, n).unwrap(),
+            MatRef::new(&vp, n2, d, d).unwrap(),
+            o.w(),
+        )
+        .unwrap();
+        check_close("bf16 pv_tile", Isa::Avx512, &o, &exact, &sum_abs, n2 + 1)
+            .map_err(|e| format!("{e} (m {m}, n {n}, d {d})"))
+            .unwrap();
+    }
+    // Shape errors.
+    let mut s = [0f32; 4];
+    let packed = PackedKeys::new();
+    let q = [0f32; 4];
+    assert!(
+        bf.qk_tile_packed(
+            MatRef::new(&q, 1, 2, 2).unwrap(),
+            &packed,
+            0,
+            MatMut::new(&mut s, 1, 1, 1).unwrap(),
+            1.0
+        )
+        .is_err()
+    );
+    assert!(
+        bf.pv_tile(
+            MatRef::new(&q, 2, 2, 2).unwrap(),
+            MatRef::new(&q, 1, 2, 2).unwrap(),
+            MatMut::new(&mut s, 2, 2, 2).unwrap()
+        )
+        .is_err()
+    );
+}
