@@ -1,10 +1,12 @@
 //! Element types and batches of the prefill kernels (issue 10's targets), each pair in
 //! one group and process so the ratio is stable:
 //!
-//! - **dtype_prefill** (causal RoPE, n = 4096, H = 8, d = 128, tiled 64 x 64, on the
-//!   calling thread alone via `Attention::with_parallel(false)`): `f32` and `bf16`
-//!   inputs and output. Target: bf16 time <= the f32 time (bf16 is widened to f32 as
-//!   rows are loaded, so the extra cost is one conversion per loaded row).
+//! - **dtype_prefill** (causal RoPE, n = 4096, H = 8, d = 128, the planner's tiles, on
+//!   the calling thread alone via `Attention::with_parallel(false)`): `f32` inputs and
+//!   output, `bf16` with f32 products (`Bf16Products::Off`: bf16 is widened to f32 as
+//!   rows are loaded, so the extra cost is one conversion per loaded row; target: <= the
+//!   f32 time) and `bf16` with bf16 products (`Bf16Products::On`, `vdpbf16ps`, on CPUs
+//!   with AVX512_BF16; stretch target: <= 0.7x the f32 time).
 //! - **varlen_threads** (ReRoPE w = 512, H_q = 8, H_kv = 8, d = 128, f32): one
 //!   `Attention::varlen` call over a batch of 8 sequences of lengths 256, 512, ..,
 //!   2048, on a caller's rayon pool of 1 and of 2 threads (`pool.install`). Target:
@@ -12,8 +14,8 @@
 //!   (`4 H d n (n + 1) / 2` summed over the sequences).
 //!
 //! `cargo bench --bench dtypes`. Timings on a shared machine are noisy: criterion runs
-//! the cases one after another, so `ROPEX_PREFILL_RATIOS=<rounds>` instead times f32
-//! and bf16 prefill interleaved and prints the median of the per-round ratios.
+//! the cases one after another, so `ROPEX_PREFILL_RATIOS=<rounds>` instead times the
+//! three prefills interleaved and prints the medians of the per-round ratios to f32.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, Throughput};
 use half::bf16;
 use ndarray::Array3;
-use ropex::attention::{Attention, Kernel, VarLen};
+use ropex::attention::{Attention, Bf16Products, Kernel, VarLen};
 use ropex::{Element, Layout, PositionMap, RopeConfig};
 
 #[path = "../tests/common/mod.rs"]
@@ -63,11 +65,10 @@ impl PrefillCase {
         }
     }
 
-    /// One prefill of the inputs `[q, k, v]` (either dtype).
-    fn run<T: Element>(&self, [q, k, v]: &[Array3<T>; 3]) {
-        let out = self
-            .att
-            .tiled(q.view(), k.view(), v.view(), &self.pos, &self.pos);
+    /// One prefill of the inputs `[q, k, v]` (either dtype) with bf16 products `mode`.
+    fn run<T: Element>(&self, [q, k, v]: &[Array3<T>; 3], mode: Bf16Products) {
+        let att = self.att.clone().with_bf16_products(mode);
+        let out = att.tiled(q.view(), k.view(), v.view(), &self.pos, &self.pos);
         black_box(out.unwrap());
     }
 }
@@ -80,8 +81,15 @@ fn dtype_prefill(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Elements(flops(n)));
-    g.bench_function("f32", |b| b.iter(|| case.run(&case.f32)));
-    g.bench_function("bf16", |b| b.iter(|| case.run(&case.bf16)));
+    g.bench_function("f32", |b| b.iter(|| case.run(&case.f32, Bf16Products::Off)));
+    g.bench_function("bf16_f32_products", |b| {
+        b.iter(|| case.run(&case.bf16, Bf16Products::Off))
+    });
+    if Bf16Products::On.applies() {
+        g.bench_function("bf16_bf16_products", |b| {
+            b.iter(|| case.run(&case.bf16, Bf16Products::On))
+        });
+    }
     g.finish();
 }
 
@@ -125,9 +133,9 @@ fn varlen_threads(c: &mut Criterion) {
     g.finish();
 }
 
-/// The bf16 / f32 prefill ratio timed interleaved (`f32, bf16, f32, ..`, one call
-/// each), median of the per-round ratios: criterion's one-case-after-another timings
-/// let a shared machine's drift into the ratio.
+/// The bf16 / f32 prefill ratios timed interleaved (`f32, bf16, bf16 products, f32,
+/// ..`, one call each), medians of the per-round ratios: criterion's
+/// one-case-after-another timings let a shared machine's drift into the ratio.
 fn prefill_ratio(rounds: usize) {
     let n = 4096;
     let case = PrefillCase::new(n);
@@ -136,21 +144,37 @@ fn prefill_ratio(rounds: usize) {
         f();
         t.elapsed().as_secs_f64()
     };
-    let (mut t32, mut t16, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    let dot = Bf16Products::On.applies();
+    let (mut t32, mut t16, mut tdot, mut r, mut rdot) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let a = time(&|| case.run(&case.f32));
-        let b = time(&|| case.run(&case.bf16));
+        let a = time(&|| case.run(&case.f32, Bf16Products::Off));
+        let b = time(&|| case.run(&case.bf16, Bf16Products::Off));
         t32.push(a);
         t16.push(b);
         r.push(b / a);
+        if dot {
+            let c = time(&|| case.run(&case.bf16, Bf16Products::On));
+            tdot.push(c);
+            rdot.push(c / a);
+        }
     }
     println!(
         "interleaved prefill, n = {n}, H = {HEADS}, d = {HEAD_DIM}, 1 thread, {rounds} rounds: \
-         bf16 / f32 median ratio {:.3} (target <= 1.0); medians {:.1} ms / {:.1} ms",
+         bf16 (f32 products) / f32 median ratio {:.3} (target <= 1.0); medians {:.1} ms / {:.1} ms",
         median(r),
         median(t16) * 1e3,
         median(t32) * 1e3
     );
+    if dot {
+        println!(
+            "bf16 (bf16 products) / f32 median ratio {:.3} (stretch target <= 0.7); median {:.1} ms",
+            median(rdot),
+            median(tdot) * 1e3
+        );
+    } else {
+        println!("bf16 products: not measured (this CPU has no AVX512_BF16)");
+    }
 }
 
 fn median(mut x: Vec<f64>) -> f64 {

@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use ndarray::Array3;
-use ropex::attention::Kernel;
+use ropex::attention::{Bf16Products, Kernel};
 use ropex::candle::{CandleError, attention, attention_with, rope, rope_with_table};
 use ropex::{
     Attention, Frequencies, Layout, PositionMap, RopeConfig, RopeError, RotaryTable, Scaling, Yarn,
@@ -347,7 +347,9 @@ fn views_of_one_fused_qkv_storage_and_transposes_are_read_in_place() {
 #[test]
 fn half_precision_attention_is_one_rounding_of_the_reference() {
     let d = 64;
-    let attn = Attention::new(plain(d), Layout::Half, PositionMap::rerope(16).unwrap());
+    // f32 products (bf16 products round the operands again: the test below).
+    let attn = Attention::new(plain(d), Layout::Half, PositionMap::rerope(16).unwrap())
+        .with_bf16_products(Bf16Products::Off);
     let pos: Vec<usize> = (0..90).collect();
     for (dtype, u) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
         let cast = |x: Tensor| x.to_dtype(dtype).unwrap();
@@ -543,7 +545,6 @@ fn half_precision_rotation_agrees_with_candle_nn_in_that_dtype() {
 fn half_precision_attention_agrees_with_the_f32_path_and_candle_ops() {
     let d = 32;
     let pos: Vec<usize> = (0..70).collect();
-    let attn = Attention::new(plain(d), Layout::Half, PositionMap::Rope);
     for (dtype, u) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
         let cast = |x: Tensor| x.to_dtype(dtype).unwrap();
         // GQA: 4 query heads on 2 kv heads, no repeat_kv
@@ -552,18 +553,12 @@ fn half_precision_attention_agrees_with_the_f32_path_and_candle_ops() {
             cast(rand4((2, 2, 70, d), 22)),
             cast(rand4((2, 2, 70, 16), 23)),
         );
-        let ours = attention(&attn, &q, &k, &v, &pos, &pos).unwrap();
-        assert_eq!((ours.dtype(), ours.dims()), (dtype, &[2, 4, 70, 16][..]));
-        // (a) the f32 path on the widened inputs: one rounding of the output apart
         let w = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
-        let wide = attention(&attn, &w(&q), &w(&k), &w(&v), &pos, &pos).unwrap();
-        within_one_rounding(&ours, &wide, u, 1e-6);
-        // ... and that rounding is the f32 result's own (at most one ulp, 2 u |o|)
-        let rounded = wide.to_dtype(dtype).unwrap();
-        within_one_rounding(&ours, &w(&rounded), 2.0 * u, 1e-7);
+        let plain_attn = Attention::new(plain(d), Layout::Half, PositionMap::Rope);
+        let wide = attention(&plain_attn, &w(&q), &w(&k), &w(&v), &pos, &pos).unwrap();
         // (b) candle ops in the same dtype: rope, matmul, softmax all round to it. Their
         // error against the f32 result is many roundings (scores of size |q||k|/sqrt(d),
-        // weights, the value sum); ours is one, and the two stay within 4 u max|v|.
+        // weights, the value sum).
         let theirs = candle_attention(
             &candle_rope_in(&q, &plain(d), Layout::Half, &pos),
             &candle_rope_in(&k, &plain(d), Layout::Half, &pos),
@@ -573,14 +568,34 @@ fn half_precision_attention_agrees_with_the_f32_path_and_candle_ops() {
             1.0 / (d as f64).sqrt(),
         );
         assert_eq!(theirs.dtype(), dtype);
-        let scale = max_abs(&v);
         let e_theirs = max_diff(&theirs, &wide) as f64;
-        let e_ours = max_diff(&ours, &wide) as f64;
-        let e = max_diff(&ours, &theirs) as f64;
-        assert!(
-            e <= 4.0 * u * scale && e_ours <= e_theirs,
-            "{dtype:?}: |ours - candle| {e}, |ours - f32| {e_ours}, |candle - f32| {e_theirs}"
-        );
+        let scale = max_abs(&v);
+        // With f32 products and, where the CPU has them, bf16 products.
+        let mut modes = vec![Bf16Products::Off];
+        if dtype == DType::BF16 && Bf16Products::On.applies() {
+            modes.push(Bf16Products::On);
+        }
+        for mode in modes {
+            let attn = plain_attn.clone().with_bf16_products(mode);
+            let ours = attention(&attn, &q, &k, &v, &pos, &pos).unwrap();
+            assert_eq!((ours.dtype(), ours.dims()), (dtype, &[2, 4, 70, 16][..]));
+            if mode == Bf16Products::Off {
+                // (a) the f32 path on the widened inputs: one rounding of the output apart
+                within_one_rounding(&ours, &wide, u, 1e-6);
+                // ... and that rounding is the f32 result's own (at most one ulp, 2 u |o|)
+                let rounded = wide.to_dtype(dtype).unwrap();
+                within_one_rounding(&ours, &w(&rounded), 2.0 * u, 1e-7);
+            }
+            // Ours is one rounding (f32 products) or a few (bf16 products: q, k and the
+            // weights once more), theirs many: ours stays closer to the f32 result, and
+            // the two within 4 u max|v|.
+            let e_ours = max_diff(&ours, &wide) as f64;
+            let e = max_diff(&ours, &theirs) as f64;
+            assert!(
+                e <= 4.0 * u * scale && e_ours <= e_theirs,
+                "{dtype:?} {mode:?}: |ours - candle| {e}, |ours - f32| {e_ours}, |candle - f32| {e_theirs}"
+            );
+        }
     }
 }
 

@@ -36,7 +36,7 @@ mod common;
 
 use ndarray::Array3;
 use ropex::PositionMap;
-use ropex::attention::{Attention, Kernel, TileConfig, VarLen};
+use ropex::attention::{Attention, Bf16Products, Kernel, TileConfig, VarLen};
 use ropex::tensor::{Element, View3, View3Mut};
 
 /// The bound of `ropex::attention`'s module docs for output `[i, h, x]` of a kernel run
@@ -51,7 +51,37 @@ fn bound<T: Element>(
     pos: &[usize],
     reference: &Array3<f32>,
 ) -> Array3<f64> {
+    bound_with::<T>(att, (q, k, v), pos, reference, false)
+}
+
+/// [`bound`], or with `bf16_products` the bound of bf16 products (module docs, "bf16
+/// products"): the rotated q and k rounded once more, `eps' = c_i (4u + 7u^2) |q_ih|
+/// max_j |k_j|`, and the probabilities rounded, another `u vmax`.
+fn bound_with<T: Element>(
+    att: &Attention,
+    (q, k, v): (&Array3<f32>, &Array3<f32>, &Array3<f32>),
+    pos: &[usize],
+    reference: &Array3<f32>,
+    bf16_products: bool,
+) -> Array3<f64> {
     let u = T::UNIT_ROUNDOFF;
+    let (product, values) = if bf16_products {
+        (4.0 * u + 7.0 * u * u, 2.0)
+    } else {
+        (2.0 * u + u * u, 1.0)
+    };
+    bound_of(att, (q, k, v), pos, reference, (u, product, values))
+}
+
+/// The bound for unit roundoff `u`, products off by at most `product |q| |k|` and
+/// `values u vmax` from the values and probabilities.
+fn bound_of(
+    att: &Attention,
+    (q, k, v): (&Array3<f32>, &Array3<f32>, &Array3<f32>),
+    pos: &[usize],
+    reference: &Array3<f32>,
+    (u, product, values): (f64, f64, f64),
+) -> Array3<f64> {
     let (_, _, d) = q.dim();
     let kmax = k
         .outer_iter()
@@ -62,8 +92,8 @@ fn bound<T: Element>(
     Array3::from_shape_fn(reference.dim(), |(i, h, _)| {
         let qn = q.slice(ndarray::s![i, h, ..]);
         let qn = qn.dot(&qn).sqrt() as f64;
-        let eps = scale * att.query_factor(pos[i]) * (2.0 * u + u * u) * qn * kmax;
-        ((2.0 * eps).exp() - 1.0) * vmax + u * vmax + 1e-5
+        let eps = scale * att.query_factor(pos[i]) * product * qn * kmax;
+        ((2.0 * eps).exp() - 1.0) * vmax + values * u * vmax + 1e-5
     }) + reference.mapv(|o| u * o.abs() as f64)
 }
 
@@ -77,7 +107,8 @@ fn round<T: Element>(x: &Array3<f32>) -> Array3<T> {
 fn kernels_track_reference<T: Element>(map: PositionMap) -> f64 {
     let (n, hq, hkv, d) = (45, 4, 2, 32);
     let freqs = ropex::RopeConfig::new(d, 10_000.0).unwrap().frequencies();
-    let att = Attention::new(freqs, ropex::Layout::Half, map);
+    // f32 products (bf16 products have their own bound and test below).
+    let att = Attention::new(freqs, ropex::Layout::Half, map).with_bf16_products(Bf16Products::Off);
     let q = common::rand3((n, hq, d), 21);
     let k = common::rand3((n, hkv, d), 22);
     let v = common::rand3((n, hkv, d), 23);
@@ -147,13 +178,15 @@ fn every_kernel_in_f16_and_f32_tracks_the_reference() {
 
 /// bf16 and f16 inputs hold exactly representable values; widening them to f32 and
 /// running the f32 kernel gives the f32 result, which the typed kernel then rounds
-/// once: the typed output is the f32 output rounded, bit for bit.
+/// once: the typed output is the f32 output rounded, bit for bit (with f32 products:
+/// bf16 products round the operands again).
 #[test]
 fn typed_output_is_the_f32_result_rounded_once() {
     fn check<T: Element>() {
         let (n, hq, hkv, d) = (40, 2, 1, 16);
         let freqs = ropex::RopeConfig::new(d, 10_000.0).unwrap().frequencies();
-        let att = Attention::new(freqs, ropex::Layout::Half, PositionMap::rerope(7).unwrap());
+        let att = Attention::new(freqs, ropex::Layout::Half, PositionMap::rerope(7).unwrap())
+            .with_bf16_products(Bf16Products::Off);
         let (qt, kt, vt) = (
             round::<T>(&common::rand3((n, hq, d), 31)),
             round::<T>(&common::rand3((n, hkv, d), 32)),
@@ -230,4 +263,90 @@ fn bf16_varlen_head_major_into() {
     )
     .unwrap();
     assert_eq!(buf, hm(&want));
+}
+
+/// bf16 products (where the CPU has AVX512_BF16) for every map, several tile shapes
+/// (whole, diagonal with odd prefixes, straddling, hidden-entry tiles), GQA, an odd key
+/// count and a head dim that is not a multiple of the vector: within their own bound of
+/// the f64 reference on the unrounded inputs, and different from f32 products (the
+/// path ran).
+#[test]
+fn bf16_products_track_the_reference_within_their_bound() {
+    if !Bf16Products::On.applies() {
+        eprintln!("SKIPPED: this CPU has no AVX512_BF16; bf16 products are never used here");
+        return;
+    }
+    let (n, hq, hkv, d) = (77, 4, 2, 40);
+    let freqs = ropex::RopeConfig::new(d, 10_000.0).unwrap().frequencies();
+    let q = common::rand3((n, hq, d), 51);
+    let k = common::rand3((n, hkv, d), 52);
+    let v = common::rand3((n, hkv, d), 53);
+    let (qt, kt, vt) = (round::<bf16>(&q), round::<bf16>(&k), round::<bf16>(&v));
+    let pos: Vec<usize> = (0..n).map(|p| 2 * p + p / 10).collect();
+    let mut worst = 0f64;
+    let mut moved = false;
+    for map in every_map() {
+        let att = Attention::new(freqs.clone(), ropex::Layout::Half, map);
+        let want = att
+            .reference(q.view(), k.view(), v.view(), &pos, &pos)
+            .unwrap();
+        let bound = bound_with::<bf16>(&att, (&q, &k, &v), &pos, &want, true);
+        for kernel in [
+            Kernel::default(),
+            Kernel::Tiled(TileConfig::new(16, 32).unwrap()),
+            Kernel::Tiled(TileConfig::new(24, 64).unwrap()),
+        ] {
+            let on = att.clone().with_bf16_products(Bf16Products::On);
+            let (got, _) = on
+                .run(kernel, qt.view(), kt.view(), vt.view(), &pos, &pos)
+                .unwrap();
+            let off = att.clone().with_bf16_products(Bf16Products::Off);
+            let (f32_products, _) = off
+                .run(kernel, qt.view(), kt.view(), vt.view(), &pos, &pos)
+                .unwrap();
+            moved |= got != f32_products;
+            for ((g, w), b) in got.iter().zip(&want).zip(&bound) {
+                let err = (g.to_f32() as f64 - *w as f64).abs();
+                assert!(
+                    err <= *b,
+                    "{kernel:?} {map}: {} vs {w} (bound {b})",
+                    g.to_f32()
+                );
+                worst = worst.max(err);
+            }
+        }
+    }
+    assert!(moved, "bf16 products gave exactly the f32-product outputs");
+    assert!(worst > 1e-4, "bf16 products worst error {worst}");
+}
+
+/// With bf16 products a NaN value stays out of the rows that cannot see its key, also
+/// where the diagonal pairs keys two by two.
+#[test]
+fn bf16_products_keep_hidden_nan_values_out() {
+    if !Bf16Products::On.applies() {
+        eprintln!("SKIPPED: this CPU has no AVX512_BF16");
+        return;
+    }
+    let (n, h, d) = (70, 2, 16);
+    let freqs = ropex::RopeConfig::new(d, 10_000.0).unwrap().frequencies();
+    let att = Attention::new(freqs, ropex::Layout::Half, PositionMap::Rope)
+        .with_bf16_products(Bf16Products::On);
+    let q = round::<bf16>(&common::rand3((n, h, d), 61));
+    let k = round::<bf16>(&common::rand3((n, h, d), 62));
+    let pos: Vec<usize> = (0..n).collect();
+    for bad in [1usize, 33, 40, 69] {
+        let mut v = round::<bf16>(&common::rand3((n, h, d), 63));
+        v[[bad, 1, 3]] = bf16::NAN;
+        let out = att.tiled(q.view(), k.view(), v.view(), &pos, &pos).unwrap();
+        for i in 0..n {
+            let row_nan = out.slice(ndarray::s![i, 1, ..]).iter().any(|x| x.is_nan());
+            assert_eq!(row_nan, i >= bad, "NaN value at key {bad}, query {i}");
+            assert!(
+                out.slice(ndarray::s![i, 0, ..])
+                    .iter()
+                    .all(|x| x.is_finite())
+            );
+        }
+    }
 }

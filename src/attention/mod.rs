@@ -63,6 +63,16 @@
 //! checks every prefill kernel in each type against the f64 reference on the unrounded
 //! f32 inputs within this bound (plus the f32 kernels' own `1e-5`).
 //!
+//! ### bf16 products
+//! On CPUs with AVX512_BF16 the tiled kernel may compute `Q K^T` and `P V` of bf16
+//! inputs with bf16 operands and f32 sums ([`Bf16Products`],
+//! [`Attention::with_bf16_products`]; by default where that is faster, i.e. where the
+//! instruction outruns f32 FMAs, as on AMD Zen 4). The rotated, scaled query and the
+//! rotated key are then rounded once more (each product is off by at most
+//! `(1 + u)^4 - 1 <= 4u + 7u^2` of `|q_i| |k_j|` instead of `2u + u^2`), and so is each
+//! probability before `P V` (another `u max_j |v_j|`): the bound becomes
+//! `(e^(2 eps'_i) - 1) vmax + 2u vmax + u |o_i|` with `eps'_i = c_i (4u + 7u^2) |q_i|
+//! max_j |k_j|`, `u = 2^-8`. tests/half_precision.rs checks it for every map.
 //!
 //! The crate-private `kernels` module holds the low-level SIMD primitives (tile GEMMs,
 //! decode GEMVs, vectorised exp) the fast kernels are built from; the environment
@@ -85,7 +95,7 @@ mod varlen;
 
 pub use mask::{Mask, MaskCover};
 pub use tiled::{
-    TileConfig, TileStats, TiledScratch, expected_chunked_computed_tiles,
+    Bf16Products, TileConfig, TileStats, TiledScratch, expected_chunked_computed_tiles,
     expected_sliding_window_computed_tiles, expected_straddling_tiles, straddling_tiles_square,
 };
 
@@ -130,6 +140,7 @@ pub struct Attention {
     dca_train_len: Option<usize>,
     mask: Mask,
     parallel: bool,
+    bf16_products: Bf16Products,
 }
 
 /// Which kernel computes an [`Attention`] ([`Attention::run`]): the f64 reference, Su's
@@ -238,7 +249,47 @@ impl Attention {
             dca_train_len: None,
             mask: Mask::NONE,
             parallel: true,
+            bf16_products: Bf16Products::Auto,
         }
+    }
+
+    /// Whether the tiled kernel computes the tile products of bf16 inputs with bf16
+    /// operands (see [`Bf16Products`]; the default, `Auto`, does where the CPU runs them
+    /// faster than f32). Other element types and kernels are unaffected.
+    ///
+    /// ```
+    /// # #[cfg(feature = "half")] {
+    /// use half::bf16;
+    /// use ndarray::Array3;
+    /// use ropex::attention::{Attention, Bf16Products};
+    /// use ropex::{Layout, PositionMap, RopeConfig};
+    /// let freqs = RopeConfig::new(8, 10_000.0)?.frequencies();
+    /// let att = Attention::new(freqs, Layout::Half, PositionMap::Rope);
+    /// let x = Array3::from_elem((40, 2, 8), bf16::from_f32(0.25));
+    /// let pos: Vec<usize> = (0..40).collect();
+    /// let f32_products = att.clone().with_bf16_products(Bf16Products::Off);
+    /// let a = f32_products.tiled(x.view(), x.view(), x.view(), &pos, &pos)?;
+    /// let b = att.with_bf16_products(Bf16Products::On).tiled(x.view(), x.view(), x.view(), &pos, &pos)?;
+    /// // Every value is 0.25 here, exact in bf16 either way.
+    /// assert_eq!(a, b);
+    /// # }
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    pub fn with_bf16_products(mut self, mode: Bf16Products) -> Self {
+        self.bf16_products = mode;
+        self
+    }
+
+    /// The bf16-products setting ([`Attention::with_bf16_products`]).
+    pub fn bf16_products(&self) -> Bf16Products {
+        self.bf16_products
+    }
+
+    /// The bf16 kernels a tiled call on bf16 inputs uses under this setting, with the
+    /// SIMD kernels `kern` (none unless they are the AVX-512 ones on a CPU with
+    /// AVX512_BF16).
+    pub(crate) fn bf16_kernels(&self, kern: kernels::Kernels) -> Option<kernels::Bf16Kernels> {
+        self.bf16_products.kernels(kern)
     }
 
     /// With `false`, every kernel call runs on the calling thread alone (no rayon task

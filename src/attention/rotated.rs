@@ -24,7 +24,7 @@ use std::borrow::Cow;
 
 use ndarray::ArrayView3;
 
-use super::kernels::{Kernels, MatRef, PackedKeys};
+use super::kernels::{Bf16Kernels, Kernels, MatRef, PackedKeys};
 use super::{Attention, Dims};
 use crate::error::{Result, reuse_vec};
 use crate::position::{Pieces, PositionFn};
@@ -475,14 +475,15 @@ impl Attention {
     }
 
     /// The rotated keys of each head, packed: one head at a time through a scratch.
-    /// Each head of `x` rotated into `rotated` (reused, `[rows, width]`) and packed into
-    /// its entry of `packed` (reused; one per head on return).
+    /// Each head of `x` rotated into `rotated` (reused, `[rows, width]`), with `pairs`
+    /// rounded in place to bf16 pair rows (`ceil(width / 2)` slots), and packed into its
+    /// entry of `packed` (reused; one per head on return).
     fn rotate_packed(
         &self,
         x: &dyn RowSource,
         trig: &Trig,
         factor: &[f64],
-        kern: Kernels,
+        (kern, pairs): (Kernels, Option<Bf16Kernels>),
         rotated: &mut Vec<f32>,
         mut packed: Vec<PackedKeys>,
     ) -> Vec<PackedKeys> {
@@ -497,9 +498,14 @@ impl Attention {
         let chunk = ROTATE_CHUNK.min(rows);
         rotated.clear();
         rotated.resize(heads * chunk * width, 0.0);
+        let cols = if pairs.is_some() {
+            width.div_ceil(2)
+        } else {
+            width
+        };
         packed.resize_with(heads, PackedKeys::new);
         for out in &mut packed {
-            out.reset(rows, width);
+            out.reset(rows, cols);
         }
         for t0 in (0..rows).step_by(chunk.max(1)) {
             let t1 = (t0 + chunk).min(rows);
@@ -507,12 +513,16 @@ impl Attention {
                 rot.token(t);
                 for h in 0..heads {
                     let at = (h * chunk + t - t0) * width;
-                    rot.row(t, x.row(t, h, &mut buf), &mut rotated[at..at + width]);
+                    let row = &mut rotated[at..at + width];
+                    rot.row(t, x.row(t, h, &mut buf), row);
+                    if let Some(bf) = pairs {
+                        bf.round_pairs_unchecked(row, width);
+                    }
                 }
             }
             for (h, out) in packed.iter_mut().enumerate() {
                 let at = h * chunk * width;
-                let m = MatRef::new(&rotated[at..], t1 - t0, width, width);
+                let m = MatRef::new(&rotated[at..], t1 - t0, cols, width);
                 kern.pack_keys_at(m.expect("scratch holds the chunk"), out, t0);
             }
         }
@@ -531,8 +541,13 @@ pub(crate) enum KeyForm {
     /// Head-major `[H_kv][n_k][d]` rows.
     HeadMajor,
     /// Packed per kv head for [`Kernels::qk_tile_packed`], rotated one head at a time
-    /// into a reused scratch (no full rotated copy).
-    Packed(Kernels),
+    /// into a reused scratch (no full rotated copy); with `pairs`, each rotated row is
+    /// first rounded to a bf16 pair row ([`Bf16Kernels::round_pairs`]), so the packed
+    /// keys serve [`Bf16Kernels::qk_tile_packed`] (their head dim counts pairs).
+    Packed {
+        kern: Kernels,
+        pairs: Option<Bf16Kernels>,
+    },
 }
 
 /// What the tiled kernel prepares once per call: each needed key function's keys
@@ -570,6 +585,8 @@ pub(crate) struct PrepBuffers {
     rotated: Vec<f32>,
     /// Values widened to f32 or made contiguous, `[H_kv][n_k][d_v]`.
     pub values: Vec<f32>,
+    /// Values as bf16 pair rows, `[H_kv][ceil(n_k / 2)][d_v]` (bf16 products).
+    pub value_pairs: Vec<f32>,
     /// Trigonometry tables `(sin, cos)`.
     trig: Vec<(Vec<f64>, Vec<f64>)>,
 }
@@ -588,7 +605,8 @@ impl PrepBuffers {
             .iter()
             .map(|(s, c)| s.capacity() + c.capacity())
             .sum();
-        keys + 4 * (self.rotated.capacity() + self.values.capacity()) + 8 * trig
+        let f32s = self.rotated.capacity() + self.values.capacity() + self.value_pairs.capacity();
+        keys + 4 * f32s + 8 * trig
     }
 
     /// The spare trigonometry buffers best fitting `len` entries: the smallest that
@@ -698,13 +716,13 @@ impl Attention {
                         k: Some(self.rotate_all(&k, &trig, &ones)),
                         packed: Vec::new(),
                     },
-                    KeyForm::Packed(kern) => TiledKeys {
+                    KeyForm::Packed { kern, pairs } => TiledKeys {
                         k: None,
                         packed: self.rotate_packed(
                             &k,
                             &trig,
                             &ones,
-                            kern,
+                            (kern, pairs),
                             &mut bufs.rotated,
                             std::mem::take(&mut bufs.keys[f]),
                         ),

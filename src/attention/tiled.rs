@@ -102,7 +102,7 @@
 
 use ndarray::{Array3, ArrayViewMut3, Axis};
 
-use super::kernels::{Kernels, MatMut, MatRef, PackedKeys, RowsMut};
+use super::kernels::{Bf16Kernels, Kernels, MatMut, MatRef, PackedKeys, RowsMut};
 use super::rotated::{KeyForm, PrepBuffers, TiledPrep, axpy};
 use super::{Attention, MaskCover, check_output};
 use crate::error::{Result, RopeError};
@@ -156,6 +156,57 @@ impl TileConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether the tiled kernel computes its two tile products, `Q K^T` and `P V`, with bf16
+/// operands when its inputs are bf16 ([`Attention::with_bf16_products`]).
+///
+/// In bf16 products the rotated, scaled queries and the rotated keys are rounded to bf16
+/// once more after rotation, and so are the probabilities before `P V`; products are
+/// exact and sums stay f32 (AVX512_BF16's `vdpbf16ps`). The softmax, its running max and
+/// sums, and the output accumulators stay f32, and angles f64. The extra error is bounded
+/// in the [`crate::attention`] module docs ("Precision"). Only bf16 inputs take this
+/// path (they carry bf16 precision already), only the tiled kernel with packed keys
+/// (`block_k` a multiple of 32, as the planner's tiles are), and only on CPUs with
+/// AVX512_BF16 and AVX-512BW.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Bf16Products {
+    /// Where they are faster: on a CPU whose `vdpbf16ps` ran at least 1.3x the f32 FMA
+    /// flop rate when measured once per process
+    /// (`kernels::Kernels::bf16_products_pay`): AMD Zen 4 (2.0x), not the Intel Xeon
+    /// family 6 model 167 measured (0.5x). The default.
+    #[default]
+    Auto,
+    /// Never: bf16 inputs are widened to f32, and the output is exactly the f32 result
+    /// on the widened inputs, rounded once.
+    Off,
+    /// Whenever the CPU has the instructions, fast or not (tests and comparisons).
+    On,
+}
+
+impl Bf16Products {
+    /// Whether a tiled call on bf16 inputs with this setting computes bf16 products on
+    /// this CPU (with packed keys, as the planner's tiles have): `Auto` measures the
+    /// instruction on first use.
+    ///
+    /// ```
+    /// use ropex::attention::Bf16Products;
+    /// assert!(!Bf16Products::Off.applies());
+    /// // `On` applies exactly where the CPU has AVX512_BF16; `Auto` only where it is also faster.
+    /// assert!(!Bf16Products::Auto.applies() || Bf16Products::On.applies());
+    /// ```
+    pub fn applies(self) -> bool {
+        self.kernels(Kernels::active()).is_some()
+    }
+
+    /// The bf16 kernels under this setting with the SIMD kernels `kern`.
+    pub(crate) fn kernels(self, kern: Kernels) -> Option<Bf16Kernels> {
+        match self {
+            Bf16Products::Off => None,
+            Bf16Products::On => kern.bf16(),
+            Bf16Products::Auto => kern.bf16().filter(|_| Kernels::bf16_products_pay()),
+        }
     }
 }
 
@@ -425,6 +476,9 @@ struct Plan<'a> {
     /// The values, `[H_kv][n_k][d_v]` contiguous, when `prep.v` borrows a standard-layout
     /// input whose rows are `H_kv d_v` apart (see [`Plan::values`]).
     v_rows: Option<Vec<f32>>,
+    /// With bf16 products ([`Bf16Products`]): the bf16 kernels, and the values as pair
+    /// rows `[H_kv][ceil(n_k / 2)][d_v]` (see [`Plan::value_pairs`]).
+    dot: Option<(Bf16Kernels, Vec<f32>)>,
 }
 
 /// Per-task scratch: one score tile per piece, and the visibility of the entries of
@@ -536,6 +590,16 @@ impl Plan<'_> {
         }
     }
 
+    /// With bf16 products, the pair rows of the values of key block `kb` of kv head `g`
+    /// (`[ceil(len / 2), d_v]`; key blocks start at even keys), and the bf16 kernels.
+    fn value_pairs(&self, g: usize, kb: Block) -> Option<(Bf16Kernels, MatRef<'_>)> {
+        let (bf, pairs) = self.dot.as_ref()?;
+        let (n2, dv) = (self.prep.dims.n_k.div_ceil(2), self.prep.dims.value_dim);
+        let rows = (kb.end - kb.start).div_ceil(2);
+        let at = (g * n2 + kb.start / 2) * dv;
+        Some((*bf, mat(&pairs[at..at + rows * dv], rows, dv, dv)))
+    }
+
     fn bounds(qb: &Block, kb: &Block) -> TileBounds {
         TileBounds {
             q_min: qb.min,
@@ -575,6 +639,12 @@ impl Plan<'_> {
         for (p, buf) in q_rot.chunks_mut((heads * bq * d).max(1)).enumerate() {
             if needed & (1 << p) != 0 {
                 self.prep.rotate_queries(p, qb.start..qb.end, buf);
+                if let Some((bf, _)) = &self.dot {
+                    // bf16 products: each query row as a pair row, in place.
+                    for row in buf.chunks_exact_mut(d.max(1)) {
+                        bf.round_pairs_unchecked(row, d);
+                    }
+                }
             }
         }
         let q_rot = &q_rot[..];
@@ -623,7 +693,8 @@ impl Plan<'_> {
                     (Mask::None, &[][..], &[][..])
                 };
                 let v = self.values(g, kb.start..kb.end);
-                state.update(self.kern, s, bk, mask, visible, seen, v);
+                let pairs = self.value_pairs(g, kb);
+                state.update(self.kern, s, bk, (mask, visible, seen), v, pairs);
                 stats.pv_products += 1;
             }
             state.finish_into(out, h, heads);
@@ -734,10 +805,12 @@ impl Plan<'_> {
         let d = self.prep.dims.head_dim;
         let bk = kb.end - kb.start;
         let keys = &self.prep.keys[self.prep.key_of[piece]];
+        // With bf16 products the query rows are pair rows of `ceil(d / 2)` slots.
+        let width = if self.dot.is_some() { d.div_ceil(2) } else { d };
         let a = mat(
             &q_head(piece)[rows.start * d..rows.end * d],
             rows.len(),
-            d,
+            width,
             d,
         );
         let s = mat_mut(
@@ -747,11 +820,12 @@ impl Plan<'_> {
             bk,
         );
         let k0 = kb.start + cols.start;
-        match &keys.k {
+        match (&keys.k, &self.dot) {
             // Keys packed once per call (key blocks and sub-blocks start at panel
-            // multiples).
-            None => self.kern.qk_tile_packed(a, &keys.packed[g], k0, s, 1.0),
-            Some(k) => self.kern.qk_tile(a, k.mat(g, k0..k0 + cols.len()), s, 1.0),
+            // multiples), as pair rows with bf16 products.
+            (None, Some((bf, _))) => bf.qk_tile_packed(a, &keys.packed[g], k0, s, 1.0),
+            (None, None) => self.kern.qk_tile_packed(a, &keys.packed[g], k0, s, 1.0),
+            (Some(k), _) => self.kern.qk_tile(a, k.mat(g, k0..k0 + cols.len()), s, 1.0),
         }
         .expect("tile shapes are consistent");
     }
@@ -817,16 +891,19 @@ impl RowState {
     /// stays out of rows that cannot see `c`): P V is one tile GEMM when every entry is
     /// visible, row prefixes on the diagonal, entry by entry otherwise. `s` is
     /// overwritten with the probabilities.
-    #[allow(clippy::too_many_arguments)]
+    ///
+    /// With `pairs` (bf16 products: the kernels and the tile's value pair rows), the
+    /// tile GEMMs round the probabilities to bf16 pair rows in place (`s` then holds
+    /// them) and run on pairs of keys; a diagonal group's odd last common key and each
+    /// row's remaining keys stay f32 products.
     fn update(
         &mut self,
         kern: Kernels,
         s: &mut [f32],
         bk: usize,
-        mask: Mask,
-        visible: &[usize],
-        seen: &[bool],
+        (mask, visible, seen): (Mask, &[usize], &[bool]),
         v: MatRef<'_>,
+        pairs: Option<(Bf16Kernels, MatRef<'_>)>,
     ) {
         let dv = self.dv;
         let rows = s.len() / bk.max(1);
@@ -845,25 +922,34 @@ impl RowState {
         if dv == 0 || rows == 0 {
             return;
         }
-        let pv = |p: &[f32], prow: usize, cols: usize, v: MatRef<'_>, acc: &mut [f32]| {
-            kern.pv_tile(
-                mat(p, prow, cols, bk),
-                v.sub_rows(0, cols),
-                mat_mut(acc, prow, dv, dv),
-            )
+        // `O += P V` for rows `prow` of `p` (row stride `bk`) and their first `cols` keys.
+        let pv = |p: &mut [f32], prow: usize, cols: usize, v: MatRef<'_>, acc: &mut [f32]| {
+            let o = mat_mut(acc, prow, dv, dv);
+            match pairs {
+                Some((bf, vp)) => {
+                    let slots = cols.div_ceil(2);
+                    for row in p.chunks_mut(bk).take(prow) {
+                        bf.round_pairs_unchecked(row, cols);
+                    }
+                    bf.pv_tile(mat(p, prow, slots, bk), vp.sub_rows(0, slots), o)
+                }
+                None => kern.pv_tile(mat(p, prow, cols, bk), v.sub_rows(0, cols), o),
+            }
             .expect("tile shapes are consistent");
         };
         match mask {
             Mask::None => pv(s, rows, bk, v, &mut self.acc),
             Mask::Prefix => {
-                // Groups of rows: the columns all of them see in one product, then each
-                // row's remaining visible columns.
+                // Groups of rows: the columns all of them see in one product (an even
+                // number of them with bf16 pairs, which must not pair a visible key
+                // with a hidden one), then each row's remaining visible columns in f32.
+                let even = usize::from(pairs.is_some());
                 for a0 in (0..rows).step_by(PV_GROUP) {
                     let a1 = (a0 + PV_GROUP).min(rows);
-                    let common = visible[a0..a1].iter().copied().min().unwrap_or(0);
+                    let common = visible[a0..a1].iter().copied().min().unwrap_or(0) >> even << even;
                     if common > 0 {
                         pv(
-                            &s[a0 * bk..],
+                            &mut s[a0 * bk..],
                             a1 - a0,
                             common,
                             v,
@@ -872,13 +958,14 @@ impl RowState {
                     }
                     for a in a0..a1 {
                         if visible[a] > common {
-                            pv(
-                                &s[a * bk + common..],
-                                1,
-                                visible[a] - common,
+                            // The pair rounding wrote slots `< common / 2` only: the
+                            // probabilities from `common` on are still f32.
+                            kern.pv_tile(
+                                mat(&s[a * bk + common..], 1, visible[a] - common, bk),
                                 v.sub_rows(common, visible[a] - common),
-                                &mut self.acc[a * dv..(a + 1) * dv],
-                            );
+                                mat_mut(&mut self.acc[a * dv..(a + 1) * dv], 1, dv, dv),
+                            )
+                            .expect("tile shapes are consistent");
                         }
                     }
                 }
@@ -1034,9 +1121,16 @@ impl Attention {
         tiles.validate()?;
         check_output(&self.validate(&q, &k, &v, q_pos, k_pos)?, &out)?;
         let kern = Kernels::active();
-        // Keys are packed once per call when key blocks start at panel multiples.
-        let keys = if tiles.block_k.is_multiple_of(PackedKeys::PANEL) {
-            KeyForm::Packed(kern)
+        // Keys are packed once per call when key blocks start at panel multiples; bf16
+        // inputs may then take bf16 products.
+        let packed = tiles.block_k.is_multiple_of(PackedKeys::PANEL);
+        let dot = if packed && T::NAME == "bf16" {
+            self.bf16_kernels(kern)
+        } else {
+            None
+        };
+        let keys = if packed {
+            KeyForm::Packed { kern, pairs: dot }
         } else {
             KeyForm::HeadMajor
         };
@@ -1065,6 +1159,14 @@ impl Attention {
                 return Err(e);
             }
         };
+        let dot = match dot.map(|bf| value_pair_rows(bf, &prep, &mut bufs.value_pairs)) {
+            None => None,
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                prep.recycle(bufs);
+                return Err(e);
+            }
+        };
         let plan = Plan {
             att: self,
             prep,
@@ -1076,6 +1178,7 @@ impl Attention {
             block_k: tiles.block_k.min(k_pos.len()),
             kern,
             v_rows,
+            dot,
         };
         // One task per query block (all heads), writing its own output rows.
         let mut out = out.as_ndarray();
@@ -1120,12 +1223,17 @@ impl Attention {
 impl Plan<'_> {
     /// Returns the call's buffers to `bufs`.
     fn recycle(self, bufs: &mut PrepBuffers) {
-        let Plan { prep, v_rows, .. } = self;
+        let Plan {
+            prep, v_rows, dot, ..
+        } = self;
         prep.recycle(bufs);
         if let Some(v) = v_rows
             && v.capacity() > bufs.values.capacity()
         {
             bufs.values = v;
+        }
+        if let Some((_, v)) = dot {
+            bufs.value_pairs = v;
         }
     }
 }
@@ -1193,6 +1301,34 @@ fn contiguous_values(prep: &TiledPrep<'_>, spare: &mut Vec<f32>) -> Result<Optio
         }
     }
     Ok(Some(out))
+}
+
+/// The values as bf16 pair rows for bf16 products: `[H_kv][ceil(n_k / 2)][d_v]`, pair row
+/// `r` of head `g` interleaving value rows `2r` and `2r + 1` (a zero second row for an
+/// odd last key), written into `spare`'s memory (taken, grown fallibly); returned with
+/// the kernels.
+fn value_pair_rows(
+    bf: Bf16Kernels,
+    prep: &TiledPrep<'_>,
+    spare: &mut Vec<f32>,
+) -> Result<(Bf16Kernels, Vec<f32>)> {
+    let dims = prep.dims;
+    let (n_k, dv, heads) = (dims.n_k, dims.value_dim, dims.heads_kv);
+    let n2 = n_k.div_ceil(2);
+    let rows = heads
+        .checked_mul(n2)
+        .ok_or_else(|| RopeError::invalid("values", n_k, "kv heads x keys overflows usize"))?;
+    let mut out = crate::error::reuse_vec(spare, "values as bf16 pairs", rows, dv)?;
+    out.resize(rows * dv, 0.0);
+    if dv > 0 {
+        for (r, dst) in out.chunks_exact_mut(dv).enumerate() {
+            let (g, t) = (r / n2, 2 * (r % n2));
+            let second = (t + 1 < n_k).then(|| prep.v.row(g, t + 1));
+            bf.pair_rows(prep.v.row(g, t), second, dst)
+                .expect("value rows hold d_v values");
+        }
+    }
+    Ok((bf, out))
 }
 
 /// Runs `fill` on the f32 rows `[rows, H_q, d_v]` of `out`: `out`'s own memory when it

@@ -265,6 +265,7 @@ impl Core {
             dca_train_len: self.dca_train_len,
             mask: self.mask,
             parallel: true,
+            bf16_products: crate::attention::Bf16Products::Auto,
         }
     }
 
