@@ -42,7 +42,9 @@
 //! and 2048, L = 4096, 3 runs, two-pass only at the smallest n), `--no-two-pass`,
 //! `--head-dim d`, `--heads q:kv`, `--threads t`, `--tiles BQxBK`,
 //! `--tune 64x64,128x128,..` (only a tile-size table: rope_tiled and rerope_tiled at the
-//! largest n per size and shape), `--wall`, `--busiest` (with `--threads t > 1`: time
+//! largest n per size and shape), `--bf16` (also RoPE, ReRoPE and Leaky on bf16 inputs
+//! and outputs, with bf16 tile products where `Bf16Products::Auto` uses them; their share
+//! is of the `vdpbf16ps` loop's peak then), `--wall`, `--busiest` (with `--threads t > 1`: time
 //! each call by the on-CPU time of the pool's busiest worker, and the 1-thread case by
 //! its own, so the scaling ratio shows load balance even when other jobs hold the
 //! cores), `--markdown` (only a header line naming the
@@ -57,8 +59,8 @@ use ndarray::{Array3, s};
 use rayon::ThreadPool;
 use ropex::attention::decode::{DecodeCache, KvCache, KvCacheRerotating};
 use ropex::attention::kernels::{Kernels, thread_cpu_time, time_on_cpu};
-use ropex::attention::{Attention, Kernel, Mask, TileConfig, TiledScratch};
-use ropex::{CacheShape, Layout, PositionMap, RopeConfig};
+use ropex::attention::{Attention, Bf16Products, Kernel, Mask, TileConfig, TiledScratch};
+use ropex::{CacheShape, Element, Layout, PositionMap, RopeConfig};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -193,6 +195,8 @@ struct Options {
     /// Fixed tile sizes (`--tiles`), else the planner's.
     tiles: Option<TileConfig>,
     tune: Vec<TileConfig>,
+    /// Also the bf16 cases (`--bf16`).
+    bf16: bool,
 }
 
 fn parse_list(flag: &str, value: Option<String>) -> Vec<usize> {
@@ -243,6 +247,7 @@ fn options() -> Options {
         threads: 1,
         tiles: None,
         tune: Vec::new(),
+        bf16: false,
     };
     let (mut ns, mut ls, mut reps) = (None, None, None);
     let (mut head_dim, mut heads) = (None, None);
@@ -266,13 +271,14 @@ fn options() -> Options {
             "--busiest" => BUSIEST.store(true, Ordering::Relaxed),
             "--markdown" => MARKDOWN.store(true, Ordering::Relaxed),
             "--no-two-pass" => o.two_pass = false,
+            "--bf16" => o.bf16 = true,
             "--tiles" => o.tiles = parse_tiles(args.next()).first().copied(),
             "--tune" => o.tune = parse_tiles(args.next()),
             "-h" | "--help" => {
                 println!(
                     "bench_report [--ns 1024,2048,4096] [--ls 4096,32768] [--reps 5] [--quick] \
                      [--no-two-pass] [--head-dim 128] [--heads 8:8] [--threads 1] [--tiles 64x64] \
-                     [--tune 64x64,128x64,..] [--wall] [--busiest] [--markdown]"
+                     [--tune 64x64,128x64,..] [--bf16] [--wall] [--busiest] [--markdown]"
                 );
                 std::process::exit(0);
             }
@@ -339,17 +345,20 @@ const ONE_THREAD: &str = "rope_tiled_1_thread";
 /// One tiled call with the options' tiles (the planner's without `--tiles`).
 /// One tiled prefill as an engine calls it: into its output buffer, in a scratch kept
 /// across calls (`buf`, made on first use), with the planner's tiles unless `--tiles`.
-fn tiled_call(
+fn tiled_call<T: Element>(
     o: &Options,
     att: &Attention,
-    (q, k, v): (&Array3<f32>, &Array3<f32>, &Array3<f32>),
+    (q, k, v): (&Array3<T>, &Array3<T>, &Array3<T>),
     pos: &[usize],
-    buf: &mut Option<(TiledScratch, Array3<f32>)>,
+    buf: &mut Option<(TiledScratch, Array3<T>)>,
 ) {
     let kernel = o.tiles.map_or_else(Kernel::default, Kernel::Tiled);
     let (scratch, out) = buf.get_or_insert_with(|| {
         let (n, h, _) = q.dim();
-        (TiledScratch::new(), Array3::zeros((n, h, v.dim().2)))
+        (
+            TiledScratch::new(),
+            Array3::from_elem((n, h, v.dim().2), T::default()),
+        )
     });
     att.run_into_reusing(
         kernel,
@@ -367,11 +376,14 @@ fn tiled_call(
 
 /// Prefill cases of one shape; every map and mask with `full`, else RoPE, ReRoPE and
 /// Leaky. `single` is the 1-thread pool for the scaling case (only with `--threads > 1`).
+/// The bf16 cases of `--bf16`, twins of the first three f32 cases (RoPE, ReRoPE, Leaky).
+const BF16_CASES: [&str; 3] = ["rope_tiled_bf16", "rerope_tiled_bf16", "leaky_tiled_bf16"];
+
 fn prefill(
     o: &Options,
     shape: Shape,
     full: bool,
-    peak: f64,
+    (peak, bf16_peak): (f64, Option<f64>),
     single: Option<&ThreadPool>,
     res: &mut Results,
 ) {
@@ -382,6 +394,8 @@ fn prefill(
         let q = rand3((n, hq, d), 1);
         let k = rand3((n, hkv, d), 2);
         let v = rand3((n, hkv, d), 3);
+        let half = |x: &Array3<f32>| x.mapv(half::bf16::from_f32);
+        let (qh, kh, vh) = (half(&q), half(&k), half(&v));
         let pos: Vec<usize> = (0..n).collect();
         let flops = shape.prefill_flops(n);
         let w = WINDOW.min(n.saturating_sub(1)).max(1);
@@ -469,9 +483,27 @@ fn prefill(
                 (reps, f)
             })
             .collect();
+        let bf16_cases: &[&str] = if o.bf16 { &BF16_CASES } else { &[] };
+        for (_, att) in bf16_cases.iter().zip(&atts) {
+            let (qkv, pos) = ((&qh, &kh, &vh), &pos);
+            let mut buf = None;
+            runs.push((
+                o.reps,
+                Box::new(move || tiled_call(o, att, qkv, pos, &mut buf)),
+            ));
+        }
         let times = interleaved_medians(&mut runs);
         let mut base = None;
-        for ((name, map, mask, _), t) in cases.iter().zip(times) {
+        let labelled = cases
+            .iter()
+            .map(|&(name, map, mask, _)| (name, map, mask))
+            .chain(
+                bf16_cases
+                    .iter()
+                    .zip(&cases)
+                    .map(|(&name, &(_, map, mask, _))| (name, map, mask)),
+            );
+        for ((name, map, mask), t) in labelled.zip(times) {
             let ms = t.as_secs_f64() * 1e3;
             let gflops = flops / t.as_secs_f64() / 1e9;
             let base_ms = *base.get_or_insert(ms);
@@ -484,11 +516,12 @@ fn prefill(
                 }
                 _ => format!(", {map}"),
             };
-            // The 1-thread case is measured against the 1-thread peak.
-            let of_peak = if *name == ONE_THREAD {
-                gflops * o.threads as f64 / peak
-            } else {
-                gflops / peak
+            // The 1-thread case is measured against the 1-thread peak, bf16 products
+            // against the bf16 dot-product peak.
+            let (of_peak, machine) = match bf16_peak {
+                Some(p) if bf16_cases.contains(&name) => (gflops / p, "of bf16-dot peak"),
+                _ if name == ONE_THREAD => (gflops * o.threads as f64 / peak, "of FMA peak"),
+                _ => (gflops / peak, "of FMA peak"),
             };
             res.rows.push(Row {
                 case: name.to_string(),
@@ -499,7 +532,7 @@ fn prefill(
                 unit: "GFLOP/s",
                 ratio: Some((ms / base_ms, "rope_tiled")),
                 of_machine: of_peak,
-                machine: "of FMA peak",
+                machine,
             });
             res.prefill.push(PrefillResult {
                 shape,
@@ -704,6 +737,22 @@ fn fma_peak() -> f64 {
     Kernels::active().fma_peak_gflops_with(Duration::from_secs(1), time_once)
 }
 
+/// bf16 dot-product peak in GFLOP/s on this thread (`vdpbf16ps` chains, best of ~1 ms
+/// runs over 1 s, timed like the cases), if the CPU has the instruction.
+fn bf16_dot_peak() -> Option<f64> {
+    let bf = Kernels::active().bf16()?;
+    let iters = 100_000u64;
+    let start = Instant::now();
+    let mut best = 0f64;
+    while start.elapsed() < Duration::from_secs(1) {
+        let t = time_once(&mut || {
+            std::hint::black_box(bf.dot_loop(std::hint::black_box(iters)));
+        });
+        best = best.max(bf.dot_loop_flops(iters) as f64 / t.as_secs_f64().max(1e-9) / 1e9);
+    }
+    Some(best)
+}
+
 /// The CPU as `/proc/cpuinfo` names it: `model name (family F model M)`, or `unknown CPU`.
 fn cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -822,9 +871,13 @@ fn print_markdown(res: &Results) {
             }
             _ => (r.case.clone(), r.size.clone()),
         };
-        let share = if matches!(r.case.as_str(), "rope_tiled" | "rope" | ONE_THREAD) {
-            let of = match r.unit {
-                "GB/s" => "of read bandwidth",
+        let share = if matches!(
+            r.case.as_str(),
+            "rope_tiled" | "rope" | ONE_THREAD | "rope_tiled_bf16"
+        ) {
+            let of = match (r.unit, r.machine) {
+                ("GB/s", _) => "of read bandwidth",
+                (_, "of bf16-dot peak") => "of bf16-dot peak",
                 _ => "of peak",
             };
             format!(" ({:.0}% {of})", 100.0 * r.of_machine)
@@ -996,6 +1049,11 @@ fn main() {
     // count (each core is assumed to reach the 1-thread peak).
     let peak_1 = single.as_ref().unwrap_or(&pool).install(fma_peak);
     let peak = peak_1 * o.threads as f64;
+    // With `--bf16` where bf16 products are used: the vdpbf16ps loop's peak, alike.
+    let bf16_1 = (o.bf16 && Bf16Products::Auto.applies())
+        .then(|| single.as_ref().unwrap_or(&pool).install(bf16_dot_peak))
+        .flatten();
+    let bf16_peak = bf16_1.map(|p| p * o.threads as f64);
     pool.install(|| {
         if !o.tune.is_empty() {
             tune(&o, peak);
@@ -1004,7 +1062,7 @@ fn main() {
         let bandwidth = read_bandwidth();
         let mut res = Results::default();
         for (i, &shape) in o.shapes.iter().enumerate() {
-            prefill(&o, shape, i == 0, peak, single.as_ref(), &mut res);
+            prefill(&o, shape, i == 0, (peak, bf16_peak), single.as_ref(), &mut res);
         }
         if let Some(&first) = o.shapes.first() {
             decode(&o, first, bandwidth, &mut res);
@@ -1023,10 +1081,17 @@ fn main() {
             1 => "1 thread".to_string(),
             t => format!("{t} threads (peak = {t} x the 1-thread peak)"),
         };
+        let bf16_note = match (o.bf16, bf16_1) {
+            (false, _) => String::new(),
+            (true, Some(p)) => {
+                format!(", bf16 cases with bf16 products (vdpbf16ps peak {p:.1} GFLOP/s)")
+            }
+            (true, None) => ", bf16 cases with f32 products".to_string(),
+        };
         if MARKDOWN.load(Ordering::Relaxed) {
             let clock = clock.split(" (").next().unwrap_or(clock);
             println!(
-                "{}, {} ({} f32 lanes): FMA-loop peak {peak_1:.1} GFLOP/s per thread, streaming read {bandwidth:.1} GB/s; {threads}, {tiles}, median of {} runs, {clock}:",
+                "{}, {} ({} f32 lanes): FMA-loop peak {peak_1:.1} GFLOP/s per thread{bf16_note}, streaming read {bandwidth:.1} GB/s; {threads}, {tiles}, median of {} runs, {clock}:",
                 cpu_model(),
                 kern.isa().name(),
                 kern.isa().lanes(),
@@ -1042,7 +1107,7 @@ fn main() {
         );
         println!("CPU: {}; ISA in use: {} ({} f32 lanes)", cpu_model(), kern.isa().name(), kern.isa().lanes());
         println!(
-            "machine: f32 FMA-loop peak {peak_1:.1} GFLOP/s per thread ({} ISA); streaming read bandwidth {bandwidth:.1} GB/s",
+            "machine: f32 FMA-loop peak {peak_1:.1} GFLOP/s per thread ({} ISA){bf16_note}; streaming read bandwidth {bandwidth:.1} GB/s",
             kern.isa().name()
         );
         println!();

@@ -9,8 +9,10 @@
 //! every relative position the model sees stays inside the window, and ropex's tiled
 //! kernel agrees with its f64 reference kernel through the candle path. Last, the model
 //! runs in bf16 (weights, activations, q, k, v): ropex reads the bf16 tensors in place
-//! and rounds its output once, while candle's ops round every intermediate; both are
-//! compared with the f32 model.
+//! and rounds its output once (on CPUs where bf16 tile products pay, e.g. AMD Zen 4, it
+//! also rounds the rotated q and k and the softmax weights to bf16 for `vdpbf16ps`: see
+//! `ropex::attention::Bf16Products`), while candle's ops round every intermediate; both
+//! are compared with the f32 model.
 //!
 //! ```text
 //! cargo run --release --features candle --example candle_model

@@ -8,13 +8,16 @@
 //!
 //! Arguments: kernel (`tiled`, `two_pass`, `decode`), map (`rope`, `rerope`, `leaky`;
 //! window 512, leak 16), n (prefill length or cache length), repetitions, and for `tiled`
-//! an optional tile size. H = 8, d = 128, one rayon thread.
+//! an optional tile size (`-` for the planner's) and element type (`f32`, or `bf16`:
+//! bf16 inputs and output, with bf16 tile products where the CPU makes them pay).
+//! H = 8, d = 128, one rayon thread.
 
+use half::bf16;
 use ndarray::Array3;
 use ropex::CacheShape;
 use ropex::attention::decode::KvCache;
 use ropex::attention::{Attention, Kernel, TileConfig, TiledScratch};
-use ropex::{Layout, PositionMap, RopeConfig};
+use ropex::{Element, Layout, PositionMap, RopeConfig};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -26,7 +29,7 @@ fn main() {
     let kernel = arg(0, "tiled");
     let n: usize = arg(2, "2048").parse().expect("n");
     let reps: usize = arg(3, "3").parse().expect("repetitions");
-    let tiles = match args.get(4) {
+    let tiles = match args.get(4).filter(|t| *t != "-") {
         Some(t) => {
             let (a, b) = t.split_once('x').expect("BQxBK");
             TileConfig::new(a.parse().expect("BQ"), b.parse().expect("BK")).expect("tiles")
@@ -59,32 +62,40 @@ fn main() {
             }
         }
         _ => {
-            let q = rand3((n, h, d), 1);
-            let k = rand3((n, h, d), 2);
-            let v = rand3((n, h, d), 3);
-            let pos: Vec<usize> = (0..n).collect();
             let att = Attention::new(cfg.frequencies(), Layout::Half, map);
             let kernel = match kernel.as_str() {
                 "two_pass" => Kernel::TwoPass,
                 _ => Kernel::Tiled(tiles),
             };
-            // As an engine calls it: one output buffer and one scratch for every call.
-            let (mut out, mut scratch) = (Array3::zeros((n, h, d)), TiledScratch::new());
-            for _ in 0..reps {
-                let view = &mut out;
-                let r = att.run_into_reusing(
-                    kernel,
-                    q.view(),
-                    k.view(),
-                    v.view(),
-                    &pos,
-                    &pos,
-                    view,
-                    &mut scratch,
-                );
-                r.expect("attention");
-                std::hint::black_box(&out);
+            let qkv = [1, 2, 3].map(|seed| rand3((n, h, d), seed));
+            match arg(5, "f32").as_str() {
+                "f32" => prefill(&att, kernel, qkv, reps),
+                "bf16" => prefill(&att, kernel, qkv.map(|x| x.mapv(bf16::from_f32)), reps),
+                other => panic!("unknown element type {other}"),
             }
         }
     });
+}
+
+/// `reps` prefills of `[q, k, v]` as an engine calls them: one output buffer and one
+/// scratch for every call.
+fn prefill<T: Element>(att: &Attention, kernel: Kernel, [q, k, v]: [Array3<T>; 3], reps: usize) {
+    let n = q.dim().0;
+    let pos: Vec<usize> = (0..n).collect();
+    let mut out = Array3::from_elem(q.dim(), T::default());
+    let mut scratch = TiledScratch::new();
+    for _ in 0..reps {
+        let r = att.run_into_reusing(
+            kernel,
+            q.view(),
+            k.view(),
+            v.view(),
+            &pos,
+            &pos,
+            &mut out,
+            &mut scratch,
+        );
+        r.expect("attention");
+        std::hint::black_box(&out);
+    }
 }
