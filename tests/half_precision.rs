@@ -42,22 +42,11 @@ use ropex::tensor::{Element, View3, View3Mut};
 /// The bound of `ropex::attention`'s module docs for output `[i, h, x]` of a kernel run
 /// on inputs rounded to `T`, against the f64 reference on the unrounded inputs: with
 /// `eps = c_i (2u + u^2) |q_ih| max_j |k_j|`, `(e^(2 eps) - 1) vmax + u vmax + u |o| +
-/// 1e-5` (the last term: the f32 kernels' own error).
+/// 1e-5` (the last term: the f32 kernels' own error). With `bf16_products`, the bound of
+/// bf16 products (module docs, "bf16 products"): the rotated q and k rounded once more,
+/// `eps' = c_i (4u + 7u^2) |q_ih| max_j |k_j|`, and the probabilities rounded, another
+/// `u vmax`.
 fn bound<T: Element>(
-    att: &Attention,
-    q: &Array3<f32>,
-    k: &Array3<f32>,
-    v: &Array3<f32>,
-    pos: &[usize],
-    reference: &Array3<f32>,
-) -> Array3<f64> {
-    bound_with::<T>(att, (q, k, v), pos, reference, false)
-}
-
-/// [`bound`], or with `bf16_products` the bound of bf16 products (module docs, "bf16
-/// products"): the rotated q and k rounded once more, `eps' = c_i (4u + 7u^2) |q_ih|
-/// max_j |k_j|`, and the probabilities rounded, another `u vmax`.
-fn bound_with<T: Element>(
     att: &Attention,
     (q, k, v): (&Array3<f32>, &Array3<f32>, &Array3<f32>),
     pos: &[usize],
@@ -70,18 +59,6 @@ fn bound_with<T: Element>(
     } else {
         (2.0 * u + u * u, 1.0)
     };
-    bound_of(att, (q, k, v), pos, reference, (u, product, values))
-}
-
-/// The bound for unit roundoff `u`, products off by at most `product |q| |k|` and
-/// `values u vmax` from the values and probabilities.
-fn bound_of(
-    att: &Attention,
-    (q, k, v): (&Array3<f32>, &Array3<f32>, &Array3<f32>),
-    pos: &[usize],
-    reference: &Array3<f32>,
-    (u, product, values): (f64, f64, f64),
-) -> Array3<f64> {
     let (_, _, d) = q.dim();
     let kmax = k
         .outer_iter()
@@ -116,7 +93,7 @@ fn kernels_track_reference<T: Element>(map: PositionMap) -> f64 {
     let want = att
         .reference(q.view(), k.view(), v.view(), &pos, &pos)
         .unwrap();
-    let bound = bound::<T>(&att, &q, &k, &v, &pos, &want);
+    let bound = bound::<T>(&att, (&q, &k, &v), &pos, &want, false);
     let (qt, kt, vt) = (round::<T>(&q), round::<T>(&k), round::<T>(&v));
     let mut worst = 0f64;
     for kernel in [
@@ -290,7 +267,7 @@ fn bf16_products_track_the_reference_within_their_bound() {
         let want = att
             .reference(q.view(), k.view(), v.view(), &pos, &pos)
             .unwrap();
-        let bound = bound_with::<bf16>(&att, (&q, &k, &v), &pos, &want, true);
+        let bound = bound::<bf16>(&att, (&q, &k, &v), &pos, &want, true);
         for kernel in [
             Kernel::default(),
             Kernel::Tiled(TileConfig::new(16, 32).unwrap()),

@@ -1,6 +1,6 @@
 """Time PyTorch attention on the shapes of ropex's attention benches, for comparison.
 
-Measures, single-threaded on CPU, f32, causal, on the shapes of examples/bench_report.rs
+Measures, single-threaded on CPU, f32 (or bf16 with `--dtype bf16`), causal, on the shapes of examples/bench_report.rs
 (head dim / query heads / kv heads: 128/8/8; 64/9/3 SmolLM2-135M; 64/32/8 Llama 3.2 1B;
 128/32/8 Llama 3.1 8B; `--d D --heads Q:KV` for one shape):
   * sdpa_rope:    torch.nn.functional.scaled_dot_product_attention on already-rotated
@@ -15,7 +15,7 @@ naive ReRoPE repeats them per query head (`--no-naive` skips it, it is slow at n
 
 Usage (torch from PyPI: `pip install torch numpy`):
     taskset -c 0 python3 tools/bench_torch.py [--ns 1024 2048 4096] [--w 512] [--d 64 --heads 9:3]
-        [--no-naive] [--cpu-time] [--threads 1]
+        [--no-naive] [--cpu-time] [--threads 1] [--dtype f32|bf16]
 
 Prints the CPU (/proc/cpuinfo) and a markdown table of median times (ms) and useful
 causal GFLOP/s (4 * H_q * d * n(n+1)/2 flops: Q.K^T and P.V over the causal triangle).
@@ -99,6 +99,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--cpu-time", action="store_true", help="on-CPU time of this thread")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="q, k, v and output type")
     args = ap.parse_args()
     global CLOCK
     if args.cpu_time:
@@ -111,15 +112,16 @@ def main():
         hq, hkv = (int(x) for x in (args.heads or "8:8").split(":"))
         shapes = [(args.d or 128, hq, hkv)]
     clock = "on-CPU time" if args.cpu_time else "wall-clock"
-    print(f"torch {torch.__version__}, {cpu_model()}, threads {torch.get_num_threads()}, w = {args.w}, {clock} medians\n")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    print(f"torch {torch.__version__}, {cpu_model()}, threads {torch.get_num_threads()}, {args.dtype}, w = {args.w}, {clock} medians\n")
     print("| shape | n | sdpa_rope ms | GFLOP/s | naive_rerope ms | GFLOP/s | naive / sdpa |")
     print("|---|---|---|---|---|---|---|")
     for d, hq, hkv in shapes:
         inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
         for n in args.ns:
-            q = torch.randn(hq, n, d)
-            k = torch.randn(hkv, n, d)
-            v = torch.randn(hkv, n, d)
+            q = torch.randn(hq, n, d).to(dtype)
+            k = torch.randn(hkv, n, d).to(dtype)
+            v = torch.randn(hkv, n, d).to(dtype)
             flops = 4 * hq * d * n * (n + 1) / 2
             sdpa = torch.nn.functional.scaled_dot_product_attention
             with torch.no_grad():

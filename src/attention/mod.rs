@@ -285,13 +285,6 @@ impl Attention {
         self.bf16_products
     }
 
-    /// The bf16 kernels a tiled call on bf16 inputs uses under this setting, with the
-    /// SIMD kernels `kern` (none unless they are the AVX-512 ones on a CPU with
-    /// AVX512_BF16).
-    pub(crate) fn bf16_kernels(&self, kern: kernels::Kernels) -> Option<kernels::Bf16Kernels> {
-        self.bf16_products.kernels(kern)
-    }
-
     /// With `false`, every kernel call runs on the calling thread alone (no rayon task
     /// is spawned); with `true` (the default, feature `rayon`) kernels split their work
     /// over the rayon pool they are called from: the global one, or a caller's

@@ -87,6 +87,23 @@
 //! per-call query and key rotation of the far piece and the remaining per-entry select
 //! dominate the extra cost).
 //!
+//! ## bf16 products
+//! With bf16 inputs, packed keys and a CPU whose AVX512_BF16 pays ([`Bf16Products`]),
+//! both tile products take bf16 operands: each key function's rotated keys are rounded
+//! to bf16 pair rows before packing (a panel then holds `ceil(d / 2)` pairs per key),
+//! each block's rotated, scaled query rows likewise, the values once per call as pair
+//! rows of two keys (`[H_kv][ceil(n_k / 2)][d_v]`), and each tile's probabilities after
+//! the online-softmax update. Key blocks start at even keys (multiples of 32), so a
+//! tile's pairs never straddle two tiles. In a diagonal tile the group's common prefix
+//! is paired up to an even length only; its odd last key and every row's own remainder
+//! stay f32 products, so a hidden key is never paired with a visible one. Measured on an
+//! AMD EPYC family 25 model 17 (Zen 4) core, n = 4096, causal, 1 thread: 0.57-0.62x the
+//! f32 time at d = 128 (8 heads) and d = 64 (9 / 3 heads); `vdpbf16ps` products then
+//! take about 68% of the time (90% of the instruction's register-loop peak), the
+//! online-softmax update 13%. Tile sizes from 64 x 64 to 256 x 128 were within about 8%
+//! of each other for both shapes (`bench_report --bf16 --tiles ..`), so the planner's
+//! tile is kept.
+//!
 //! ## Parallelism and memory
 //! Work is split into one task per query block (all query heads), run in parallel with
 //! rayon (feature `rayon`, on by default) or serially. Parallel tasks are handed out
@@ -97,7 +114,8 @@
 //! keys (`O(n_k H_kv d)`) and trigonometry tables (`O(n d)`), and per task its rotated
 //! query rows (`pieces x H_q x block_q x d`) and one `block_q x min(block_k, n_k)` score
 //! tile per piece; with `H_kv > 1` kv heads in standard layout, one contiguous copy of
-//! the values (`O(n_k H_kv d_v)`, see "Tile size");
+//! the values (`O(n_k H_kv d_v)`, see "Tile size"), and with bf16 products their pair
+//! rows (`O(n_k H_kv d_v)`);
 //! never an `n_q x n_k` buffer (tests/alloc.rs checks this with a counting allocator).
 
 use ndarray::{Array3, ArrayViewMut3, Axis};
@@ -943,10 +961,10 @@ impl RowState {
                 // Groups of rows: the columns all of them see in one product (an even
                 // number of them with bf16 pairs, which must not pair a visible key
                 // with a hidden one), then each row's remaining visible columns in f32.
-                let even = usize::from(pairs.is_some());
                 for a0 in (0..rows).step_by(PV_GROUP) {
                     let a1 = (a0 + PV_GROUP).min(rows);
-                    let common = visible[a0..a1].iter().copied().min().unwrap_or(0) >> even << even;
+                    let common = visible[a0..a1].iter().copied().min().unwrap_or(0);
+                    let common = if pairs.is_some() { common & !1 } else { common };
                     if common > 0 {
                         pv(
                             &mut s[a0 * bk..],
@@ -1125,7 +1143,7 @@ impl Attention {
         // inputs may then take bf16 products.
         let packed = tiles.block_k.is_multiple_of(PackedKeys::PANEL);
         let dot = if packed && T::NAME == "bf16" {
-            self.bf16_kernels(kern)
+            self.bf16_products().kernels(kern)
         } else {
             None
         };
