@@ -68,6 +68,28 @@ fn summary(_: &mut Criterion) {
     let fma_iters = 4_000;
     let tile = (2 * m * n * d) as f64;
     let kv_bytes = (nk * dk * 4) as f64;
+    // bf16 tile products (AVX512_BF16), against the vdpbf16ps loop's peak: operands
+    // rounded to pair rows once, outside the timed calls.
+    let bf = k.bf16();
+    let mut bf_q = a.clone();
+    let mut bf_k = bm.clone();
+    let mut bf_p = p[..m * n].to_vec();
+    let mut bf_v = vec![0f32; n.div_ceil(2) * d];
+    let mut bf_packed = PackedKeys::new();
+    let (mut bf_s, mut bf_o) = (vec![0f32; m * n], vec![0f32; m * d]);
+    if let Some(bf) = bf {
+        for row in bf_q.chunks_exact_mut(d).chain(bf_k.chunks_exact_mut(d)) {
+            bf.round_pairs(row, d).unwrap();
+        }
+        for row in bf_p.chunks_exact_mut(n) {
+            bf.round_pairs(row, n).unwrap();
+        }
+        for (r, out) in bf_v.chunks_exact_mut(d).enumerate() {
+            let row = |t: usize| &v[t * d..(t + 1) * d];
+            bf.pair_rows(row(2 * r), Some(row(2 * r + 1)), out).unwrap();
+        }
+        k.pack_keys(MatRef::new(&bf_k, n, d / 2, d).unwrap(), &mut bf_packed);
+    }
     let mut cases: Vec<Case> = vec![
         (
             "fma_loop (peak)",
@@ -242,6 +264,47 @@ fn summary(_: &mut Criterion) {
             }),
         ),
     ];
+    if let Some(bf) = bf {
+        let (bf_q, bf_p, bf_v, bf_packed) = (&bf_q, &bf_p, &bf_v, &bf_packed);
+        cases.extend([
+            (
+                "bf16 vdpbf16ps loop (bf16 peak)",
+                "GFLOP/s",
+                bf.dot_loop_flops(fma_iters) as f64,
+                Box::new(move || {
+                    black_box(bf.dot_loop(black_box(fma_iters)));
+                }) as Box<dyn FnMut()>,
+            ),
+            (
+                "bf16 qk_tile_packed 64x64x128",
+                "GFLOP/s",
+                tile,
+                Box::new(move || {
+                    bf.qk_tile_packed(
+                        MatRef::new(black_box(bf_q), m, d / 2, d).unwrap(),
+                        bf_packed,
+                        0,
+                        MatMut::contiguous(&mut bf_s, m, n).unwrap(),
+                        0.088,
+                    )
+                    .unwrap();
+                }),
+            ),
+            (
+                "bf16 pv_tile 64x64x128",
+                "GFLOP/s",
+                tile,
+                Box::new(move || {
+                    bf.pv_tile(
+                        MatRef::new(black_box(bf_p), m, n / 2, n).unwrap(),
+                        MatRef::contiguous(black_box(bf_v), n / 2, d).unwrap(),
+                        MatMut::contiguous(&mut bf_o, m, d).unwrap(),
+                    )
+                    .unwrap();
+                }),
+            ),
+        ]);
+    }
     // Calls per batch: about 200 us of work each (big GEMVs: one call), timed after an
     // untimed call so the batch starts with warm caches (the 16 MiB cases flush them).
     let batch: Vec<usize> = cases
@@ -283,13 +346,19 @@ fn summary(_: &mut Criterion) {
          batches)\n",
         k.isa().name()
     );
-    println!("| case | best | median | unit | best / FMA peak |");
+    println!("| case | best | median | unit | best / FMA peak (bf16: / bf16 peak) |");
     println!("|---|---:|---:|---|---:|");
+    let mut bf16_peak = None;
     for ((name, unit, work, _), t) in cases.iter().zip(times.iter_mut()) {
         let (b, med) = best_of(t);
         let (b, med) = (rate(*work, b), rate(*work, med));
+        let of = if name.starts_with("bf16") {
+            *bf16_peak.get_or_insert(b)
+        } else {
+            peak_best
+        };
         let pct = if *unit == "GFLOP/s" {
-            format!("{:.0}%", 100.0 * b / peak_best)
+            format!("{:.0}%", 100.0 * b / of)
         } else {
             String::new()
         };

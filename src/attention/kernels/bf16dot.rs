@@ -50,7 +50,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::gemm::{self, Mac};
-    use super::super::peak;
     use super::super::simd::{Avx512, Simd};
     use super::super::{MatMut, MatRef};
     use super::{f32_to_bf16, pair};
@@ -192,9 +191,26 @@ mod x86 {
     /// [`super::super::Kernels::bf16_products_pay`].
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
     pub(crate) fn dot_loop(t: Bf16Dot, iters: u64) -> f32 {
+        // Not `peak::fma_loop` with another step: its chains run through the
+        // multiplicand (`x = x a + b`, measured 6% faster on the Zen 4 core than through
+        // the addend), while `vdpbf16ps` can chain only through its accumulator.
+        let s = t.avx;
         // Products of 2^-10 keep every chain finite and normal for any `iters` timed.
-        let a = t.avx.splat(pair(0x3a80, 0x3a80));
-        peak::mac_loop::<Avx512, _, DOT_CHAINS>(t.avx, DotBf16(t), (a, a), iters)
+        let a = s.splat(pair(0x3a80, 0x3a80));
+        let mut acc = [s.zero(); DOT_CHAINS];
+        for (i, x) in acc.iter_mut().enumerate() {
+            *x = s.splat(1.0 + i as f32);
+        }
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = DotBf16(t).mac(s, a, a, *x);
+            }
+        }
+        let mut sum = s.zero();
+        for x in acc {
+            sum = s.add(sum, x);
+        }
+        s.hsum(sum)
     }
 
     /// Chains of [`dot_loop`].
