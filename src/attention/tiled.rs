@@ -184,7 +184,7 @@ impl TileConfig {
 /// once more after rotation, and so are the probabilities before `P V`; products are
 /// exact and sums stay f32 (AVX512_BF16's `vdpbf16ps`). The softmax, its running max and
 /// sums, and the output accumulators stay f32, and angles f64. The extra error is bounded
-/// in the [`crate::attention`] module docs ("Precision"). Only bf16 inputs take this
+/// in the [`crate::attention`] module docs ("bf16 products"). Only bf16 inputs take this
 /// path (they carry bf16 precision already), only the tiled kernel with packed keys
 /// (`block_k` a multiple of 32, as the planner's tiles are), and only on CPUs with
 /// AVX512_BF16 and AVX-512BW.
@@ -192,7 +192,7 @@ impl TileConfig {
 pub enum Bf16Products {
     /// Where they are faster: on a CPU whose `vdpbf16ps` ran at least 1.3x the f32 FMA
     /// flop rate when measured once per process
-    /// (`kernels::Kernels::bf16_products_pay`): AMD Zen 4 (2.0x), not the Intel Xeon
+    /// (`kernels::Kernels::bf16_products_pay`): AMD Zen 4 (1.9x), not the Intel Xeon
     /// family 6 model 167 measured (0.5x). The default.
     #[default]
     Auto,

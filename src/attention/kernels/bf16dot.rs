@@ -18,8 +18,8 @@
 //!
 //! Rounding is to nearest even (`vcvtne2ps2bf16`); odd lengths are padded with a zero
 //! bf16, which adds nothing. On the AMD Zen 4 core this was written on, `vdpbf16ps`
-//! runs at 2.0x the f32 FLOP rate of `vfmadd231ps` (228 against 114 GFLOP/s in a
-//! register-only loop); on an Intel Xeon family 6 model 167 it ran at 0.5x (116 against
+//! runs at 1.9-2.0x the f32 FLOP rate of `vfmadd231ps` (228-236 against 114-126 GFLOP/s in
+//! register-only loops); on an Intel Xeon family 6 model 167 it ran at 0.5x (116 against
 //! 229), so [`super::Kernels::bf16_products_pay`] measures it before the tiled kernel
 //! uses it by default.
 
