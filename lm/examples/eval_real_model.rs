@@ -21,7 +21,8 @@
 //! **Speed** (`--speed`). Prefill of the first `--speed-context` tokens (default 16384)
 //! through the tiled kernel into the caches, then `--new-tokens` greedy decode steps;
 //! tokens/s of each, fastest of `--speed-reps`, for each of `--schemes`. Writes
-//! `speed.md` and `speed.json`.
+//! `speed.md` and `speed.json`. `--kv-dtype bf16` (or `f16`) stores the caches' keys and
+//! values in half the bytes (`--speed` and `--passkey`).
 //!
 //! `--dump-text FILE` writes the text of the first window's tokens (decoded), so that
 //! llama.cpp's `llama-perplexity -f FILE -c L` reads the same tokens: its first chunk
@@ -43,6 +44,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
+use ropex::Element;
 use ropex_lm::llama::{GgufTokenizer, Llama, LlamaCache};
 use ropex_lm::plot::{self, Line, PALETTE};
 use ropex_lm::progress::Progress;
@@ -115,6 +117,10 @@ struct Args {
     /// Timed repetitions of `--speed` (the fastest is reported).
     #[arg(long, default_value_t = 2)]
     speed_reps: usize,
+    /// Storage type of the decode caches' keys and values (`--speed` and `--passkey`):
+    /// `f32`, `bf16` or `f16` (half the cache memory and decode traffic).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    kv_dtype: String,
     /// Also write the text of the first window's tokens (the input and its last
     /// target, decoded) to this file, e.g. for llama.cpp's `llama-perplexity`, which
     /// then reads the same tokens.
@@ -467,7 +473,7 @@ fn loss_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)], contexts: &[usi
 }
 
 /// A decode cache that follows `spec` for a sequence growing to `target` tokens.
-fn cache_for(ctx: &Ctx, spec: &Spec, target: usize) -> Res<LlamaCache> {
+fn cache_for<S: Element>(ctx: &Ctx, spec: &Spec, target: usize) -> Res<LlamaCache<S>> {
     let d = spec.decode(&ctx.model.rope().config, ctx.train_len, target)?;
     Ok(ctx.model.cache_with(d.config, d.map, |mut c| {
         if let Some(t) = d.log_n {
@@ -481,6 +487,41 @@ fn cache_for(ctx: &Ctx, spec: &Spec, target: usize) -> Res<LlamaCache> {
         }
         Ok(c)
     })?)
+}
+
+/// `n_new` tokens decoded greedily after a prefill of `prompt` into caches storing `S`.
+fn greedy_answer<S: Element>(
+    ctx: &Ctx,
+    (spec, plan, prompt): (&Spec, &Plan, &[u32]),
+    n_new: usize,
+) -> Res<Vec<u32>> {
+    let mut cache = cache_for::<S>(ctx, spec, prompt.len() + n_new)?;
+    let logits = ctx.model.prefill(&mut cache, prompt, plan)?;
+    Ok(ctx.model.decode_greedy(&mut cache, logits, n_new, None)?)
+}
+
+/// The fastest of `--speed-reps` prefills of `prompt` into caches storing `S` and of the
+/// greedy decode steps after it: (prefill seconds, decode seconds per token).
+fn time_prefill_decode<S: Element>(
+    ctx: &Ctx,
+    args: &Args,
+    (spec, plan, prompt): (&Spec, &Plan, &[u32]),
+) -> Res<(f64, f64)> {
+    let (mut pre, mut dec) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..args.speed_reps {
+        let mut cache = cache_for::<S>(ctx, spec, prompt.len() + args.new_tokens)?;
+        let t = Instant::now();
+        let logits = ctx.model.prefill(&mut cache, prompt, plan)?;
+        pre = pre.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let new = ctx
+            .model
+            .decode_greedy(&mut cache, logits, args.new_tokens, None)?;
+        // decode_greedy feeds all new tokens but the last through the cache.
+        let steps = new.len().saturating_sub(1).max(1);
+        dec = dec.min(t.elapsed().as_secs_f64() / steps as f64);
+    }
+    Ok((pre, dec))
 }
 
 /// Prefill and decode throughput: `--speed-context` prompt tokens through
@@ -499,10 +540,10 @@ fn speed_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
     }
     let threads = rayon::current_num_threads();
     let mut md = format!(
-        "Speed of the Rust model, {threads} rayon thread(s): prefill of {n} tokens \
+        "Speed of the Rust model, {threads} rayon thread(s), {} KV cache: prefill of {n} tokens \
          (tokens/s) and {} greedy decode steps after it (tokens/s), fastest of {}:\n\n\
          | scheme | prefill s | prefill tok/s | decode s | decode tok/s |\n|---|---:|---:|---:|---:|\n",
-        args.new_tokens, args.speed_reps
+        args.kv_dtype, args.new_tokens, args.speed_reps
     );
     let mut rows = Vec::new();
     for (key, spec) in schemes {
@@ -513,20 +554,12 @@ fn speed_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
             target
         };
         let plan = ctx.plan(spec, plan_len)?;
-        let (mut pre, mut dec) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..args.speed_reps {
-            let mut cache = cache_for(ctx, spec, target)?;
-            let t = Instant::now();
-            let logits = ctx.model.prefill(&mut cache, &ids[..n], &plan)?;
-            pre = pre.min(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let new = ctx
-                .model
-                .decode_greedy(&mut cache, logits, args.new_tokens, None)?;
-            // decode_greedy feeds all new tokens but the last through the cache.
-            let steps = new.len().saturating_sub(1).max(1);
-            dec = dec.min(t.elapsed().as_secs_f64() / steps as f64);
-        }
+        let run = (spec, &plan, &ids[..n]);
+        let (pre, dec) = match args.kv_dtype.as_str() {
+            "bf16" => time_prefill_decode::<half::bf16>(ctx, args, run)?,
+            "f16" => time_prefill_decode::<half::f16>(ctx, args, run)?,
+            _ => time_prefill_decode::<f32>(ctx, args, run)?,
+        };
         eprintln!(
             "{key}: prefill {n} tokens {pre:.2} s ({:.0} tok/s), decode {:.1} ms/token ({:.1} tok/s)",
             n as f64 / pre,
@@ -551,6 +584,7 @@ fn speed_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
     let json = serde_json::json!({
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "prompt_tokens": n, "new_tokens": args.new_tokens, "threads": threads,
+        "kv_dtype": args.kv_dtype,
         "reps": args.speed_reps, "schemes": rows,
     });
     std::fs::write(
@@ -592,11 +626,12 @@ fn passkey_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
                     };
                     let plan = ctx.plan(spec, plan_len)?;
                     let t = Instant::now();
-                    let mut cache = cache_for(ctx, spec, target)?;
-                    let logits = ctx.model.prefill(&mut cache, &ids, &plan)?;
-                    let new = ctx
-                        .model
-                        .decode_greedy(&mut cache, logits, args.new_tokens, None)?;
+                    let run = (spec, &plan, &ids[..]);
+                    let new = match args.kv_dtype.as_str() {
+                        "bf16" => greedy_answer::<half::bf16>(ctx, run, args.new_tokens)?,
+                        "f16" => greedy_answer::<half::f16>(ctx, run, args.new_tokens)?,
+                        _ => greedy_answer::<f32>(ctx, run, args.new_tokens)?,
+                    };
                     let answer = ctx.tok.decode(&new)?;
                     let got = passkey::parse_answer(&answer);
                     hits += usize::from(got == Some(key));

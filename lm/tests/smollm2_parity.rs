@@ -20,10 +20,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ropex::PositionMap;
 use ropex::gguf::GgufFile;
+use ropex::{Element, PositionMap};
 use ropex_lm::Plan;
-use ropex_lm::llama::{GgufTokenizer, Llama, LlamaError, nll_tokens};
+use ropex_lm::llama::{GgufTokenizer, Llama, LlamaCache, LlamaError, nll_tokens};
 use serde::Deserialize;
 
 /// Logit tolerance (absolute; the logits span about -10 to 25). Two f32 forwards that
@@ -37,6 +37,11 @@ const LOGIT_TOL: f64 = 5e-4;
 const MEAN_NLL_TOL: f64 = 1e-4;
 /// KvCache decode against tiled prefill, both in Rust: measured 4.3e-5 under ReRoPE.
 const DECODE_TOL: f64 = 5e-4;
+/// A bf16 KvCache's decode against the f32 forward pass (logits span about -10 to 25):
+/// each cached key and value is rounded once (up to 2^-9 of itself) in every block;
+/// measured 8.4e-2 (Zen 4, AVX-512). The bound is 6x that: a real fault (a key cached
+/// unrotated, a wrong conversion) moves logits by whole units.
+const BF16_CACHE_TOL: f64 = 0.5;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -295,22 +300,42 @@ fn tiled_prefill_then_cache_decode_equals_one_forward_pass() {
 
     let d = spec.decode(rope, train, n).unwrap();
     assert_eq!(d.log_n, Some(train));
-    let mut cache = m
-        .cache_with(d.config, d.map, |c| c.with_log_n(train))
-        .unwrap();
-    let mut rows = vec![m.prefill(&mut cache, &ids[..prompt], &plan).unwrap()];
-    assert_eq!(cache.len(), prompt);
-    for &t in &ids[prompt..] {
-        rows.push(m.step(&mut cache, &[t]).unwrap());
-    }
-    let mut err = 0f64;
-    for (i, row) in rows.iter().enumerate() {
-        for (a, b) in row.row(0).iter().zip(want.row(i)) {
-            err = err.max((*a as f64 - *b as f64).abs());
+    // Prefill then decode through `cache`: the largest logit difference to `want`.
+    fn decode<S: Element>(
+        m: &Llama,
+        mut cache: LlamaCache<S>,
+        (ids, prompt, plan): (&[u32], usize, &Plan),
+        want: &ndarray::Array2<f32>,
+    ) -> f64 {
+        let mut rows = vec![m.prefill(&mut cache, &ids[..prompt], plan).unwrap()];
+        assert_eq!(cache.len(), prompt);
+        for &t in &ids[prompt..] {
+            rows.push(m.step(&mut cache, &[t]).unwrap());
         }
+        let mut err = 0f64;
+        for (i, row) in rows.iter().enumerate() {
+            for (a, b) in row.row(0).iter().zip(want.row(i)) {
+                err = err.max((*a as f64 - *b as f64).abs());
+            }
+        }
+        err
     }
+    let run = (&ids[..], prompt, &plan);
+    let f32_cache = m.cache_with::<f32>(d.config.clone(), d.map, |c| c.with_log_n(train));
+    let err = decode(m, f32_cache.unwrap(), run, &want);
     println!("max |prefill + decode - forward| under Leaky w=64 + log-n: {err:.3e}");
     assert!(err < DECODE_TOL, "prefill + decode differs by {err}");
+    // The same with keys and values stored in bf16 (half the cache): every cached key
+    // and value is off by up to 2^-9 of itself, in all 30 blocks.
+    let bf = m
+        .cache_with::<half::bf16>(d.config, d.map, |c| c.with_log_n(train))
+        .unwrap();
+    let err = decode(m, bf, run, &want);
+    println!("max |bf16 cache decode - f32 forward| under Leaky w=64 + log-n: {err:.3e}");
+    assert!(
+        err > DECODE_TOL && err < BF16_CACHE_TOL,
+        "a bf16 cache moves the logits by {err}"
+    );
 
     let nll = m
         .nll(&ids[..n - 1], &ids[prompt..], &plan, prompt - 1)

@@ -32,7 +32,7 @@ use std::path::Path;
 use ndarray::{Array1, Array2, Array3, ArrayView2, Axis, s};
 use ropex::attention::Kernel;
 use ropex::gguf::{GgufFile, GgufRope};
-use ropex::{Attention, CacheShape, KvCache, PositionMap};
+use ropex::{Attention, CacheShape, Element, KvCache, PositionMap};
 
 use super::config::LlamaConfig;
 use super::error::{LlamaError, Result};
@@ -252,7 +252,7 @@ impl Llama {
         from: usize,
         kernel: Kernel,
     ) -> Result<Array2<f32>> {
-        let x = self.hidden(tokens, plan, from, kernel, None)?;
+        let x = self.hidden(tokens, plan, from, kernel, None::<&mut LlamaCache>)?;
         self.logits(x.view())
     }
 
@@ -276,7 +276,13 @@ impl Llama {
                 tokens.len()
             )));
         }
-        let x = self.hidden(tokens, plan, from, Kernel::default(), None)?;
+        let x = self.hidden(
+            tokens,
+            plan,
+            from,
+            Kernel::default(),
+            None::<&mut LlamaCache>,
+        )?;
         let mut out = Vec::with_capacity(targets.len());
         for (rows, tgt) in x.axis_chunks_iter(Axis(0), 512).zip(targets.chunks(512)) {
             let logits = self.logits(rows)?;
@@ -296,9 +302,9 @@ impl Llama {
     /// log-n as the cache), appending every block's unrotated keys and values to the
     /// cache, and returns the logits of the last prompt token `[1, vocab]`. Decoding then
     /// continues with [`Llama::step`], which attends through the cache.
-    pub fn prefill(
+    pub fn prefill<S: Element>(
         &self,
-        cache: &mut LlamaCache,
+        cache: &mut LlamaCache<S>,
         tokens: &[u32],
         plan: &Plan,
     ) -> Result<Array2<f32>> {
@@ -317,13 +323,13 @@ impl Llama {
 
     /// The final hidden states `[T - from, hidden]` (before the output norm); with a
     /// cache, every block's keys and values are appended to it.
-    fn hidden(
+    fn hidden<S: Element>(
         &self,
         tokens: &[u32],
         plan: &Plan,
         from: usize,
         kernel: Kernel,
-        mut cache: Option<&mut LlamaCache>,
+        mut cache: Option<&mut LlamaCache<S>>,
     ) -> Result<Array2<f32>> {
         let t = tokens.len();
         if t == 0 || from >= t {
@@ -360,18 +366,19 @@ impl Llama {
     }
 
     /// An empty decode cache with frequencies from `config` (e.g. the file's rope with a
-    /// [`ropex::Scaling`]) under `map`, each block's [`KvCache`] passed through `finish`
-    /// (e.g. `|c| c.with_log_n(8192)`).
-    pub fn cache_with(
+    /// [`ropex::Scaling`]) under `map`, storing keys and values as `S` (f32, or bf16 /
+    /// f16 for half the memory and decode traffic), each block's [`KvCache`] passed
+    /// through `finish` (e.g. `|c| c.with_log_n(8192)`).
+    pub fn cache_with<S: Element>(
         &self,
         config: ropex::RopeConfig,
         map: PositionMap,
-        finish: impl Fn(KvCache) -> ropex::Result<KvCache>,
-    ) -> Result<LlamaCache> {
+        finish: impl Fn(KvCache<S>) -> ropex::Result<KvCache<S>>,
+    ) -> Result<LlamaCache<S>> {
         let c = &self.config;
         let blocks = (0..c.n_layers)
             .map(|_| {
-                finish(KvCache::new(
+                finish(KvCache::new_typed(
                     config.clone(),
                     self.rope.layout,
                     map,
@@ -386,7 +393,11 @@ impl Llama {
     /// `cache.len() ..`, appending their keys and values to `cache` (ropex's
     /// [`KvCache::prefill_chunk`] per block), and returns their logits
     /// `[tokens.len(), vocab]`.
-    pub fn step(&self, cache: &mut LlamaCache, tokens: &[u32]) -> Result<Array2<f32>> {
+    pub fn step<S: Element>(
+        &self,
+        cache: &mut LlamaCache<S>,
+        tokens: &[u32],
+    ) -> Result<Array2<f32>> {
         if tokens.is_empty() {
             return Err(LlamaError::Input(
                 "a decode step needs at least one token".into(),
@@ -415,9 +426,9 @@ impl Llama {
     /// `n_new` times (or until `stop` is produced), each step through the cache.
     /// Returns the new tokens; the cache then holds the prompt and all new tokens but
     /// the last (which has not been fed yet).
-    pub fn generate_greedy(
+    pub fn generate_greedy<S: Element>(
         &self,
-        cache: &mut LlamaCache,
+        cache: &mut LlamaCache<S>,
         prompt: &[u32],
         n_new: usize,
         stop: Option<u32>,
@@ -430,9 +441,9 @@ impl Llama {
     /// the next-token distribution (from [`Llama::prefill`] or [`Llama::step`]): appends
     /// the argmax `n_new` times (or until `stop`) through the cache; returns the new
     /// tokens.
-    pub fn decode_greedy(
+    pub fn decode_greedy<S: Element>(
         &self,
-        cache: &mut LlamaCache,
+        cache: &mut LlamaCache<S>,
         mut logits: Array2<f32>,
         n_new: usize,
         stop: Option<u32>,
@@ -456,13 +467,14 @@ impl Llama {
     }
 }
 
-/// Per-block ropex KV caches of one decoding sequence ([`Llama::cache`]).
+/// Per-block ropex KV caches of one decoding sequence ([`Llama::cache`],
+/// [`Llama::cache_with`]), keys and values stored as `S`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LlamaCache {
-    blocks: Vec<KvCache>,
+pub struct LlamaCache<S: Element = f32> {
+    blocks: Vec<KvCache<S>>,
 }
 
-impl LlamaCache {
+impl<S: Element> LlamaCache<S> {
     /// Tokens cached so far.
     pub fn len(&self) -> usize {
         self.blocks.first().map_or(0, KvCache::len)
