@@ -8,15 +8,16 @@
 //!
 //! Arguments: kernel (`tiled`, `two_pass`, `decode`), map (`rope`, `rerope`, `leaky`;
 //! window 512, leak 16), n (prefill length or cache length), repetitions, and for `tiled`
-//! an optional tile size (`-` for the planner's) and element type (`f32`, or `bf16`:
-//! bf16 inputs and output, with bf16 tile products where the CPU makes them pay).
+//! an optional tile size (`-` for the planner's) and element type (`f32`; `bf16`:
+//! bf16 inputs and output, with bf16 tile products where the CPU makes them pay;
+//! `bf16-f32`: bf16 inputs and output with f32 tile products).
 //! H = 8, d = 128, one rayon thread.
 
 use half::bf16;
 use ndarray::Array3;
 use ropex::CacheShape;
 use ropex::attention::decode::KvCache;
-use ropex::attention::{Attention, Kernel, TileConfig, TiledScratch};
+use ropex::attention::{Attention, Bf16Products, Kernel, TileConfig, TiledScratch};
 use ropex::{Element, Layout, PositionMap, RopeConfig};
 
 #[path = "../tests/common/mod.rs"]
@@ -71,6 +72,10 @@ fn main() {
             match arg(5, "f32").as_str() {
                 "f32" => prefill(&att, kernel, qkv, reps),
                 "bf16" => prefill(&att, kernel, qkv.map(|x| x.mapv(bf16::from_f32)), reps),
+                "bf16-f32" => {
+                    let att = att.clone().with_bf16_products(Bf16Products::Off);
+                    prefill(&att, kernel, qkv.map(|x| x.mapv(bf16::from_f32)), reps)
+                }
                 other => panic!("unknown element type {other}"),
             }
         }
