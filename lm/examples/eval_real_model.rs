@@ -57,6 +57,24 @@ use ropex_lm::{Plan, passkey};
 const ALL_SCHEMES: &str = "rope,pi,ntk,dynamic,yarn,rerope-w2048,rerope-w2048-logn,\
                            rerope-w4096,rerope-w4096-logn,leaky-w2048,self-extend,dca";
 
+/// Storage type of the decode caches (`--kv-dtype`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum KvDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl KvDtype {
+    fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Loss and passkey retrieval of SmolLM2 at long contexts under ropex schemes")]
 struct Args {
@@ -119,8 +137,8 @@ struct Args {
     speed_reps: usize,
     /// Storage type of the decode caches' keys and values (`--speed` and `--passkey`):
     /// `f32`, `bf16` or `f16` (half the cache memory and decode traffic).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    kv_dtype: String,
+    #[arg(long, value_enum, default_value_t = KvDtype::F32)]
+    kv_dtype: KvDtype,
     /// Also write the text of the first window's tokens (the input and its last
     /// target, decoded) to this file, e.g. for llama.cpp's `llama-perplexity`, which
     /// then reads the same tokens.
@@ -543,7 +561,9 @@ fn speed_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
         "Speed of the Rust model, {threads} rayon thread(s), {} KV cache: prefill of {n} tokens \
          (tokens/s) and {} greedy decode steps after it (tokens/s), fastest of {}:\n\n\
          | scheme | prefill s | prefill tok/s | decode s | decode tok/s |\n|---|---:|---:|---:|---:|\n",
-        args.kv_dtype, args.new_tokens, args.speed_reps
+        args.kv_dtype.name(),
+        args.new_tokens,
+        args.speed_reps
     );
     let mut rows = Vec::new();
     for (key, spec) in schemes {
@@ -555,10 +575,10 @@ fn speed_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
         };
         let plan = ctx.plan(spec, plan_len)?;
         let run = (spec, &plan, &ids[..n]);
-        let (pre, dec) = match args.kv_dtype.as_str() {
-            "bf16" => time_prefill_decode::<half::bf16>(ctx, args, run)?,
-            "f16" => time_prefill_decode::<half::f16>(ctx, args, run)?,
-            _ => time_prefill_decode::<f32>(ctx, args, run)?,
+        let (pre, dec) = match args.kv_dtype {
+            KvDtype::F32 => time_prefill_decode::<f32>(ctx, args, run)?,
+            KvDtype::Bf16 => time_prefill_decode::<half::bf16>(ctx, args, run)?,
+            KvDtype::F16 => time_prefill_decode::<half::f16>(ctx, args, run)?,
         };
         eprintln!(
             "{key}: prefill {n} tokens {pre:.2} s ({:.0} tok/s), decode {:.1} ms/token ({:.1} tok/s)",
@@ -584,7 +604,7 @@ fn speed_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
     let json = serde_json::json!({
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "prompt_tokens": n, "new_tokens": args.new_tokens, "threads": threads,
-        "kv_dtype": args.kv_dtype,
+        "kv_dtype": args.kv_dtype.name(),
         "reps": args.speed_reps, "schemes": rows,
     });
     std::fs::write(
@@ -627,10 +647,10 @@ fn passkey_mode(ctx: &Ctx, args: &Args, schemes: &[(String, Spec)]) -> Res<()> {
                     let plan = ctx.plan(spec, plan_len)?;
                     let t = Instant::now();
                     let run = (spec, &plan, &ids[..]);
-                    let new = match args.kv_dtype.as_str() {
-                        "bf16" => greedy_answer::<half::bf16>(ctx, run, args.new_tokens)?,
-                        "f16" => greedy_answer::<half::f16>(ctx, run, args.new_tokens)?,
-                        _ => greedy_answer::<f32>(ctx, run, args.new_tokens)?,
+                    let new = match args.kv_dtype {
+                        KvDtype::F32 => greedy_answer::<f32>(ctx, run, args.new_tokens)?,
+                        KvDtype::Bf16 => greedy_answer::<half::bf16>(ctx, run, args.new_tokens)?,
+                        KvDtype::F16 => greedy_answer::<half::f16>(ctx, run, args.new_tokens)?,
                     };
                     let answer = ctx.tok.decode(&new)?;
                     let got = passkey::parse_answer(&answer);
