@@ -16,16 +16,26 @@
 //! `vcvtph2ps` (exact) — no round trip through a scratch tile. Every product and sum is
 //! f32 (fused multiply-adds on the SIMD paths), as with f32 storage.
 //!
-//! Both kernels software-prefetch [`PREFETCH`] bytes ahead of the rows they stream.
+//! Both kernels software-prefetch [`PREFETCH`] bytes ahead of the rows they stream, into L2.
 //! Ragged tails (a head dim or value dim that is not a whole number of vectors) are
 //! summed in scalar f32, which keeps the accumulators of the main loops in registers
 //! (a partial load through a stack copy made LLVM spill them).
 
 use super::simd::Simd;
 
-/// Bytes ahead of the current row that the GEMVs prefetch. Measured on one Zen 5 core
-/// (L = 32768, G = 4, d = 128): no prefetch 8.2-9.8 ms bf16 / 21 ms f32 a step,
-/// 4 KiB 5-6 / 10.6-12.8, 8 KiB 4.4 / 9.0-10.0, 16 KiB 4.4 / 10.2, 32 KiB 4.6-4.9 / 10.8-11.6.
+/// Bytes ahead of the current row that the GEMVs prefetch, into L2 ([`Simd::prefetch_l2`]).
+///
+/// Distance, measured on one Zen 5 core (L = 32768, G = 4, d = 128, `prefetcht0`): no
+/// prefetch 8.2-9.8 ms bf16 / 21 ms f32 a step, 4 KiB 5-6 / 10.6-12.8, 8 KiB 4.4 /
+/// 9.0-10.0, 16 KiB 4.4 / 10.2, 32 KiB 4.6-4.9 / 10.8-11.6.
+///
+/// Hint, measured on one Zen 4 core (AMD EPYC family 25 model 17; same shape, 8 KiB,
+/// five alternating processes each): `prefetcht0` 21.8 ms f32 / 15.7 ms bf16 median a
+/// step, `prefetcht1` 19.4 / 12.5; 4 and 16 KiB with `prefetcht1` within the noise of
+/// 8 KiB. Per GEMV against a plain sum of the same bytes in the same process
+/// (`prefetcht1`): G = 1 `qk` 0.90-0.95 and `pv` 1.0 of its bandwidth, G = 4 0.75-0.80
+/// (`prefetcht0`: 0.54-0.94 and 0.55-0.80). An Intel Xeon (family 6 model 167) also
+/// measured `prefetcht1` 5-8% faster.
 const PREFETCH: usize = 8192;
 
 /// Rows of V per `pv` k-block: `PV_KC` rows of `dv = 128` f32 are 32 KiB (L1).
@@ -108,7 +118,7 @@ fn prefetch_ahead<S: Simd, E>(s: S, p: *const E, bytes: usize) {
     let p = p.cast::<u8>().wrapping_add(PREFETCH);
     let mut off = 0;
     while off < bytes {
-        s.prefetch(p.wrapping_add(off));
+        s.prefetch_l2(p.wrapping_add(off));
         off += 64;
     }
 }

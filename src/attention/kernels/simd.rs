@@ -156,6 +156,11 @@ pub(crate) trait Simd: Copy {
     /// A hint to fetch the cache line of `p` into the caches; never faults, any address.
     #[inline(always)]
     fn prefetch(self, _p: *const u8) {}
+    /// A hint to fetch the cache line of `p` into L2 but not L1 (`prefetcht1`), for
+    /// streams read once: the L1 fill buffers stay free for the demand loads. Never
+    /// faults, any address.
+    #[inline(always)]
+    fn prefetch_l2(self, _p: *const u8) {}
 }
 
 /// Constants of the f32 exponential shared by every instruction set.
@@ -714,6 +719,11 @@ mod x86 {
             // SAFETY: a prefetch never faults, whatever the address (SSE, implied).
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
+        #[inline(always)]
+        fn prefetch_l2(self, p: *const u8) {
+            // SAFETY: as `prefetch`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+        }
     }
 
     /// Transposes 8 rows of 8 lanes.
@@ -961,6 +971,11 @@ mod x86 {
         fn prefetch(self, p: *const u8) {
             // SAFETY: a prefetch never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
+        #[inline(always)]
+        fn prefetch_l2(self, p: *const u8) {
+            // SAFETY: as `prefetch`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
     }
 
