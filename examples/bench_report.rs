@@ -29,7 +29,9 @@
 //! time. Beside each time: the ratio to the plain case of the same run and shape
 //! (`rope_tiled` for prefill, `rope` for decode), the share of the FMA-loop peak of the
 //! instruction set in use (prefill; measured in this process on one thread, times the
-//! thread count) and of the streaming read bandwidth (decode). With `--threads t > 1`
+//! thread count) and of the streaming read bandwidth (decode: a plain sum over a buffer
+//! of the cache's K/V bytes, timed in the same rounds as the decode steps, since a
+//! shared host's memory bandwidth moves from second to second). With `--threads t > 1`
 //! every shape also runs `rope_tiled` in a 1-thread pool in the same rounds, for the
 //! scaling ratio. Ends with the targets, each marked met or not.
 //!
@@ -335,8 +337,8 @@ struct PrefillResult {
 struct Results {
     rows: Vec<Row>,
     prefill: Vec<PrefillResult>,
-    /// `(L, case) -> (ms, GB/s)`.
-    decode: Vec<(usize, &'static str, f64, f64)>,
+    /// `(L, case) -> (ms, GB/s, GB/s of the plain read in the same rounds)`.
+    decode: Vec<(usize, &'static str, f64, f64, f64)>,
 }
 
 /// Name of the 1-thread rope case run beside the others when `--threads t > 1`.
@@ -616,7 +618,7 @@ fn filled<C: DecodeCache>(mut cache: C, k: &Array3<f32>, v: &Array3<f32>) -> C {
     cache
 }
 
-fn decode(o: &Options, shape: Shape, bandwidth: f64, res: &mut Results) {
+fn decode(o: &Options, shape: Shape, res: &mut Results) {
     let (d, hq, hkv) = (shape.head_dim, shape.heads_q, shape.heads_kv);
     let cache_shape = CacheShape::square(hkv, d);
     for &len in &o.ls {
@@ -626,8 +628,10 @@ fn decode(o: &Options, shape: Shape, bandwidth: f64, res: &mut Results) {
         let step = [len - 1];
         let bytes = (4 * hkv * len * 2 * d) as f64;
         let w = WINDOW.min(len.saturating_sub(1)).max(1);
+        // A plain read of as many bytes as a step's K/V, timed in the same rounds.
+        let plain = vec![1.0f32; 2 * hkv * len * d];
         let mut base = None;
-        let mut record = |name: &'static str, t: Duration, res: &mut Results| {
+        let mut record = |name: &'static str, t: Duration, stream_gbs: f64, res: &mut Results| {
             let ms = t.as_secs_f64() * 1e3;
             let gbs = bytes / t.as_secs_f64() / 1e9;
             let base_ms = *base.get_or_insert(ms);
@@ -644,10 +648,10 @@ fn decode(o: &Options, shape: Shape, bandwidth: f64, res: &mut Results) {
                 rate: gbs,
                 unit: "GB/s",
                 ratio: Some((ms / base_ms, "rope")),
-                of_machine: gbs / bandwidth,
+                of_machine: gbs / stream_gbs,
                 machine: "of read bandwidth",
             });
-            res.decode.push((len, name, ms, gbs));
+            res.decode.push((len, name, ms, gbs, stream_gbs));
         };
         // Decode steps are short and memory-bound: more runs for a stable median.
         let reps = (4 * o.reps).max(20);
@@ -704,9 +708,17 @@ fn decode(o: &Options, shape: Shape, bandwidth: f64, res: &mut Results) {
                 std::hint::black_box(su.attend(q.view(), step).expect("attend"));
             }),
         ));
-        let times = interleaved_medians(&mut runs);
+        runs.push((
+            reps,
+            Box::new(|| {
+                std::hint::black_box(sum(&plain));
+            }),
+        ));
+        let mut times = interleaved_medians(&mut runs);
+        let plain_time = times.pop().expect("the plain read's time");
+        let stream_gbs = bytes / plain_time.as_secs_f64() / 1e9;
         for (name, t) in names.into_iter().zip(times) {
-            record(name, t, res);
+            record(name, t, stream_gbs, res);
         }
     }
 }
@@ -988,11 +1000,11 @@ fn print_decode_targets(res: &Results, shape: Shape, bandwidth: f64) {
     let dc = |l: usize, case: &str| {
         res.decode
             .iter()
-            .find(|(m, c, _, _)| *m == l && *c == case)
-            .map(|r| (r.2, r.3))
+            .find(|(m, c, ..)| *m == l && *c == case)
+            .map(|r| (r.2, r.3, r.4))
     };
     let label = shape.label();
-    if let Some(&l) = res.decode.iter().map(|(l, _, _, _)| l).max()
+    if let Some(&l) = res.decode.iter().map(|(l, ..)| l).max()
         && let (Some(rope), Some(re)) = (dc(l, "rope"), dc(l, "rerope_cache"))
     {
         let x = re.0 / rope.0;
@@ -1021,13 +1033,15 @@ fn print_decode_targets(res: &Results, shape: Shape, bandwidth: f64) {
                 su.0 / rope.0
             );
         }
-        let frac = rope.1 / bandwidth;
+        let frac = rope.1 / rope.2;
         println!(
-            "- {label} decode L={l}: rope reads K/V at {:.1} GB/s = {:.0}% of {:.1} GB/s streaming read (target >= 80%): {}",
+            "- {label} decode L={l}: rope reads K/V at {:.1} GB/s = {:.0}% of {:.1} GB/s, a plain read of the same bytes in the same rounds (target >= 80%): {} ({:.0}% of the {:.1} GB/s best 1 GiB read before the run)",
             rope.1,
             100.0 * frac,
+            rope.2,
+            mark(frac >= 0.8),
+            100.0 * rope.1 / bandwidth,
             bandwidth,
-            mark(frac >= 0.8)
         );
     }
 }
@@ -1065,7 +1079,7 @@ fn main() {
             prefill(&o, shape, i == 0, (peak, bf16_peak), single.as_ref(), &mut res);
         }
         if let Some(&first) = o.shapes.first() {
-            decode(&o, first, bandwidth, &mut res);
+            decode(&o, first, &mut res);
         }
         let clock = if BUSIEST.load(Ordering::Relaxed) {
             "on-CPU time of the busiest worker thread"
