@@ -7,8 +7,8 @@ use std::collections::HashSet;
 
 use ndarray::{Array3, ArrayView3, Axis, concatenate, s};
 use proptest::prelude::*;
-use ropex::attention::Attention;
 use ropex::attention::decode::{BatchScratch, DecodeScratch, KvCache, PagedKvCache, SeqId};
+use ropex::attention::{Attention, Bf16Products};
 use ropex::{CacheShape, Element, Layout, PositionMap, RopeConfig, RopeError, Scaling};
 
 mod common;
@@ -345,13 +345,21 @@ fn batched_decode_equals_per_sequence_bit_for_bit() {
 /// (rotations keep norms), at most `delta` over the row; softmax weights then move by at
 /// most `sum |dp| <= e^{2 delta} - 1` in total, so
 /// `|do| <= max|v| (e^{2 delta} - 1) + u max|v| (1 + u)` plus the f32 kernel error.
-fn bound(u: f64, scale: f64, q: &Array3<f32>, k: &Array3<f32>, v: &Array3<f32>) -> f64 {
+/// With bf16 products the rotated query is rounded too (`|dq| <= u |q|`), so
+/// `|ds| <= scale (2u + u^2) |q|_2 |k|_2` (`query_rounded`).
+fn bound(
+    u: f64,
+    scale: f64,
+    (q, k, v): (&Array3<f32>, &Array3<f32>, &Array3<f32>),
+    query_rounded: bool,
+) -> f64 {
     let norm =
         |x: ndarray::ArrayView1<f32>| x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
     let qmax = q.lanes(Axis(2)).into_iter().map(norm).fold(0.0, f64::max);
     let kmax = k.lanes(Axis(2)).into_iter().map(norm).fold(0.0, f64::max);
     let vmax = v.iter().fold(0f64, |m, &x| m.max(x.abs() as f64));
-    let delta = scale * u * qmax * kmax;
+    let rounding = if query_rounded { 2.0 * u + u * u } else { u };
+    let delta = scale * rounding * qmax * kmax;
     vmax * ((2.0 * delta).exp_m1() + u * (1.0 + u)) + 1e-5
 }
 
@@ -363,9 +371,12 @@ fn dtype_bound<S: Element>() {
         rand3((n, HKV, D), 43),
     );
     for map in maps() {
+        // f32 products: the storage rounding alone (bf16 products have their own test).
         let mut contiguous =
-            KvCache::<S>::new_typed(cfg(), Layout::Half, map, CacheShape::square(HKV, D)).unwrap();
-        let mut cache = paged::<S>(map, 16, 8);
+            KvCache::<S>::new_typed(cfg(), Layout::Half, map, CacheShape::square(HKV, D))
+                .unwrap()
+                .with_bf16_products(Bf16Products::Off);
+        let mut cache = paged::<S>(map, 16, 8).with_bf16_products(Bf16Products::Off);
         let a = cache.add_sequence().unwrap();
         contiguous.append(k.view(), v.view()).unwrap();
         cache.append(a, k.view(), v.view()).unwrap();
@@ -375,7 +386,7 @@ fn dtype_bound<S: Element>() {
             .reference(q.view(), k.view(), v.view(), &pos, &pos)
             .unwrap();
         let scale = 1.0 / (D as f64).sqrt();
-        let b = bound(S::UNIT_ROUNDOFF, scale, &q, &k, &v);
+        let b = bound(S::UNIT_ROUNDOFF, scale, (&q, &k, &v), false);
         for got in [
             contiguous.attend(q.view(), &pos).unwrap(),
             cache.attend(a, q.view(), &pos).unwrap(),
@@ -392,6 +403,72 @@ fn dtype_bound<S: Element>() {
 fn bf16_and_f16_caches_meet_the_derived_bound() {
     dtype_bound::<half::bf16>();
     dtype_bound::<half::f16>();
+}
+
+/// bf16 products in a bf16 cache's decode (where the CPU has AVX512_BF16), for every
+/// map with a head dim of 40 (a vector of pair slots and a ragged tail; ReRoPE's queries
+/// older than the ring score rebuilt f32 keys in the same step): within the bound with
+/// the query's extra rounding, contiguous == paged bit for bit at the newest position
+/// (the decode step; older ReRoPE queries see the contiguous cache's unrounded rebuilt
+/// keys there), and different from f32 products (the path ran); `Off` meets the
+/// one-rounding bound.
+#[test]
+fn bf16_products_in_decode_meet_their_bound() {
+    let on_cpu = Bf16Products::On.applies();
+    let (n, d) = (37, 40);
+    let cfg = RopeConfig::new(d, 10_000.0).unwrap();
+    let shape = CacheShape::square(HKV, d);
+    let (q, k, v) = (
+        rand3((n, HQ, d), 71),
+        rand3((n, HKV, d), 72),
+        rand3((n, HKV, d), 73),
+    );
+    let pos: Vec<usize> = (0..n).collect();
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut moved = false;
+    for map in maps() {
+        let mut outs = Vec::new();
+        for mode in [Bf16Products::On, Bf16Products::Off] {
+            let mut contiguous =
+                KvCache::<half::bf16>::new_typed(cfg.clone(), Layout::Half, map, shape)
+                    .unwrap()
+                    .with_bf16_products(mode);
+            contiguous.append(k.view(), v.view()).unwrap();
+            let mut cache =
+                PagedKvCache::<half::bf16>::new_typed(cfg.clone(), Layout::Half, map, shape, 8, 8)
+                    .unwrap()
+                    .with_bf16_products(mode);
+            assert_eq!(cache.bf16_products(), mode);
+            let a = cache.add_sequence().unwrap();
+            cache.append(a, k.view(), v.view()).unwrap();
+            let want = contiguous
+                .attention()
+                .reference(q.view(), k.view(), v.view(), &pos, &pos)
+                .unwrap();
+            let got = contiguous.attend(q.view(), &pos).unwrap();
+            let paged_out = cache.attend(a, q.view(), &pos).unwrap();
+            assert_eq!(
+                got.slice(s![n - 1, .., ..]),
+                paged_out.slice(s![n - 1, .., ..]),
+                "{map:?} {mode:?}: paged != contiguous"
+            );
+            let e = max_err(&paged_out, &want) as f64;
+            let b = bound(
+                half::bf16::UNIT_ROUNDOFF,
+                scale,
+                (&q, &k, &v),
+                mode == Bf16Products::On && on_cpu,
+            );
+            assert!(e <= b, "paged {map:?} {mode:?}: {e} > bound {b}");
+            let rounded = mode == Bf16Products::On && on_cpu;
+            let b = bound(half::bf16::UNIT_ROUNDOFF, scale, (&q, &k, &v), rounded);
+            let e = max_err(&got, &want) as f64;
+            assert!(e <= b, "{map:?} {mode:?}: {e} > bound {b}");
+            outs.push(got);
+        }
+        moved |= outs[0] != outs[1];
+    }
+    assert_eq!(moved, on_cpu, "bf16 products changed the outputs: {moved}");
 }
 
 /// bf16 memory is half the f32 figure, for the contiguous and the paged cache.

@@ -6,8 +6,8 @@ use super::shared::{CacheShape, Core, Trig, load_row, per_head, put_row, store_g
 use super::step::{DecodeScratch, KeySource, Rows, Runs, Step};
 use super::{DecodeCache, RefreshPolicy, append_then_attend};
 use crate::RopeConfig;
-use crate::attention::Attention;
 use crate::attention::kernels::{Kernels, widen};
+use crate::attention::{Attention, Bf16Products};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::{Piece, PositionFn, PositionMap, Region};
@@ -274,6 +274,32 @@ impl<S: Element> KvCache<S> {
     pub fn with_log_n(mut self, train_len: usize) -> Result<Self> {
         self.core.set_log_n(train_len)?;
         Ok(self)
+    }
+
+    /// Whether a bf16 cache scores its keys with bf16 products (`vdpbf16ps`, the rotated
+    /// queries rounded to bf16 once a step; see [`Bf16Products`] and the
+    /// [`crate::attention::decode`] docs). The default, `Auto`, does where the CPU runs
+    /// them fast; `Off` keeps f32 products on the widened keys. No effect on an f32 or
+    /// f16 cache, or an odd head dim.
+    ///
+    /// ```
+    /// use ropex::attention::decode::KvCache;
+    /// use ropex::attention::Bf16Products;
+    /// use ropex::{CacheShape, Layout, PositionMap, RopeConfig};
+    /// let cfg = RopeConfig::new(64, 10_000.0)?;
+    /// let cache = KvCache::<half::bf16>::new_typed(cfg, Layout::Half, PositionMap::Rope, CacheShape::square(2, 64))?
+    ///     .with_bf16_products(Bf16Products::Off);
+    /// assert_eq!(cache.bf16_products(), Bf16Products::Off);
+    /// # Ok::<(), ropex::RopeError>(())
+    /// ```
+    pub fn with_bf16_products(mut self, mode: Bf16Products) -> Self {
+        self.core.bf16_products = mode;
+        self
+    }
+
+    /// The bf16 products setting ([`KvCache::with_bf16_products`]).
+    pub fn bf16_products(&self) -> Bf16Products {
+        self.core.bf16_products
     }
 
     /// Sets the refresh policy for length-dependent schemes; if the frequencies for the
@@ -607,9 +633,11 @@ impl<S: Element> KvCache<S> {
             ));
         }
         let rebuilt = self.rebuild_band(q_pos);
+        let kern = Kernels::active();
         let step = Step {
             core: &self.core,
-            kern: Kernels::active(),
+            kern,
+            bf16: self.core.decode_bf16::<S>(kern),
             pieces: &self.pieces,
             len,
         };

@@ -98,8 +98,8 @@ use super::append_then_attend;
 use super::shared::{CacheShape, Core, Trig, load_row, store_group};
 use super::step::{DecodeScratch, KeySource, Rows, Runs, Step};
 use crate::RopeConfig;
-use crate::attention::Attention;
 use crate::attention::kernels::Kernels;
+use crate::attention::{Attention, Bf16Products};
 use crate::error::{Result, RopeError, try_vec};
 use crate::position::{Piece, PositionMap, Region};
 use crate::rotary::Layout;
@@ -509,6 +509,17 @@ impl<S: Element> PagedKvCache<S> {
         Ok(self)
     }
 
+    /// bf16 products for a bf16 pool (see [`super::KvCache::with_bf16_products`]).
+    pub fn with_bf16_products(mut self, mode: Bf16Products) -> Self {
+        self.core.bf16_products = mode;
+        self
+    }
+
+    /// The bf16 products setting ([`PagedKvCache::with_bf16_products`]).
+    pub fn bf16_products(&self) -> Bf16Products {
+        self.core.bf16_products
+    }
+
     /// The pool: capacity, free and used blocks, memory.
     pub fn pool(&self) -> &BlockPool<S> {
         &self.pool
@@ -775,9 +786,11 @@ impl<S: Element> PagedKvCache<S> {
     }
 
     fn step(&self, len: usize) -> Step<'_> {
+        let kern = Kernels::active();
         Step {
             core: &self.core,
-            kern: Kernels::active(),
+            kern,
+            bf16: self.core.decode_bf16::<S>(kern),
             pieces: &self.pieces,
             len,
         }

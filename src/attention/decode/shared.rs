@@ -5,7 +5,8 @@ use ndarray::{ArrayView3, s};
 
 use super::RefreshPolicy;
 use crate::RopeConfig;
-use crate::attention::{Attention, Mask};
+use crate::attention::kernels::{Bf16Kernels, Kernels, is_bf16};
+use crate::attention::{Attention, Bf16Products, Mask};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
 use crate::position::PositionMap;
@@ -123,6 +124,8 @@ pub(super) struct Core {
     pub(super) log_n_train_len: Option<usize>,
     pub(super) dca_train_len: Option<usize>,
     pub(super) mask: Mask,
+    /// Whether a bf16 cache scores with bf16 products (the queries rounded to bf16).
+    pub(super) bf16_products: Bf16Products,
     pub(super) policy: RefreshPolicy,
     /// The frequencies every cached rotated key is currently rotated with.
     pub(super) freqs: Frequencies,
@@ -182,6 +185,7 @@ impl Core {
             log_n_train_len: None,
             dca_train_len: None,
             mask: Mask::NONE,
+            bf16_products: Bf16Products::Auto,
             policy,
             freqs,
             freq_len,
@@ -265,8 +269,17 @@ impl Core {
             dca_train_len: self.dca_train_len,
             mask: self.mask,
             parallel: true,
-            bf16_products: crate::attention::Bf16Products::Auto,
+            bf16_products: self.bf16_products,
         }
+    }
+
+    /// The bf16 kernels a decode step of a cache storing `S` scores with: `S` is bf16, the
+    /// head dim even (a stored row is then whole pairs) and `bf16_products` applies.
+    pub(super) fn decode_bf16<S: Element>(&self, kern: Kernels) -> Option<Bf16Kernels> {
+        if !is_bf16::<S>() || !self.head_dim.is_multiple_of(2) {
+            return None;
+        }
+        self.bf16_products.kernels(kern)
     }
 
     /// `scale * s_i` for a query at `position` of a sequence of `len` cached tokens.

@@ -74,11 +74,27 @@ mod x86 {
     // instructions" is justified by the token (see `Bf16Dot::new`).
 
     /// `vdpbf16ps` as the GEMMs' multiply-accumulate: the lanes of `a` and `b` are bf16
-    /// pairs (`a` one pair splatted), `acc` f32.
+    /// pairs (`a` one pair splatted in the tile GEMMs), `acc` f32.
     #[derive(Debug, Clone, Copy)]
-    struct DotBf16(#[allow(dead_code)] Bf16Dot);
+    pub(crate) struct DotBf16(pub(crate) Bf16Dot);
+
+    impl Bf16Dot {
+        /// The AVX-512 token this one extends.
+        pub(crate) fn avx(self) -> Avx512 {
+            self.avx
+        }
+    }
 
     impl Mac<Avx512> for DotBf16 {
+        /// The two products of a pair slot, each exact in f32, added to `acc` in f32.
+        #[inline(always)]
+        fn scalar(self, a: f32, b: f32, acc: f32) -> f32 {
+            let (a, b) = (a.to_bits(), b.to_bits());
+            let half = |x: u32| f32::from_bits(x << 16);
+            let (lo, hi) = (half(a) * half(b), half(a >> 16) * half(b >> 16));
+            acc + lo + hi
+        }
+
         #[inline(always)]
         fn mac(self, _s: Avx512, a: __m512, b: __m512, acc: __m512) -> __m512 {
             // SAFETY: the token => AVX512_BF16; the casts reinterpret 512 bits.

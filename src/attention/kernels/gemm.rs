@@ -22,6 +22,13 @@ use super::{MatMut, MatRef};
 pub(crate) trait Mac<S: Simd>: Copy {
     /// `acc + a b`, lane by lane, in the step's own arithmetic.
     fn mac(self, s: S, a: S::V, b: S::V, acc: S::V) -> S::V;
+
+    /// One lane of [`Mac::mac`] in scalar code (the ragged tails of the decode GEMVs):
+    /// `acc + a b` for f32 operands.
+    #[inline(always)]
+    fn scalar(self, a: f32, b: f32, acc: f32) -> f32 {
+        acc + a * b
+    }
 }
 
 /// f32 operands: one fused multiply-add per lane.

@@ -21,6 +21,7 @@
 //! summed in scalar f32, which keeps the accumulators of the main loops in registers
 //! (a partial load through a stack copy made LLVM spill them).
 
+use super::gemm::Mac;
 use super::simd::Simd;
 
 /// Bytes ahead of the current row that the GEMVs prefetch, into L2 ([`Simd::prefetch_l2`]).
@@ -112,6 +113,26 @@ impl Widen for F16 {
     }
 }
 
+/// bf16 storage read as pairs (`vdpbf16ps` operands): one 32-bit slot holds elements
+/// `2s` (low half) and `2s + 1` of a row, loaded as they lie in memory; a row of `d`
+/// (even) bf16 is `d / 2` slots. `scalar` returns a slot's bits as an f32, for
+/// [`Mac::scalar`] of [`super::bf16dot::DotBf16`] to split.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bf16Pairs;
+
+impl Widen for Bf16Pairs {
+    type E = [u16; 2];
+    #[inline(always)]
+    unsafe fn load<S: Simd>(self, s: S, p: *const [u16; 2]) -> S::V {
+        // SAFETY: forwarded contract (`LANES` slots of 4 bytes).
+        unsafe { s.load(p.cast()) }
+    }
+    #[inline(always)]
+    fn scalar(self, e: [u16; 2]) -> f32 {
+        f32::from_bits(u32::from(e[0]) | (u32::from(e[1]) << 16))
+    }
+}
+
 /// Prefetches the `bytes` following `p + PREFETCH`, one hint per 64-byte line.
 #[inline(always)]
 fn prefetch_ahead<S: Simd, E>(s: S, p: *const E, bytes: usize) {
@@ -124,7 +145,8 @@ fn prefetch_ahead<S: Simd, E>(s: S, p: *const E, bytes: usize) {
 }
 
 /// `out[gq * ldo + j] = scale * q[gq] . k[j]` for `G` queries (`q`, stride `ldq`) and
-/// `n` keys (`k`, stride `ldk`), head dim `d`.
+/// `n` keys (`k`, stride `ldk`), head dim `d`, each product and sum by `m` (f32 fused
+/// multiply-adds, or `vdpbf16ps` on pair slots, where `d` counts slots).
 ///
 /// # Safety
 /// `q` readable for `G` rows of `d` f32 (stride `ldq`), `k` for `n` rows of `d`
@@ -132,9 +154,10 @@ fn prefetch_ahead<S: Simd, E>(s: S, p: *const E, bytes: usize) {
 /// CPU has what `W` needs.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn qk<S: Simd, W: Widen, const G: usize, const R: usize>(
+pub(crate) unsafe fn qk<S: Simd, W: Widen, M: Mac<S>, const G: usize, const R: usize>(
     s: S,
     w: W,
+    m: M,
     q: *const f32,
     ldq: usize,
     k: *const W::E,
@@ -167,16 +190,17 @@ pub(crate) unsafe fn qk<S: Simd, W: Widen, const G: usize, const R: usize>(
             if ldk == d {
                 prefetch_ahead(s, kj, R * row_bytes);
             }
-            qk_block::<S, W, G, R>(s, w, q, ldq, kj, ldk, dims, out.add(j), ldo, scale);
+            qk_block::<S, W, M, G, R>(s, w, m, q, ldq, kj, ldk, dims, out.add(j), ldo, scale);
         }
         j += R;
     }
     while j < n {
         // SAFETY: as above, for the single row `j < n`.
         unsafe {
-            qk_block::<S, W, G, 1>(
+            qk_block::<S, W, M, G, 1>(
                 s,
                 w,
+                m,
                 q,
                 ldq,
                 k.add(j * ldk),
@@ -198,9 +222,10 @@ pub(crate) unsafe fn qk<S: Simd, W: Widen, const G: usize, const R: usize>(
 /// As [`qk`], for `R` rows of K.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk_block<S: Simd, W: Widen, const G: usize, const R: usize>(
+unsafe fn qk_block<S: Simd, W: Widen, M: Mac<S>, const G: usize, const R: usize>(
     s: S,
     w: W,
+    m: M,
     q: *const f32,
     ldq: usize,
     k: *const W::E,
@@ -223,7 +248,7 @@ unsafe fn qk_block<S: Simd, W: Widen, const G: usize, const R: usize>(
             for (gq, row) in acc.iter_mut().enumerate() {
                 let qv = s.load(q.add(gq * ldq + off));
                 for (x, kr) in row.iter_mut().zip(kv) {
-                    *x = s.fma(qv, kr, *x);
+                    *x = m.mac(s, qv, kr, *x);
                 }
             }
         }
@@ -238,7 +263,7 @@ unsafe fn qk_block<S: Simd, W: Widen, const G: usize, const R: usize>(
                 for i in off..off + rem {
                     // SAFETY: head dim `i < d` of query `gq` and key `r`.
                     let (qx, kx) = unsafe { (*q.add(gq * ldq + i), *k.add(r * ldk + i)) };
-                    *t += qx * w.scalar(kx);
+                    *t = m.scalar(qx, w.scalar(kx), *t);
                 }
             }
         }

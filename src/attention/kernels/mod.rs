@@ -80,8 +80,8 @@ mod softmax;
 mod widen;
 
 pub(crate) use softmax::RowsMut;
-pub(crate) use widen::widen;
 use widen::{Stored, stored};
+pub(crate) use widen::{is_bf16, widen};
 
 #[cfg(test)]
 mod tests;
@@ -456,7 +456,8 @@ macro_rules! decode_entries {
             #[allow(unused_imports)]
             use super::simd::*;
 
-            /// `g` (1 ..= 8) queries; the contract of [`gemv::qk`].
+            /// `g` (1 ..= 8) queries, f32 fused multiply-adds; the contract of
+            /// [`gemv::qk`].
             $(#[$attr])*
             #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn qk<W: Widen>(
@@ -464,16 +465,28 @@ macro_rules! decode_entries {
                 ldk: usize, n: usize, d: usize, o: *mut f32, ldo: usize, sc: f32,
             ) {
                 // SAFETY: forwarded contract.
+                unsafe { qk_with(t, w, super::gemm::Fma, g, q, ldq, k, ldk, n, d, o, ldo, sc) }
+            }
+
+            /// `g` (1 ..= 8) queries, products and sums by `m`; the contract of
+            /// [`gemv::qk`].
+            $(#[$attr])*
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn qk_with<W: Widen, M: super::gemm::Mac<$tok>>(
+                t: $tok, w: W, m: M, g: usize, q: *const f32, ldq: usize, k: *const W::E,
+                ldk: usize, n: usize, d: usize, o: *mut f32, ldo: usize, sc: f32,
+            ) {
+                // SAFETY: forwarded contract.
                 unsafe {
                     match g {
-                        1 => gemv::qk::<$tok, W, 1, $r1>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
-                        2 => gemv::qk::<$tok, W, 2, $r2>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
-                        3 => gemv::qk::<$tok, W, 3, $r3>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
-                        4 => gemv::qk::<$tok, W, 4, $r4>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
-                        5 => gemv::qk::<$tok, W, 5, $r5>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
-                        6 => gemv::qk::<$tok, W, 6, $r6>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
-                        7 => gemv::qk::<$tok, W, 7, $r7>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
-                        8 => gemv::qk::<$tok, W, 8, $r8>(t, w, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        1 => gemv::qk::<$tok, W, M, 1, $r1>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        2 => gemv::qk::<$tok, W, M, 2, $r2>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        3 => gemv::qk::<$tok, W, M, 3, $r3>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        4 => gemv::qk::<$tok, W, M, 4, $r4>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        5 => gemv::qk::<$tok, W, M, 5, $r5>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        6 => gemv::qk::<$tok, W, M, 6, $r6>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        7 => gemv::qk::<$tok, W, M, 7, $r7>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
+                        8 => gemv::qk::<$tok, W, M, 8, $r8>(t, w, m, q, ldq, k, ldk, n, d, o, ldo, sc),
                         _ => unreachable!("query groups have 1 to 8 rows"),
                     }
                 }
@@ -532,6 +545,17 @@ decode_entries!(
 #[cfg(target_arch = "x86_64")]
 decode_entries!(
     decode_avx512, Avx512, [#[target_feature(enable = "avx512f,avx2,fma")]],
+    dot = [8, 4, 3, 2, 2, 2, 1, 1],
+    pvnv = [8, 8, 4, 4, 4, 4, 2, 2],
+);
+
+// bf16 pair products (`vdpbf16ps`) for the decode `Q K^T` of a bf16 cache: the AVX-512
+// kernels compiled with AVX512_BF16, called only through [`Bf16Kernels`] (whose token
+// proves the CPU has it). Only `qk_with` is used.
+#[cfg(target_arch = "x86_64")]
+decode_entries!(
+    decode_avx512_bf16, Avx512,
+    [#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")] #[allow(dead_code)]],
     dot = [8, 4, 3, 2, 2, 2, 1, 1],
     pvnv = [8, 8, 4, 4, 4, 4, 2, 2],
 );
@@ -1049,6 +1073,78 @@ impl Bf16Kernels {
         }
         #[cfg(not(target_arch = "x86_64"))]
         match self.tok {}
+        Ok(())
+    }
+
+    /// The decode `S = scale * Q K^T` with bf16 products against a bf16 cache: `q` holds
+    /// `[g, d / 2]` pair rows of the rotated queries ([`Bf16Kernels::round_pairs`]), `k`
+    /// `n` stored rows of `d` bf16 keys (a bf16 row is a pair row as it lies in memory),
+    /// `S` is `[g, n]`. Each product is exact and every sum f32 (`vdpbf16ps`), so the
+    /// only rounding beyond the f32 path's is the queries'.
+    ///
+    /// # Errors
+    /// [`RopeError::ShapeMismatch`] if `k` is not bf16 or the shapes do not agree.
+    pub(crate) fn qk_gemv_pairs<E: Element>(
+        &self,
+        q: MatRef<'_>,
+        k: &[E],
+        mut s: MatMut<'_>,
+        scale: f32,
+    ) -> Result<()> {
+        let (n, slots) = (s.cols, q.cols);
+        check_dims("qk_gemv_pairs S [g, n]", (q.rows, n), (s.rows, s.cols))?;
+        let Stored::Bf16(bits) = stored(k) else {
+            return Err(shape_err(
+                "qk_gemv_pairs keys",
+                "bf16".into(),
+                E::NAME.into(),
+            ));
+        };
+        let want = n.checked_mul(slots).and_then(|x| x.checked_mul(2));
+        if want != Some(bits.len()) {
+            return Err(shape_err(
+                "qk_gemv_pairs K [n, d]",
+                format!("{n} x {} elements", 2 * slots),
+                bits.len().to_string(),
+            ));
+        }
+        if q.rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let kp = bits.as_ptr().cast::<[u16; 2]>();
+        let mut g0 = 0;
+        while g0 < q.rows {
+            let g = (q.rows - g0).min(8);
+            let (qp, ldq, ldo) = (q.sub_rows(g0, g).as_ptr(), q.stride, s.stride);
+            let op = s.sub_rows_mut(g0, g).as_mut_ptr();
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the token proves the CPU has the entry point's features; Q has `g`
+            // rows of `slots` from `qp` (stride `ldq`), S `g` rows of `n` from `op`
+            // (stride `ldo`), K `n` rows of `slots` pair slots (`2 n slots` u16, checked).
+            unsafe {
+                decode_avx512_bf16::qk_with(
+                    self.tok.avx(),
+                    gemv::Bf16Pairs,
+                    bf16dot::DotBf16(self.tok),
+                    g,
+                    qp,
+                    ldq,
+                    kp,
+                    slots,
+                    n,
+                    slots,
+                    op,
+                    ldo,
+                    scale,
+                )
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = (qp, ldq, ldo, op, kp, scale);
+                match self.tok {}
+            }
+            g0 += g;
+        }
         Ok(())
     }
 

@@ -1482,3 +1482,70 @@ fn bf16_tile_products_match_the_oracle_on_rounded_operands() {
         .is_err()
     );
 }
+
+/// The decode `Q K^T` with bf16 products against a bf16 cache's stored rows: within the
+/// f32 summation bound of an f64 oracle on the rounded queries and the stored keys, for
+/// 1 to 11 queries (two GQA chunks past 8), even head dims with and without a ragged
+/// tail of pair slots, and key counts around every register block. Keys that are not
+/// bf16, or of the wrong length, are typed errors.
+#[cfg(feature = "half")]
+#[test]
+fn bf16_decode_products_match_the_oracle_on_rounded_queries() {
+    let Some(bf) = Kernels::with_isa(Isa::Avx512).and_then(|k| k.bf16()) else {
+        eprintln!("SKIPPED: this CPU has no AVX512_BF16");
+        return;
+    };
+    let mut rng = Rng(97);
+    for g in [1, 2, 3, 4, 5, 8, 11] {
+        for d in [2, 6, 30, 40, 64, 128, 130] {
+            for n in [1, 2, 3, 9, 33] {
+                let q = Buf::new(&mut rng, g, d, 0);
+                let (k, kw) = rounded::<half::bf16>(&mut rng, n * d);
+                let qp = pair_matrix(&bf, &q);
+                let scale = 0.625;
+                let (mut exact, mut sum_abs) = (vec![0f64; g * n], vec![0f64; g * n]);
+                for i in 0..g {
+                    for j in 0..n {
+                        for c in 0..d {
+                            let t = bf16_value(q.at(i, c)) * kw[j * d + c] as f64 * scale as f64;
+                            exact[i * n + j] += t;
+                            sum_abs[i * n + j] += t.abs();
+                        }
+                    }
+                }
+                let mut s = Buf::new(&mut rng, g, n, 1);
+                bf.qk_gemv_pairs(MatRef::new(&qp, g, d / 2, d).unwrap(), &k, s.w(), scale)
+                    .unwrap();
+                check_close("qk_gemv_pairs", Isa::Avx512, &s, &exact, &sum_abs, d)
+                    .map_err(|e| format!("{e} (g {g}, d {d}, n {n})"))
+                    .unwrap();
+                // Not the f32 products on the unrounded queries: the rounding shows.
+                let mut s32 = Buf::new(&mut rng, g, n, 1);
+                Kernels::with_isa(Isa::Avx512)
+                    .unwrap()
+                    .qk_gemv_stored(q.r(), &k, s32.w(), scale)
+                    .unwrap();
+                if d >= 30 {
+                    assert_ne!(s.data, s32.data, "g {g}, d {d}, n {n}");
+                }
+            }
+        }
+    }
+    let q = [0f32; 4];
+    let mut s = [0f32; 2];
+    let keys = vec![half::bf16::ZERO; 8];
+    let qm = MatRef::new(&q, 1, 2, 4).unwrap();
+    // Keys of another type, and too few keys.
+    let f32_keys = [0f32; 8];
+    assert!(
+        bf.qk_gemv_pairs(qm, &f32_keys, MatMut::new(&mut s, 1, 2, 2).unwrap(), 1.0)
+            .is_err()
+    );
+    assert!(
+        bf.qk_gemv_pairs(qm, &keys[..7], MatMut::new(&mut s, 1, 2, 2).unwrap(), 1.0)
+            .is_err()
+    );
+    bf.qk_gemv_pairs(qm, &keys, MatMut::new(&mut s, 1, 2, 2).unwrap(), 1.0)
+        .unwrap();
+    assert_eq!(s, [0.0, 0.0]);
+}

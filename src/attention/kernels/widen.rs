@@ -42,6 +42,11 @@ fn format<S: Element>() -> Format {
     Format::F32
 }
 
+/// Whether `S` is bf16.
+pub(crate) fn is_bf16<S: Element>() -> bool {
+    format::<S>() == Format::Bf16
+}
+
 /// `src` itself when `S` is f32 (no copy needed), else `None`.
 pub(crate) fn as_f32<S: Element>(src: &[S]) -> Option<&[f32]> {
     if format::<S>() == Format::F32 {
