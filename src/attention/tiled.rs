@@ -188,6 +188,10 @@ impl TileConfig {
 /// path (they carry bf16 precision already), only the tiled kernel with packed keys
 /// (`block_k` a multiple of 32, as the planner's tiles are), and only on CPUs with
 /// AVX512_BF16 and AVX-512BW.
+///
+/// The KV caches take the same setting (`with_bf16_products`): a bf16 cache's decode
+/// step then scores its stored keys with `vdpbf16ps`, the rotated query rounded to bf16
+/// (see [`crate::attention::decode`], "Storage types and buffers").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Bf16Products {
     /// Where they are faster: on a CPU whose `vdpbf16ps` ran at least 1.3x the f32 FMA
