@@ -52,7 +52,13 @@
 //! piece of a straddling tile still counts once in [`TileStats::qk_products`]; every
 //! entry's score is bit-identical to the whole-tile product). The visibility of a
 //! per-entry tile depends on positions and the mask, not on the head, so it is worked
-//! out once per block row and applied to every head's scores. The online-softmax update
+//! out once per block row and applied to every head's scores; so is a straddling tile's
+//! plan (its sub-blocks' pieces and, in mixed ones, the runs of entries that take another
+//! piece's score, which each head then copies as slices). Worked out per head before, on
+//! one AMD Zen 4 core (EPYC family 25 model 17, n = 1024, w = 512, three alternating
+//! rounds of `bench_report --ns 1024`): ReRoPE / RoPE 1.17 -> 1.04 at d = 128 with 32 / 8
+//! heads, 1.12 -> 1.06 with 8 / 8, 1.07 -> 1.04-1.06 at d = 64; Leaky 1.17 -> 1.07 at
+//! d = 128 32 / 8. The online-softmax update
 //! of a tile is one call ([`softmax::fold_rows`](super::kernels)): row maxima and sums
 //! reduced `LANES` rows at a time by one shuffle tree, `e^(s - m)` by the exponential
 //! for non-positive arguments (no overflow or NaN blends), no call per row; `P V` with
@@ -508,6 +514,36 @@ struct Plan<'a> {
 struct Scratch {
     scores: Vec<Vec<f32>>,
     masks: Vec<TileMask>,
+    /// The sub-block plans of straddling tiles, by tile index (empty for the others).
+    straddles: Vec<Straddle>,
+}
+
+/// How a straddling tile's scores are put together, worked out once per block row and
+/// used by every head (it depends on positions only): its sub-blocks of `SUB_ROWS` rows
+/// by one 32-key panel, each with the pieces whose product it needs, and for a mixed
+/// one the runs of entries that take another piece's score than the tile's first.
+#[derive(Default)]
+struct Straddle {
+    subs: Vec<SubBlock>,
+    runs: Vec<Run>,
+}
+
+/// A sub-block of a straddling tile: rows and columns of the tile, the pieces it needs
+/// (a bit set), and its runs in [`Straddle::runs`] (mixed only).
+#[derive(Clone)]
+struct SubBlock {
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    pieces: u8,
+    runs: std::ops::Range<usize>,
+}
+
+/// Entries `at..at + len` of a tile's scores (row-major, one row) take piece `piece`'s.
+#[derive(Clone, Copy)]
+struct Run {
+    at: usize,
+    len: usize,
+    piece: usize,
 }
 
 /// The visibility of a per-entry tile's entries, worked out once per block row and
@@ -578,6 +614,7 @@ impl Work {
             scratch: Scratch {
                 scores: Vec::new(),
                 masks: Vec::new(),
+                straddles: Vec::new(),
             },
             tiles: Vec::new(),
         }
@@ -689,6 +726,20 @@ impl Plan<'_> {
                 self.tile_mask(q_pos, &self.k_pos[kb.start..kb.end], tm);
             }
         }
+        // The sub-block plans of straddling tiles, once for every head.
+        scratch
+            .straddles
+            .resize_with(tiles.len(), Straddle::default);
+        for ((&kb, work), plan) in self
+            .k_blocks
+            .iter()
+            .zip(tiles.iter())
+            .zip(&mut scratch.straddles)
+        {
+            if work.pieces.count_ones() > 1 {
+                self.straddle(work.pieces, qb, kb, plan);
+            }
+        }
         for h in 0..heads {
             let g = h / dims.group();
             state.reset(bq, dv);
@@ -703,8 +754,9 @@ impl Plan<'_> {
                     continue;
                 }
                 let bk = kb.end - kb.start;
-                let first = self.tile_scores(work.pieces, &q_head, g, qb, kb, scratch, &mut stats);
-                let Scratch { scores, masks } = &mut *scratch;
+                let first =
+                    self.tile_scores(work.pieces, &q_head, g, (qb, kb, t), scratch, &mut stats);
+                let Scratch { scores, masks, .. } = &mut *scratch;
                 let s = &mut scores[first][..bq * bk];
                 let (mask, seen, visible) = if work.per_entry {
                     stats.masked += 1;
@@ -724,23 +776,87 @@ impl Plan<'_> {
         stats
     }
 
-    /// The scores of tile `(qb, kb)` for query head `h`: one tile product per piece in
-    /// `pieces` (a bit set); with several, entry `(i, j)` takes the score of the piece the
-    /// region rule picks for `(q_pos[i], k_pos[j])`. Returns the index of the buffer in
-    /// `scratch.scores` holding the result (`[rows, cols]`).
+    /// The plan of straddling tile `(qb, kb)` with `pieces` (a bit set) into `plan`: its
+    /// sub-blocks of `SUB_ROWS` rows by one 32-key panel, each classified by its own
+    /// region cover (conservative like the tile's; a sub-block that needs nothing,
+    /// wholly hidden and so masked later, takes the tile's pieces), and for a mixed one
+    /// the piece of each entry by the region rule.
+    fn straddle(&self, pieces: u8, qb: Block, kb: Block, plan: &mut Straddle) {
+        plan.subs.clear();
+        plan.runs.clear();
+        let (bq, bk) = (qb.end - qb.start, kb.end - kb.start);
+        let first = pieces.trailing_zeros() as usize;
+        let causal = self.att.causal();
+        let region = self.prep.pieces.region();
+        let (q_pos, k_pos) = (&self.q_pos[qb.start..qb.end], &self.k_pos[kb.start..kb.end]);
+        for a0 in (0..bq).step_by(SUB_ROWS) {
+            let a1 = (a0 + SUB_ROWS).min(bq);
+            let qs = &q_pos[a0..a1];
+            for c0 in (0..bk).step_by(PackedKeys::PANEL) {
+                let c1 = (c0 + PackedKeys::PANEL).min(bk);
+                let ks = &k_pos[c0..c1];
+                let bounds = TileBounds {
+                    q_min: qs.iter().copied().min().unwrap_or(0),
+                    q_max: qs.iter().copied().max().unwrap_or(0),
+                    k_min: ks.iter().copied().min().unwrap_or(0),
+                    k_max: ks.iter().copied().max().unwrap_or(0),
+                };
+                let mut sub = region.cover(&bounds, causal).pieces & pieces;
+                if sub == 0 {
+                    sub = pieces;
+                }
+                let start = plan.runs.len();
+                if sub.count_ones() > 1 {
+                    let sub_first = sub.trailing_zeros() as usize;
+                    for (a, &qp) in (a0..a1).zip(qs) {
+                        let mut open: Option<Run> = None;
+                        for (c, &kp) in (c0..c1).zip(ks) {
+                            let piece = match self.prep.pieces.index(qp, kp) {
+                                Some(p) if p > first && sub & (1 << p) != 0 => Some(p),
+                                // `first` itself when computed here; otherwise (first
+                                // not in `sub`: hidden entries, masked later) `sub`'s
+                                // first piece, so no stale score is left.
+                                _ if sub_first > first => Some(sub_first),
+                                _ => None,
+                            };
+                            let at = a * bk + c;
+                            match (&mut open, piece) {
+                                (Some(r), Some(p)) if r.piece == p => r.len += 1,
+                                (_, p) => {
+                                    plan.runs.extend(open.take());
+                                    open = p.map(|piece| Run { at, len: 1, piece });
+                                }
+                            }
+                        }
+                        plan.runs.extend(open);
+                    }
+                }
+                plan.subs.push(SubBlock {
+                    rows: a0..a1,
+                    cols: c0..c1,
+                    pieces: sub,
+                    runs: start..plan.runs.len(),
+                });
+            }
+        }
+    }
+
+    /// The scores of tile `t = (qb, kb)` for query head `h`: one tile product per piece
+    /// in `pieces` (a bit set); with several, entry `(i, j)` takes the score of the piece
+    /// the region rule picks for `(q_pos[i], k_pos[j])`, by the tile's plan in
+    /// `scratch.straddles[t]`. Returns the index of the buffer in `scratch.scores`
+    /// holding the result (`[rows, cols]`).
     #[allow(clippy::too_many_arguments)]
     fn tile_scores<'q>(
         &self,
         pieces: u8,
         q_head: &impl Fn(usize) -> &'q [f32],
         g: usize,
-        qb: Block,
-        kb: Block,
+        (qb, kb, t): (Block, Block, usize),
         scratch: &mut Scratch,
         stats: &mut TileStats,
     ) -> usize {
-        let (rows, cols) = (qb.start..qb.end, kb.start..kb.end);
-        let (bq, bk) = (rows.len(), cols.len());
+        let (bq, bk) = (qb.end - qb.start, kb.end - kb.start);
         let first = pieces.trailing_zeros() as usize;
         if pieces.count_ones() == 1 {
             self.piece_scores(
@@ -755,58 +871,28 @@ impl Plan<'_> {
             return first;
         }
         // A straddling tile: each piece's product counts once, but is run only on the
-        // sub-blocks of `SUB_ROWS` rows by one 32-key panel whose own region cover needs
-        // it; a sub-block with one piece writes it straight into the result, only a mixed
-        // one computes several and selects entry by entry.
+        // sub-blocks that need it; a sub-block with one piece writes it straight into
+        // the result, only a mixed one computes several and selects entry by entry.
         stats.qk_products += pieces.count_ones() as usize;
-        let causal = self.att.causal();
-        let region = self.prep.pieces.region();
-        let (q_pos, k_pos) = (&self.q_pos[rows], &self.k_pos[cols]);
-        for a0 in (0..bq).step_by(SUB_ROWS) {
-            let a1 = (a0 + SUB_ROWS).min(bq);
-            let qs = &q_pos[a0..a1];
-            for c0 in (0..bk).step_by(PackedKeys::PANEL) {
-                let c1 = (c0 + PackedKeys::PANEL).min(bk);
-                let ks = &k_pos[c0..c1];
-                let bounds = TileBounds {
-                    q_min: qs.iter().copied().min().unwrap_or(0),
-                    q_max: qs.iter().copied().max().unwrap_or(0),
-                    k_min: ks.iter().copied().min().unwrap_or(0),
-                    k_max: ks.iter().copied().max().unwrap_or(0),
-                };
-                // Conservative like the tile's cover; a sub-block that needs nothing
-                // (wholly hidden, so masked later) takes the tile's pieces.
-                let mut sub = region.cover(&bounds, causal).pieces & pieces;
-                if sub == 0 {
-                    sub = pieces;
-                }
-                let span = (a0..a1, c0..c1);
-                if sub.count_ones() == 1 {
-                    let p = sub.trailing_zeros() as usize;
-                    self.piece_scores(p, q_head, g, span, kb, &mut scratch.scores[first]);
-                    continue;
-                }
-                for p in (0..self.prep.key_of.len()).filter(|p| sub & (1 << p) != 0) {
-                    self.piece_scores(p, q_head, g, span.clone(), kb, &mut scratch.scores[p]);
-                }
-                let sub_first = sub.trailing_zeros() as usize;
-                let (head, rest) = scratch.scores.split_at_mut(first + 1);
-                let s = &mut head[first];
-                for (a, &qp) in (a0..a1).zip(qs) {
-                    for (c, &kp) in (c0..c1).zip(ks) {
-                        let at = a * bk + c;
-                        match self.prep.pieces.index(qp, kp) {
-                            Some(p) if p > first && sub & (1 << p) != 0 => {
-                                s[at] = rest[p - first - 1][at];
-                            }
-                            // `first` itself when computed here; otherwise (first not
-                            // in `sub`: hidden entries, masked later) `sub`'s first
-                            // piece, so no stale score is left.
-                            _ if sub_first > first => s[at] = rest[sub_first - first - 1][at],
-                            _ => {}
-                        }
-                    }
-                }
+        let Scratch {
+            scores, straddles, ..
+        } = scratch;
+        let plan = &straddles[t];
+        for sb in &plan.subs {
+            let span = (sb.rows.clone(), sb.cols.clone());
+            if sb.pieces.count_ones() == 1 {
+                let p = sb.pieces.trailing_zeros() as usize;
+                self.piece_scores(p, q_head, g, span, kb, &mut scores[first]);
+                continue;
+            }
+            for p in (0..self.prep.key_of.len()).filter(|p| sb.pieces & (1 << p) != 0) {
+                self.piece_scores(p, q_head, g, span.clone(), kb, &mut scores[p]);
+            }
+            let (head, rest) = scores.split_at_mut(first + 1);
+            let s = &mut head[first];
+            for r in &plan.runs[sb.runs.clone()] {
+                let span = r.at..r.at + r.len;
+                s[span.clone()].copy_from_slice(&rest[r.piece - first - 1][span]);
             }
         }
         first
