@@ -283,13 +283,16 @@ impl<S: Element> KvCache<S> {
     /// f16 cache, or an odd head dim.
     ///
     /// ```
+    /// # #[cfg(feature = "half")] {
     /// use ropex::attention::decode::KvCache;
     /// use ropex::attention::Bf16Products;
     /// use ropex::{CacheShape, Layout, PositionMap, RopeConfig};
     /// let cfg = RopeConfig::new(64, 10_000.0)?;
-    /// let cache = KvCache::<half::bf16>::new_typed(cfg, Layout::Half, PositionMap::Rope, CacheShape::square(2, 64))?
+    /// let shape = CacheShape::square(2, 64);
+    /// let cache = KvCache::<half::bf16>::new_typed(cfg, Layout::Half, PositionMap::Rope, shape)?
     ///     .with_bf16_products(Bf16Products::Off);
     /// assert_eq!(cache.bf16_products(), Bf16Products::Off);
+    /// # }
     /// # Ok::<(), ropex::RopeError>(())
     /// ```
     pub fn with_bf16_products(mut self, mode: Bf16Products) -> Self {
