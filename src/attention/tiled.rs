@@ -530,7 +530,6 @@ struct Straddle {
 
 /// A sub-block of a straddling tile: rows and columns of the tile, the pieces it needs
 /// (a bit set), and its runs in [`Straddle::runs`] (mixed only).
-#[derive(Clone)]
 struct SubBlock {
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
@@ -539,7 +538,6 @@ struct SubBlock {
 }
 
 /// Entries `at..at + len` of a tile's scores (row-major, one row) take piece `piece`'s.
-#[derive(Clone, Copy)]
 struct Run {
     at: usize,
     len: usize,

@@ -6,7 +6,7 @@ use super::shared::{CacheShape, Core, Trig, load_row, per_head, put_row, store_g
 use super::step::{DecodeScratch, KeySource, Rows, Runs, Step};
 use super::{DecodeCache, RefreshPolicy, append_then_attend};
 use crate::RopeConfig;
-use crate::attention::kernels::{Kernels, widen};
+use crate::attention::kernels::widen;
 use crate::attention::{Attention, Bf16Products};
 use crate::error::{Result, RopeError};
 use crate::frequencies::Frequencies;
@@ -636,14 +636,7 @@ impl<S: Element> KvCache<S> {
             ));
         }
         let rebuilt = self.rebuild_band(q_pos);
-        let kern = Kernels::active();
-        let step = Step {
-            core: &self.core,
-            kern,
-            bf16: self.core.decode_bf16::<S>(kern),
-            pieces: &self.pieces,
-            len,
-        };
+        let step = Step::new::<S>(&self.core, &self.pieces, len);
         for (a, &i) in q_pos.iter().enumerate() {
             // Keys before `first_visible` are hidden by the mask (never set on an
             // evicting cache, whose slots are not positions).

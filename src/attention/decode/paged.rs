@@ -98,7 +98,6 @@ use super::append_then_attend;
 use super::shared::{CacheShape, Core, Trig, load_row, store_group};
 use super::step::{DecodeScratch, KeySource, Rows, Runs, Step};
 use crate::RopeConfig;
-use crate::attention::kernels::Kernels;
 use crate::attention::{Attention, Bf16Products};
 use crate::error::{Result, RopeError, try_vec};
 use crate::position::{Piece, PositionMap, Region};
@@ -786,14 +785,7 @@ impl<S: Element> PagedKvCache<S> {
     }
 
     fn step(&self, len: usize) -> Step<'_> {
-        let kern = Kernels::active();
-        Step {
-            core: &self.core,
-            kern,
-            bf16: self.core.decode_bf16::<S>(kern),
-            pieces: &self.pieces,
-            len,
-        }
+        Step::new::<S>(&self.core, &self.pieces, len)
     }
 
     fn head<'a>(&'a self, table: &'a [BlockId], g: usize) -> Head<'a, S> {

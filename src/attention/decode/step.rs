@@ -263,13 +263,28 @@ fn grow(buf: &mut Vec<f32>, n: usize) {
 
 /// What one group step needs besides its queries and keys.
 pub(super) struct Step<'a> {
-    pub(super) core: &'a Core,
-    pub(super) kern: Kernels,
+    core: &'a Core,
+    kern: Kernels,
     /// bf16 products for stored keys ([`super::shared::Core::decode_bf16`]).
-    pub(super) bf16: Option<Bf16Kernels>,
-    pub(super) pieces: &'a [Piece],
+    bf16: Option<Bf16Kernels>,
+    pieces: &'a [Piece],
     /// The cache length (DCA's logit scale depends on it).
-    pub(super) len: usize,
+    len: usize,
+}
+
+impl<'a> Step<'a> {
+    /// The step of a cache storing `S` with `core`, the map's `pieces`, at cache length
+    /// `len`, on this process's kernels.
+    pub(super) fn new<S: Element>(core: &'a Core, pieces: &'a [Piece], len: usize) -> Self {
+        let kern = Kernels::active();
+        Step {
+            core,
+            kern,
+            bf16: core.decode_bf16::<S>(kern),
+            pieces,
+            len,
+        }
+    }
 }
 
 impl Step<'_> {

@@ -560,6 +560,12 @@ decode_entries!(
     pvnv = [8, 8, 4, 4, 4, 4, 2, 2],
 );
 
+/// The row groups the decode entry points take, `(first row, rows)`: `rows` split into
+/// runs of at most 8 (the queries of a GQA group the register blocks are built for).
+fn decode_groups(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(8).map(move |g0| (g0, (rows - g0).min(8)))
+}
+
 fn shape_err(what: &str, expected: String, got: String) -> RopeError {
     RopeError::shape(what, expected, got)
 }
@@ -715,9 +721,7 @@ impl Kernels {
             ldk >= d && k.len() >= (n - 1) * ldk + d,
             "decode keys in bounds"
         );
-        let mut g0 = 0;
-        while g0 < q.rows {
-            let g = (q.rows - g0).min(8);
+        for (g0, g) in decode_groups(q.rows) {
             let (qp, ldq) = (q.sub_rows(g0, g).as_ptr(), q.stride);
             let ldo = s.stride;
             let op = s.sub_rows_mut(g0, g).as_mut_ptr();
@@ -726,7 +730,6 @@ impl Kernels {
             // `decode!` passes f16 only to entry points compiled for, and run on, CPUs
             // with a conversion instruction (or to the portable ones).
             unsafe { decode!(self, k, qk(g, qp, ldq, KP, ldk, n, d, op, ldo, scale)) };
-            g0 += g;
         }
     }
 
@@ -780,16 +783,13 @@ impl Kernels {
             ldv >= dv && v.len() >= (n - 1) * ldv + dv,
             "decode values in bounds"
         );
-        let mut g0 = 0;
-        while g0 < p.rows {
-            let g = (p.rows - g0).min(8);
+        for (g0, g) in decode_groups(p.rows) {
             let (pp, ldp) = (p.sub_rows(g0, g).as_ptr(), p.stride);
             let ldo = o.stride;
             let op = o.sub_rows_mut(g0, g).as_mut_ptr();
             // SAFETY: P has `g` rows of `n` (stride `ldp`), O `g` rows of `dv` (stride
             // `ldo`), V `n` rows of `dv` at stride `ldv` (asserted); f16 as in `qk_rows`.
             unsafe { decode!(self, v, pv(g, pp, ldp, KP, ldv, n, dv, op, ldo)) };
-            g0 += g;
         }
     }
 
@@ -1112,9 +1112,7 @@ impl Bf16Kernels {
             return Ok(());
         }
         let kp = bits.as_ptr().cast::<[u16; 2]>();
-        let mut g0 = 0;
-        while g0 < q.rows {
-            let g = (q.rows - g0).min(8);
+        for (g0, g) in decode_groups(q.rows) {
             let (qp, ldq, ldo) = (q.sub_rows(g0, g).as_ptr(), q.stride, s.stride);
             let op = s.sub_rows_mut(g0, g).as_mut_ptr();
             #[cfg(target_arch = "x86_64")]
@@ -1143,7 +1141,6 @@ impl Bf16Kernels {
                 let _ = (qp, ldq, ldo, op, kp, scale);
                 match self.tok {}
             }
-            g0 += g;
         }
         Ok(())
     }
